@@ -1,0 +1,38 @@
+# Both main commands set up what they need: a virtual environment installed from pyproject.toml.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+OUT    ?= out/demo
+
+.PHONY: demo test test-jit test-nojit bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m scoring.sim --out $(OUT)
+
+test: test-jit test-nojit
+
+test-jit: $(STAMP)
+	$(PY) -m pytest
+
+# The same suite with numba off, so every kernel body also runs (and is covered) as plain Python.
+test-nojit: $(STAMP)
+	NUMBA_DISABLE_JIT=1 $(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-json=out/bench/benchmark.json
+	$(PY) -m benchmarks.report out/bench/benchmark.json --out out/bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

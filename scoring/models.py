@@ -1,0 +1,275 @@
+"""Validated, immutable records: agents, dispatch requests and the scoring policy.
+
+Everything that reaches a kernel passes through here first, so the kernels never see a bad value.
+Strings that the platform compares loosely (regions, labels) are normalised once, on the way in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from enum import Enum
+from functools import cached_property
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+#: Scoring factors, in the order the kernels store them.
+FACTORS: tuple[str, ...] = ("region", "load", "pool", "warm", "gpu", "reliability")
+#: Hard-filter reason codes, in the order of their bits in the reject mask (bit i = REASONS[i]).
+REASONS: tuple[str, ...] = ("stale", "status", "pool", "labels", "capacity", "vram", "excluded")
+
+MAX_NAME_LEN = 64  # regions and labels
+MAX_SLOTS = 2**16 - 1
+
+
+class AgentStatus(str, Enum):
+    """Lifecycle state an agent reports; only ``idle`` and ``busy`` agents can take a task."""
+
+    IDLE = "idle"
+    BUSY = "busy"
+    SYNCING = "syncing"
+    TUNNEL = "tunnel"
+    UNHEALTHY = "unhealthy"
+
+
+#: Kernel code of each status (the fleet's ``status`` column holds these).
+STATUS_CODES: dict[AgentStatus, int] = {s: i for i, s in enumerate(AgentStatus)}
+#: Statuses whose code is at most this are eligible (``idle`` and ``busy``).
+LAST_ELIGIBLE_STATUS = STATUS_CODES[AgentStatus.BUSY]
+
+
+# --- normalisers -------------------------------------------------------------------------------
+
+
+def normalize_region(value: Any) -> str | None:
+    """Trim and lower-case a region; empty or ``None`` means unknown (``None``)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("region must be a string")
+    region = value.strip().lower()
+    if len(region) > MAX_NAME_LEN:
+        raise ValueError(f"region is longer than {MAX_NAME_LEN} characters")
+    return region or None
+
+
+def _normalize_label(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("label must be a string")
+    label = value.strip().lower()
+    if not label:
+        raise ValueError("label is empty")
+    if len(label) > MAX_NAME_LEN:
+        raise ValueError(f"label {label[:16]!r}... is longer than {MAX_NAME_LEN} characters")
+    return label
+
+
+def _normalize_labels(value: Any) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError("labels must be a set of strings")
+    return frozenset(_normalize_label(v) for v in value)
+
+
+def _normalize_names(value: Any) -> frozenset[str]:
+    """Model paths and agent ids: trimmed, case kept, never empty."""
+    if value is None:
+        return frozenset()
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError("must be a set of strings")
+    names = set()
+    for v in value:
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError("every entry must be a non-empty string")
+        names.add(v.strip())
+    return frozenset(names)
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value.strip() or None
+
+
+def to_epoch_seconds(value: Any) -> Any:
+    """Accept a ``datetime`` (naive means UTC) wherever seconds since the epoch are expected."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.timestamp()
+    return value
+
+
+Region = Annotated[str | None, BeforeValidator(normalize_region)]
+Labels = Annotated[frozenset[str], BeforeValidator(_normalize_labels)]
+Names = Annotated[frozenset[str], BeforeValidator(_normalize_names)]
+OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
+Timestamp = Annotated[float, BeforeValidator(to_epoch_seconds), Field(allow_inf_nan=False)]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class Agent(BaseModel):
+    """What the platform knows about one connected agent.
+
+    ``gpu_capacity`` and ``running_count`` are at most 65,535 (the fleet stores them as uint16 to
+    stay within 64 bytes per agent).
+    """
+
+    model_config = _FROZEN
+
+    agent_id: Annotated[str, Field(min_length=1, max_length=256)]
+    team_id: UUID
+    status: AgentStatus
+    labels: Labels = frozenset()
+    last_heartbeat: Timestamp
+    gpu_capacity: Annotated[int, Field(ge=1, le=MAX_SLOTS)]
+    running_count: Annotated[int, Field(ge=0, le=MAX_SLOTS)] = 0
+    region: Region = None
+    community_opt_in: bool = False
+    vram_gb: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
+    gpu_model: OptionalText = None
+    cached_models: Names = frozenset()
+    failure_rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id_trimmed(cls, value: str) -> str:
+        if value != value.strip():
+            raise ValueError("agent_id must not start or end with whitespace")
+        return value
+
+
+class DispatchRequest(BaseModel):
+    """One task asking for an agent: who submits it, from where, and what it needs."""
+
+    model_config = _FROZEN
+
+    team_id: UUID
+    target_pool: Literal["team", "community"] = "team"
+    submitter_region: Region = None
+    tool_type: Literal["comfyui", "nerfstudio"] = "comfyui"
+    required_labels: Labels = frozenset()
+    min_vram_gb: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
+    preferred_gpu: OptionalText = None
+    required_models: Names = frozenset()
+    exclude_agents: Names = frozenset()
+    tie_key: str = ""
+
+    @cached_property
+    def labels_needed(self) -> frozenset[str]:
+        """Required labels plus the tool type, which is itself a required label."""
+        return self.required_labels | {self.tool_type}
+
+
+class Weights(BaseModel):
+    """Non-negative weight of each scoring factor; reads like a mapping (``weights["load"]``)."""
+
+    model_config = _FROZEN
+
+    region: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    load: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    pool: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    warm: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    gpu: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    reliability: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> Weights:
+        if not any(getattr(self, f) > 0 for f in FACTORS):
+            raise ValueError("at least one weight must be positive")
+        return self
+
+    def __getitem__(self, factor: str) -> float:
+        if factor not in FACTORS:
+            raise KeyError(factor)
+        return float(getattr(self, factor))
+
+    def keys(self) -> tuple[str, ...]:
+        return FACTORS
+
+    def items(self) -> list[tuple[str, float]]:
+        return [(f, self[f]) for f in FACTORS]
+
+    @cached_property
+    def array(self) -> np.ndarray:
+        """float64[6], in ``FACTORS`` order (read-only)."""
+        a = np.array([self[f] for f in FACTORS], dtype=np.float64)
+        a.flags.writeable = False
+        return a
+
+
+AffinityPairs = tuple[tuple[tuple[str, str], float], ...]
+
+
+def _affinity_pairs(value: Any) -> Any:
+    """Accept ``{("us-east", "us-west"): 0.6}`` (or its pairs) and store it canonically."""
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    canonical: dict[tuple[str, str], float] = {}
+    for item in items:
+        try:
+            (a, b), affinity = item
+        except (TypeError, ValueError):
+            raise ValueError("each entry must be ((region_a, region_b), affinity)") from None
+        ra, rb = normalize_region(a), normalize_region(b)
+        if ra is None or rb is None:
+            raise ValueError("affinity regions must be non-empty")
+        if ra == rb:
+            raise ValueError(f"pair ({ra!r}, {rb!r}) names one region; same region is always 1.0")
+        if not isinstance(affinity, (int, float)) or isinstance(affinity, bool):
+            raise ValueError(f"affinity of ({ra!r}, {rb!r}) must be a number")
+        if not (0.0 <= affinity <= 1.0):  # also rejects NaN
+            raise ValueError(f"affinity of ({ra!r}, {rb!r}) must be within [0, 1]")
+        key = (min(ra, rb), max(ra, rb))
+        if key in canonical and canonical[key] != affinity:
+            raise ValueError(f"pair {key} is given twice with different affinities")
+        canonical[key] = float(affinity)
+    return tuple(sorted(canonical.items()))
+
+
+class ScoringPolicy(BaseModel):
+    """Weights, staleness timeout, region affinities and tie band: validated once, then immutable.
+
+    ``region_affinity`` is stored as sorted ``((a, b), affinity)`` pairs with ``a < b``; read it
+    with :meth:`affinity`.
+    """
+
+    model_config = _FROZEN
+
+    weights: Weights = Weights()
+    heartbeat_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
+    region_affinity: Annotated[AffinityPairs, BeforeValidator(_affinity_pairs)] = ()
+    tie_band: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+
+    @cached_property
+    def affinity_map(self) -> Mapping[tuple[str, str], float]:
+        """Both orders of every configured pair."""
+        table: dict[tuple[str, str], float] = {}
+        for (a, b), value in self.region_affinity:
+            table[(a, b)] = table[(b, a)] = value
+        return table
+
+    def affinity(self, a: str, b: str) -> float:
+        """Region factor of two known, normalised regions: 1 if equal, the configured pair, else 0."""
+        if a == b:
+            return 1.0
+        return self.affinity_map.get((a, b), 0.0)
+
+
+DEFAULT_POLICY = ScoringPolicy()
+
