@@ -159,6 +159,19 @@ class S3FileStore(_StatHelpers):
             self._client = boto3.client("s3", **self._client_kwargs)
         return self._client
 
+    def check(self) -> None:
+        """Fail fast if the bucket is missing or unreadable (call it at server start).
+
+        ``HeadObject`` answers 404 both for a missing object and for a missing bucket, so a
+        misconfigured bucket would otherwise look like "no file was uploaded" on every run.
+
+        Raises
+        ------
+        botocore.exceptions.ClientError
+            If the bucket cannot be reached with the client's credentials.
+        """
+        self.client.head_bucket(Bucket=self.bucket)
+
     def put(self, key: str, body: bytes, *, team_id: UUID | str, content_type: str) -> None:
         """Upload ``body`` under ``key`` with the owner and content type this store reads back."""
         team = _team_uuid(team_id)
