@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from scoring.files import FileStore, content_type_matches
 from scoring.models import MAX_NAME_LEN, DispatchRequest, ScoringPolicy, normalize_region
-from scoring.workflow import MAX_PARAMETER_KEYS, DispatchTarget, ToolType, Workflow
+from scoring.workflow import MAX_PARAMETER_KEYS, DispatchTarget, ToolType, Workflow, short_repr
 
 if TYPE_CHECKING:  # the engine modules are not needed to validate a run
     from scoring.decision import Decision
@@ -200,12 +200,12 @@ def validate_run(
 
     for name in body:
         if name not in _TOP_LEVEL:
-            errors.append(RunError(ErrorCode.UNKNOWN_KEY, str(name), "not a run request field"))
+            errors.append(RunError(ErrorCode.UNKNOWN_KEY, _key(name), "not a run request field"))
     fields = {name: body.get(name) for name in _TOP_LEVEL}  # None: omitted or null
     for name, allowed in _ENUMS.items():
         value = fields[name]
         if value is not None and (not isinstance(value, str) or value not in allowed):
-            message = f"{value!r} is not one of {list(allowed)}"
+            message = f"{short_repr(value)} is not one of {list(allowed)}"
             errors.append(RunError(ErrorCode.INVALID_VALUE, name, message))
             fields[name] = None  # reported; keep checking the rest against the defaults
 
@@ -268,7 +268,12 @@ def _check_region(value: Any, errors: list[RunError]) -> str | None:
 
 
 def _param_error(code: ErrorCode, key: Any, message: str) -> RunError:
-    return RunError(code, str(key), message, "parameters")
+    return RunError(code, _key(key), message, "parameters")
+
+
+def _key(key: Any) -> str:
+    """The error's key: the key itself, or a bounded repr when a Python caller used a non-string."""
+    return key if isinstance(key, str) else short_repr(key)
 
 
 def _check_parameters(
@@ -318,7 +323,10 @@ def _file_problem(
     if info.team_id != team:
         return "file_wrong_team", "the file belongs to another team"
     if accept and not content_type_matches(info.content_type, accept):
-        return "file_type_rejected", f"content type {info.content_type!r} is not in {list(accept)}"
+        return (
+            "file_type_rejected",
+            f"content type {short_repr(info.content_type)} is not in {list(accept)}",
+        )
     return None
 
 

@@ -114,7 +114,9 @@ class ParameterDef(BaseModel):
             raise ValueError(f"{self.key}: a file parameter cannot have a default")
         problem = self.value_problem(self.default)
         if problem is not None:
-            raise ValueError(f"{self.key}: default {self.default!r} is invalid: {problem[1]}")
+            raise ValueError(
+                f"{self.key}: default {short_repr(self.default)} is invalid: {problem[1]}"
+            )
 
     def value_problem(self, value: Any) -> tuple[str, str] | None:
         """Check ``value`` against this definition, apart from file-store lookups.
@@ -137,9 +139,9 @@ class ParameterDef(BaseModel):
             if (self.min is not None and value < self.min) or (
                 self.max is not None and value > self.max
             ):
-                return "out_of_range", f"{value!r} is outside [{self.min}, {self.max}]"
+                return "out_of_range", f"{short_repr(value)} is outside [{self.min}, {self.max}]"
         if kind == "select" and value not in (self.options or ()):
-            return "invalid_option", f"{value!r} is not one of {list(self.options or ())}"
+            return "invalid_option", f"{short_repr(value)} is not one of {list(self.options or ())}"
         return None
 
 
@@ -177,6 +179,19 @@ class Workflow(BaseModel):
     def parameters_by_key(self) -> Mapping[str, ParameterDef]:
         """Each ParameterDef by its ``key``, in definition order."""
         return {p.key: p for p in self.parameters}
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr`` for error messages: bounded in length, whatever a client sent.
+
+    Messages echo client values back; a megabyte string must not come back as a megabyte message,
+    and Python refuses to ``repr`` an int of more than 4,300 digits at all.
+    """
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a very large integer"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json_type(value: Any) -> str:
