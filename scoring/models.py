@@ -6,9 +6,10 @@ Strings that the platform compares loosely (regions, labels) are normalised once
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import UTC, datetime
+from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -23,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from scoring.hashing import stable_hash64
+
 #: Scoring factors, in the order the kernels store them.
 FACTORS: tuple[str, ...] = ("region", "load", "pool", "warm", "gpu", "reliability")
 #: Hard-filter reason codes, in the order of their bits in the reject mask (bit i = REASONS[i]).
@@ -32,7 +35,7 @@ MAX_NAME_LEN = 64  # regions and labels
 MAX_SLOTS = 2**16 - 1
 
 
-class AgentStatus(str, Enum):
+class AgentStatus(StrEnum):
     """Lifecycle state an agent reports; only ``idle`` and ``busy`` agents can take a task."""
 
     IDLE = "idle"
@@ -104,11 +107,30 @@ def _optional_text(value: Any) -> str | None:
     return value.strip() or None
 
 
+_GPU_TOKEN = re.compile(r"[a-z]+|[0-9]+")
+
+
+def gpu_tokens(name: str) -> frozenset[str]:
+    """Normalised tokens of a GPU name: runs of letters or of digits, lower-cased.
+
+    ``"RTX_4090"`` gives ``{"rtx", "4090"}``, a subset of the tokens of
+    ``"NVIDIA GeForce RTX 4090"``; a preference matches a GPU when its tokens are such a subset.
+    """
+    return frozenset(_GPU_TOKEN.findall(name.lower()))
+
+
+def _preferred_gpu(value: Any) -> str | None:
+    text = _optional_text(value)
+    if text is not None and not gpu_tokens(text):
+        raise ValueError("preferred_gpu must contain a letter or a digit")
+    return text
+
+
 def to_epoch_seconds(value: Any) -> Any:
     """Accept a ``datetime`` (naive means UTC) wherever seconds since the epoch are expected."""
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value.timestamp()
     return value
 
@@ -164,7 +186,7 @@ class DispatchRequest(BaseModel):
     tool_type: Literal["comfyui", "nerfstudio"] = "comfyui"
     required_labels: Labels = frozenset()
     min_vram_gb: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
-    preferred_gpu: OptionalText = None
+    preferred_gpu: Annotated[str | None, BeforeValidator(_preferred_gpu)] = None
     required_models: Names = frozenset()
     exclude_agents: Names = frozenset()
     tie_key: str = ""
@@ -173,6 +195,11 @@ class DispatchRequest(BaseModel):
     def labels_needed(self) -> frozenset[str]:
         """Required labels plus the tool type, which is itself a required label."""
         return self.required_labels | {self.tool_type}
+
+    @cached_property
+    def tie_key_hash(self) -> int:
+        """Stable 64-bit hash of ``tie_key`` (see :mod:`scoring.hashing`)."""
+        return stable_hash64(self.tie_key)
 
 
 class Weights(BaseModel):
@@ -206,8 +233,9 @@ class Weights(BaseModel):
 
     @cached_property
     def array(self) -> np.ndarray:
-        """float64[6], in ``FACTORS`` order (read-only)."""
-        a = np.array([self[f] for f in FACTORS], dtype=np.float64)
+        """float64[7]: the six weights in ``FACTORS`` order, then their sum (read-only)."""
+        values = [self[f] for f in FACTORS]
+        a = np.array([*values, sum(values)], dtype=np.float64)
         a.flags.writeable = False
         return a
 
@@ -265,11 +293,10 @@ class ScoringPolicy(BaseModel):
         return table
 
     def affinity(self, a: str, b: str) -> float:
-        """Region factor of two known, normalised regions: 1 if equal, the configured pair, else 0."""
+        """Region factor of two known, normalised regions: 1 if equal, else the pair's, else 0."""
         if a == b:
             return 1.0
         return self.affinity_map.get((a, b), 0.0)
 
 
 DEFAULT_POLICY = ScoringPolicy()
-

@@ -167,7 +167,10 @@ class Workflow(BaseModel):
     parameters: Annotated[tuple[ParameterDef, ...], Field(max_length=MAX_PARAMETER_KEYS)] = ()
 
     @model_validator(mode="after")
-    def _distinct_keys(self) -> Workflow:
+    def _consistent(self) -> Workflow:
+        if self.default_dispatch_target == "comfy_cloud" and self.tool_type != "comfyui":
+            # ComfyUI Cloud runs ComfyUI graphs only; every run taking the default would fail.
+            raise ValueError(f"a {self.tool_type} workflow cannot default to comfy_cloud")
         seen: set[str] = set()
         for p in self.parameters:
             if p.key in seen:

@@ -543,6 +543,8 @@ def test_workflow_limits() -> None:
         make_workflow(default_dispatch_target="gpu")
     with pytest.raises(ValidationError):
         make_workflow(min_vram_gb=-1)
+    with pytest.raises(ValidationError, match="nerfstudio workflow cannot default to comfy_cloud"):
+        make_workflow(tool_type="nerfstudio", default_dispatch_target="comfy_cloud")
 
 
 def test_accept_patterns_are_normalised() -> None:

@@ -1,0 +1,119 @@
+"""What a pick returns: the chosen agent, its factors, and why the others were not eligible."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from scoring.models import FACTORS, REASONS
+
+
+class Decision:
+    """The answer to one dispatch request.
+
+    Attributes
+    ----------
+    agent_id : str or None
+        The chosen agent; ``None`` when no agent is eligible (the task waits).
+    score : float or None
+        The chosen agent's weighted score in [0, 1].
+    factors : dict[str, float]
+        Each factor's value (in [0, 1]) for the chosen agent; empty when none was chosen.
+    eligible : int
+        Number of agents that passed every hard filter.
+    rejected : dict[str, int]
+        For each reason code, the number of agents failing that filter. An agent failing several
+        filters counts once under each, so the counts can add up to more than the rejected agents.
+    total : int
+        Number of agents in the fleet.
+    missing_labels : tuple[str, ...]
+        Required labels that at least one label-rejected agent lacks, sorted.
+    row : int
+        The chosen agent's row in the fleet when the decision was made (-1 when none).
+    """
+
+    __slots__ = ("_factors", "_missing", "_rejected", "agent_id", "eligible", "row", "score",
+                 "total")  # fmt: skip
+
+    def __init__(
+        self,
+        agent_id: str | None,
+        score: float | None,
+        factors: Sequence[float],
+        eligible: int,
+        rejected: Sequence[int],
+        total: int,
+        missing_labels: Iterable[str] = (),
+        row: int = -1,
+    ) -> None:
+        self.agent_id = agent_id
+        self.score = score
+        self._factors = factors
+        self.eligible = eligible
+        self._rejected = rejected
+        self.total = total
+        self._missing = missing_labels  # resolved lazily: most decisions are never explained
+        self.row = row
+
+    @property
+    def missing_labels(self) -> tuple[str, ...]:
+        return tuple(self._missing)
+
+    @property
+    def factors(self) -> dict[str, float]:
+        if self.agent_id is None:
+            return {}
+        return dict(zip(FACTORS, self._factors, strict=True))
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        return dict(zip(REASONS, self._rejected, strict=True))
+
+    def explain(self) -> str:
+        """One line, e.g. ``0/1200 agents eligible: 800 pool, 310 labels (missing gpu-h100)``."""
+        reasons = []
+        for reason, count in zip(REASONS, self._rejected, strict=True):
+            if count:
+                detail = ""
+                if reason == "labels" and self.missing_labels:
+                    detail = f" (missing {', '.join(self.missing_labels)})"
+                reasons.append(f"{count} {reason}{detail}")
+        head = f"{self.eligible}/{self.total} agents eligible"
+        if self.total == 0:
+            head += " (the fleet is empty)"
+        if reasons:
+            head += ": " + ", ".join(reasons)
+        if self.agent_id is None:
+            return head
+        return f"{self.agent_id} (score {self.score:.3f}); {head}"
+
+    def __repr__(self) -> str:
+        return f"Decision({self.explain()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return (
+            self.agent_id == other.agent_id
+            and _same(self.score, other.score)
+            and self.eligible == other.eligible
+            and list(self._rejected) == list(other._rejected)
+            and self.total == other.total
+            and self.missing_labels == other.missing_labels
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a == b or (a is not None and b is not None and math.isnan(a) and math.isnan(b))
+
+
+@dataclass(frozen=True, slots=True)
+class RankedAgent:
+    """One entry of :func:`scoring.rank_agents`: an eligible agent, its score and its factors."""
+
+    agent_id: str
+    score: float
+    factors: dict[str, float]

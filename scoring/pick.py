@@ -1,0 +1,139 @@
+"""The pure API: ``pick_agent`` (one decision) and ``rank_agents`` (the best k)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numba
+import numpy as np
+
+from scoring import _kernels as K
+from scoring.decision import Decision, RankedAgent
+from scoring.fleet import Fleet
+from scoring.models import DEFAULT_POLICY, FACTORS, DispatchRequest, ScoringPolicy, to_epoch_seconds
+from scoring.query import MissingLabels, build_query
+
+#: Fleets at least this large are scanned by the parallel kernel (when numba has >1 thread).
+#: Below it, starting the threads costs more than the scan (measured: see benchmarks/).
+PARALLEL_THRESHOLD = 200_000
+#: Chunks per thread in the parallel kernel, so an unlucky slow chunk does not idle the others.
+CHUNKS_PER_THREAD = 4
+
+
+def pick_agent(
+    fleet: Fleet,
+    request: DispatchRequest,
+    policy: ScoringPolicy | None = None,
+    now: float | Any = None,
+) -> Decision:
+    """Choose the agent that should run ``request``.
+
+    Parameters
+    ----------
+    fleet : Fleet
+        The agents; read under the fleet's lock and never modified.
+    request : DispatchRequest
+    policy : ScoringPolicy, optional
+        ``None`` means ``ScoringPolicy()``.
+    now : float or datetime, optional
+        Seconds since the epoch; ``None`` means the current time.
+
+    Returns
+    -------
+    Decision
+        The best eligible agent (ties broken by a hash of ``tie_key`` and ``agent_id``), or a
+        decision with ``agent_id=None`` and the reasons when no agent is eligible.
+    """
+    with fleet.lock:
+        return decide(fleet, request, policy, now)
+
+
+def decide(fleet: Fleet, request: DispatchRequest, policy: Any, now: Any) -> Decision:
+    """:func:`pick_agent` without taking the lock (the caller holds ``fleet.lock``)."""
+    policy, now = _check(fleet, request, policy, now)
+    q = build_query(fleet, request, policy, now)
+    c = fleet.columns
+    n = len(fleet)
+    if n >= PARALLEL_THRESHOLD and (threads := numba.get_num_threads()) > 1:
+        out = K._pick_parallel(c, K.Query(*q), threads * CHUNKS_PER_THREAD)
+    else:
+        out = K._pick_flat(*c, *q)
+    row, score, eligible, factors, rejected, missing = out
+    # Label names are looked up only if someone reads them (the interner never forgets a bit).
+    missing_labels = MissingLabels(fleet.labels, missing, request) if rejected[3] else ()
+    if row < 0:
+        return Decision(None, None, (), eligible, rejected, n, missing_labels)
+    return Decision(
+        fleet.agent_id_at(row), score, factors, eligible, rejected, n, missing_labels, row
+    )
+
+
+def rank_agents(
+    fleet: Fleet,
+    request: DispatchRequest,
+    policy: ScoringPolicy | None = None,
+    now: float | Any = None,
+    k: int = 10,
+) -> list[RankedAgent]:
+    """The best ``k`` eligible agents, best first, each with its score and factors.
+
+    The order is the order in which :func:`pick_agent` would choose them if each chosen agent
+    were then removed: the first entry is always ``pick_agent``'s choice.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError("k must be a non-negative integer")
+    with fleet.lock:
+        policy, now = _check(fleet, request, policy, now)
+        c = fleet.columns
+        q = K.Query(*build_query(fleet, request, policy, now))
+        n = len(fleet)
+        scores, hashes = np.empty(n), np.empty(n, np.uint64)
+        masks = np.empty(n, np.int64)
+        K._scores(c, q, scores, hashes, masks)
+        rows = np.flatnonzero(masks == 0)
+        rows = rows[np.lexsort((hashes[rows], -scores[rows]))]  # score desc, then tie hash
+        chosen = _band_order(rows, scores, hashes, policy.tie_band, k)
+        return [
+            RankedAgent(
+                fleet.agent_id_at(r),
+                float(scores[r]),
+                dict(zip(FACTORS, K._factors(c, q, r), strict=True)),
+            )
+            for r in chosen
+        ]
+
+
+def _band_order(
+    rows: np.ndarray, scores: np.ndarray, hashes: np.ndarray, band: float, k: int
+) -> list[int]:
+    """Repeated picks from ``rows`` (sorted by score desc, hash asc) with a tie band."""
+    if band == 0.0:
+        return rows[:k].tolist()
+    remaining = rows.tolist()
+    chosen = []
+    while remaining and len(chosen) < k:
+        cut = scores[remaining[0]] - band
+        in_band = [r for r in remaining if scores[r] >= cut]
+        best = min(in_band, key=lambda r: hashes[r])
+        chosen.append(best)
+        remaining.remove(best)
+    return chosen
+
+
+def _check(fleet: Any, request: Any, policy: Any, now: Any) -> tuple[ScoringPolicy, float]:
+    if not isinstance(fleet, Fleet):
+        raise TypeError(f"fleet must be a Fleet, got {type(fleet).__name__}")
+    if not isinstance(request, DispatchRequest):
+        raise TypeError(f"request must be a DispatchRequest, got {type(request).__name__}")
+    if policy is None:
+        policy = DEFAULT_POLICY
+    elif not isinstance(policy, ScoringPolicy):
+        raise TypeError(f"policy must be a ScoringPolicy, got {type(policy).__name__}")
+    if now is None:
+        return policy, time.time()
+    now = to_epoch_seconds(now)
+    if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
+        raise ValueError(f"now must be finite seconds since the epoch or a datetime, got {now!r}")
+    return policy, float(now)

@@ -1,0 +1,140 @@
+"""Translate a validated request, against one fleet and one policy, into the kernels' numbers.
+
+The translated parts (label mask, model mask, region and GPU tables) depend only on a few fields
+of the request, the policy and the fleet's interned names, which only ever grow. So they are
+memoised in ``fleet.query_cache``, which the fleet clears whenever it interns a new name; a
+dispatcher sees a small variety of (labels, models, region, GPU) combinations, so nearly every pick
+is a cache hit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from scoring.fleet import Fleet
+from scoring.intern import Interner
+from scoring.models import DispatchRequest, ScoringPolicy, gpu_tokens
+
+_NO_ROWS = np.zeros(0, np.int64)
+_CACHE_LIMIT = 4096  # entries; a long-lived fleet sees a bounded variety of requests in practice
+
+
+def build_query(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy, now: float) -> tuple:
+    """Arguments of :class:`scoring._kernels.Query`, in order. Call with ``fleet.lock`` held."""
+    key = (
+        request.labels_needed,
+        request.required_models,
+        request.submitter_region,
+        request.preferred_gpu,
+        id(policy),
+    )
+    cache = fleet.query_cache
+    parts = cache.get(key)
+    if parts is None or parts.policy is not policy:  # holding the policy keeps its id unique
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        parts = cache[key] = _translate(fleet, request, policy)
+    excluded = fleet.rows_of(request.exclude_agents) if request.exclude_agents else _NO_ROWS
+    return (
+        now,
+        policy.heartbeat_timeout_s,
+        fleet.teams.get(request.team_id.int, -1),
+        request.target_pool == "community",
+        parts.labels,
+        parts.labels_unknown,
+        np.nan if request.min_vram_gb is None else request.min_vram_gb,
+        excluded,
+        parts.models,
+        len(request.required_models),
+        parts.region_table,
+        parts.gpu_table,
+        policy.weights.array,
+        policy.tie_band,
+        np.uint64(request.tie_key_hash),
+    )
+
+
+class _Parts(NamedTuple):
+    policy: ScoringPolicy
+    labels: np.ndarray
+    labels_unknown: bool
+    models: np.ndarray
+    region_table: np.ndarray
+    gpu_table: np.ndarray
+
+
+def _translate(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> _Parts:
+    labels, labels_unknown = _bitset(fleet, "labels", request.labels_needed)
+    models, _ = _bitset(fleet, "cached_models", request.required_models)
+    return _Parts(
+        policy,
+        labels,
+        labels_unknown,
+        models,
+        _region_table(fleet, policy, request),
+        _gpu_table(fleet, request.preferred_gpu),
+    )
+
+
+class MissingLabels:
+    """Required labels that label-rejected agents lack, resolved to names when first read.
+
+    Holds the kernel's ``missing`` bitset; labels that no agent has ever had are not in the
+    bitset and are added from the request. Iterating gives the names, sorted.
+    """
+
+    __slots__ = ("_labels", "_names", "_needed", "_words")
+
+    def __init__(self, labels: Interner, words: np.ndarray, request: DispatchRequest) -> None:
+        self._labels, self._words, self._needed = labels, words, request.labels_needed
+        self._names: tuple[str, ...] | None = None
+
+    def names(self) -> tuple[str, ...]:
+        if self._names is None:
+            found = set(self._labels.names_of_bits(self._words))
+            found.update(label for label in self._needed if self._labels.get(label) < 0)
+            self._names = tuple(sorted(found))
+        return self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+
+def _bitset(fleet: Fleet, column: str, names: frozenset[str]) -> tuple[np.ndarray, bool]:
+    """The bitset of ``names`` in the fleet's ``column`` width, and whether any name is unknown."""
+    interner = fleet.labels if column == "labels" else fleet.models
+    words = np.zeros(getattr(fleet.columns, column).shape[1], np.uint64)
+    unknown = False
+    for name in names:
+        bit = interner.get(name)
+        if bit < 0:
+            unknown = True
+        else:
+            words[bit >> 6] |= np.uint64(1) << np.uint64(bit & 63)
+    return words, unknown
+
+
+def _region_table(fleet: Fleet, policy: ScoringPolicy, request: DispatchRequest) -> np.ndarray:
+    """Region factor by interned agent region; index 0 (unknown region) is the neutral 0.5."""
+    table = np.full(len(fleet.regions), 0.5)
+    submitter = request.submitter_region
+    if submitter is not None:
+        for index, region in fleet.regions:
+            table[index] = policy.affinity(submitter, region)
+    return table
+
+
+def _gpu_table(fleet: Fleet, preferred: str | None) -> np.ndarray:
+    """GPU factor by interned agent gpu_model; index 0 (unknown model) is the neutral 0.5."""
+    table = np.full(len(fleet.gpus), 0.5)
+    if preferred is not None:
+        wanted = gpu_tokens(preferred)
+        for index, model in fleet.gpus:
+            table[index] = 1.0 if wanted <= gpu_tokens(model) else 0.0
+    return table
