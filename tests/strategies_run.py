@@ -236,36 +236,44 @@ def valid_bodies(draw: st.DrawFn, scenario: Scenario) -> dict[str, Any]:
 
 
 @st.composite
+def mostly(draw: st.DrawFn, good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> Any:
+    """``good`` four times in five, else ``bad`` (``|`` would split them evenly)."""
+    return draw(bad if draw(st.integers(0, 4)) == 0 else good)
+
+
+@st.composite
 def near_valid_bodies(draw: st.DrawFn, scenario: Scenario) -> Any:
-    """A body whose every field is independently valid, wrong, junk, null or omitted."""
+    """A body whose every field is independently valid (mostly), wrong, junk, null or omitted.
+
+    Most bodies break one or two rules, some none, so both outcomes are explored near the edge.
+    """
     params: dict[Any, Any] = {}
     for p in scenario.workflow.parameters:
-        how = draw(st.sampled_from(["omit", "valid", "valid", "invalid", "junk", "own-file"]))
-        if how == "own-file" and p.type == "file":
+        how = draw(st.sampled_from(["omit"] * 3 + ["valid"] * 12 + ["invalid", "junk", "own"]))
+        if how == "own" and p.type == "file":
             params[p.key] = draw(st.sampled_from(scenario.own_files))  # allowed or not by accept
-        elif how == "valid":
-            params[p.key] = draw(valid_value(p, scenario))
         elif how == "invalid":
             params[p.key] = draw(invalid_value(p, scenario))
         elif how == "junk":
             params[p.key] = draw(json_values)
-    if draw(st.integers(0, 4)) == 0:
-        params[draw(param_keys)] = draw(json_values)  # maybe unknown, maybe a duplicate key
+        elif how != "omit" or p.required and draw(st.integers(0, 3)):
+            params[p.key] = draw(valid_value(p, scenario))
+    if draw(st.integers(0, 7)) == 0:
+        params[draw(param_keys)] = draw(json_values)  # maybe unknown, maybe replaces a value
     body: dict[Any, Any] = {}
-    body["parameters"] = draw(
-        st.sampled_from([params, params, params, None]) | json_values.filter(lambda v: v != {})
-    )
-    junk = json_values
+    if params or draw(st.booleans()):
+        body["parameters"] = draw(mostly(st.just(params), st.none() | json_values))
+    tool_types = st.sampled_from([scenario.workflow.tool_type, "comfyui", "nerfstudio"])
     fields = {
-        "dispatch_target": st.sampled_from(["agent", "comfy_cloud", "AGENT", ""]) | junk,
-        "target_pool": st.sampled_from(["team", "community", "public"]) | junk,
-        "submitter_region": region_values(True) | region_values(False),
-        "tool_type": st.sampled_from(["comfyui", "nerfstudio", "a1111"]) | junk,
+        "dispatch_target": mostly(st.sampled_from(["agent", "comfy_cloud"]), json_values),
+        "target_pool": mostly(st.sampled_from(["team", "community"]), json_values),
+        "submitter_region": mostly(region_values(True), region_values(False)),
+        "tool_type": mostly(tool_types, json_values | st.just("a1111")),
     }
     for name, values in fields.items():
         if draw(st.booleans()):
-            body[name] = draw(values)
-    if draw(st.integers(0, 5)) == 0:
+            body[name] = draw(st.none() | values)
+    if draw(st.integers(0, 9)) == 0:
         body[draw(st.text(max_size=8))] = draw(json_values)  # stray top-level field
     return body
 
