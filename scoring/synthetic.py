@@ -127,7 +127,7 @@ def synthetic_requests(
     teams = teams or team_ids(8, seed)
     model_p = zipf_shares(len(MODELS))
     requests = []
-    for i in range(n):
+    for _ in range(n):
         labels = {"gpu"}
         if rng.random() < 0.3:
             labels.add(str(rng.choice(FEATURE_LABELS)))
