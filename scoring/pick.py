@@ -12,7 +12,14 @@ import numpy as np
 from scoring import _kernels as K
 from scoring.decision import Decision, RankedAgent
 from scoring.fleet import Fleet
-from scoring.models import DEFAULT_POLICY, FACTORS, DispatchRequest, ScoringPolicy, to_epoch_seconds
+from scoring.models import (
+    DEFAULT_POLICY,
+    FACTORS,
+    REASONS,
+    DispatchRequest,
+    ScoringPolicy,
+    to_epoch_seconds,
+)
 from scoring.query import MissingLabels, build_query
 
 #: Fleets at least this large are scanned by the parallel kernel (when numba has >1 thread).
@@ -88,10 +95,7 @@ def rank_agents(
         policy, now = _check(fleet, request, policy, now)
         c = fleet.columns
         q = K.Query(*build_query(fleet, request, policy, now))
-        n = len(fleet)
-        scores, hashes = np.empty(n), np.empty(n, np.uint64)
-        masks = np.empty(n, np.int64)
-        K._scores(c, q, scores, hashes, masks)
+        masks, scores, hashes = _evaluate(c, q, len(fleet))
         rows = np.flatnonzero(masks == 0)
         rows = rows[np.lexsort((hashes[rows], -scores[rows]))]  # score desc, then tie hash
         chosen = _band_order(rows, scores, hashes, policy.tie_band, k)
@@ -103,6 +107,33 @@ def rank_agents(
             )
             for r in chosen
         ]
+
+
+def evaluate(
+    fleet: Fleet,
+    request: DispatchRequest,
+    policy: ScoringPolicy | None = None,
+    now: float | Any = None,
+) -> dict[str, tuple[list[str], float | None]]:
+    """Every agent's failed filters and, when eligible, its score: ``{agent_id: (reasons, score)}``.
+
+    For looking into one decision ("why not gpu-node-07?"); a pick never builds this.
+    """
+    with fleet.lock:
+        policy, now = _check(fleet, request, policy, now)
+        q = K.Query(*build_query(fleet, request, policy, now))
+        masks, scores, _ = _evaluate(fleet.columns, q, len(fleet))
+        out = {}
+        for row, (mask, score) in enumerate(zip(masks.tolist(), scores.tolist(), strict=True)):
+            reasons = [r for bit, r in enumerate(REASONS) if mask >> bit & 1]
+            out[fleet.agent_id_at(row)] = (reasons, None if mask else score)
+        return out
+
+
+def _evaluate(c: K.Columns, q: K.Query, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    masks, scores, hashes = np.empty(n, np.int64), np.empty(n), np.empty(n, np.uint64)
+    K._scores(c, q, scores, hashes, masks)
+    return masks, scores, hashes
 
 
 def _band_order(

@@ -1,0 +1,104 @@
+"""Differential properties: the engine decides exactly as the plain-Python reference.
+
+Scores are compared exactly: kernel and reference sum the same float64 products in the same order
+(fastmath is off), so any difference, however small, is a bug; the tolerance is zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scoring import Fleet, pick_agent, rank_agents
+from scoring import _kernels as K
+from scoring import pick as pick_module
+from scoring import reference as R
+from scoring.pick import evaluate
+from tests.strategies import NOW, scenarios
+
+SCORE_TOLERANCE = 0.0
+
+
+def _assert_same_decision(got, expected):
+    assert got.agent_id == expected.agent_id
+    assert got.eligible == expected.eligible
+    assert got.rejected == expected.rejected
+    assert got.total == expected.total
+    assert got.missing_labels == expected.missing_labels
+    if expected.agent_id is None:
+        assert got.score is None and got.factors == {}
+    else:
+        assert abs(got.score - expected.score) <= SCORE_TOLERANCE
+        assert got.factors == expected.factors
+
+
+@given(scenarios())
+def test_pick_equals_reference(scenario):
+    agents, request, policy = scenario
+    got = pick_agent(Fleet.from_agents(agents), request, policy, now=NOW)
+    _assert_same_decision(got, R.pick_agent(agents, request, policy, now=NOW))
+
+
+@settings(max_examples=25)
+@given(scenarios(min_agents=100, max_agents=300))
+def test_pick_equals_reference_on_larger_fleets(scenario):
+    agents, request, policy = scenario
+    got = pick_agent(Fleet.from_agents(agents), request, policy, now=NOW)
+    _assert_same_decision(got, R.pick_agent(agents, request, policy, now=NOW))
+
+
+@given(scenarios())
+def test_every_reject_mask_and_score_equals_reference(scenario):
+    agents, request, policy = scenario
+    got = evaluate(Fleet.from_agents(agents), request, policy, now=NOW)
+    for agent in agents:
+        reasons, score = got[agent.agent_id]
+        assert reasons == R.reject_reasons(agent, request, policy, NOW), agent.agent_id
+        if reasons:
+            assert score is None
+        else:
+            assert abs(score - R.score(agent, request, policy)) <= SCORE_TOLERANCE
+
+
+@given(scenarios(), st.integers(0, 8))
+def test_rank_equals_reference(scenario, k):
+    agents, request, policy = scenario
+    got = rank_agents(Fleet.from_agents(agents), request, policy, now=NOW, k=k)
+    expected = R.rank_agents(agents, request, policy, now=NOW, k=k)
+    assert [(r.agent_id, r.score) for r in got] == expected
+    for entry in got:
+        agent = next(a for a in agents if a.agent_id == entry.agent_id)
+        assert entry.factors == R.factors(agent, request, policy)
+
+
+@given(scenarios(), st.integers(1, 7))
+def test_parallel_kernel_equals_serial(scenario, n_chunks):
+    """The parallel kernel's slabs and reduction give the serial kernel's answer, bit for bit."""
+    agents, request, policy = scenario
+    fleet = Fleet.from_agents(agents)
+    with fleet.lock:
+        q = pick_module.build_query(fleet, request, policy, NOW)
+        serial = K._pick_flat(*fleet.columns, *q)
+        parallel = K._pick_parallel(fleet.columns, K.Query(*q), n_chunks)
+    row, score, eligible, factors, rejected, missing = serial
+    assert parallel[0] == row and parallel[2] == eligible and parallel[4] == rejected
+    assert np.array_equal(parallel[5], missing)
+    if row >= 0:
+        assert parallel[1] == score and parallel[3] == factors
+
+
+@pytest.mark.parametrize("threshold", [0, 10**9], ids=["parallel", "serial"])
+@settings(max_examples=20)
+@given(scenario=scenarios())
+def test_pick_agent_path_equals_reference(threshold, scenario):
+    """``pick_agent`` through both of its paths (parallel above the size threshold)."""
+    agents, request, policy = scenario
+    saved = pick_module.PARALLEL_THRESHOLD
+    pick_module.PARALLEL_THRESHOLD = threshold
+    try:
+        got = pick_agent(Fleet.from_agents(agents), request, policy, now=NOW)
+    finally:
+        pick_module.PARALLEL_THRESHOLD = saved
+    _assert_same_decision(got, R.pick_agent(agents, request, policy, now=NOW))
