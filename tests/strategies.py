@@ -23,6 +23,9 @@ WIDE_LABELS = [f"feature-{i}" for i in range(80)]  # more than one bitset word
 MODELS = [f"models/m{i}.safetensors" for i in range(5)]
 WIDE_MODELS = [f"models/wide-{i}.ckpt" for i in range(70)]
 GPUS = ["NVIDIA GeForce RTX 4090", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "Tesla T4"]
+# Requests also ask for labels and models that no agent has, or only agents of a wide fleet have.
+REQUIRED_LABELS = [*LABELS, "never-seen", WIDE_LABELS[70]]
+REQUIRED_MODELS = [*MODELS, WIDE_MODELS[66], "models/new"]
 PREFERRED_GPUS = ["RTX_4090", "a100", "H100", "t4", "RTX 3090"]
 
 regions = st.one_of(st.none(), st.sampled_from(REGIONS), st.just("  US-East "))
@@ -121,14 +124,10 @@ def requests(draw, agent_ids: list[str] | None = None) -> DispatchRequest:
         target_pool=draw(st.sampled_from(["team", "community"])),
         submitter_region=draw(regions),
         tool_type=draw(st.sampled_from(["comfyui", "nerfstudio"])),
-        required_labels=draw(
-            st.sets(st.sampled_from([*LABELS, "never-seen", WIDE_LABELS[70]]), max_size=2)
-        ),  # fmt: skip
+        required_labels=draw(st.sets(st.sampled_from(REQUIRED_LABELS), max_size=2)),
         min_vram_gb=draw(st.sampled_from([None, None, 16.0, 24.0, 24.25])),
         preferred_gpu=draw(st.one_of(st.none(), st.sampled_from(PREFERRED_GPUS))),
-        required_models=draw(
-            st.sets(st.sampled_from([*MODELS, WIDE_MODELS[66], "models/new"]), max_size=3)
-        ),  # fmt: skip
+        required_models=draw(st.sets(st.sampled_from(REQUIRED_MODELS), max_size=3)),
         exclude_agents=excluded,
         tie_key=draw(st.text(max_size=12)),
     )
