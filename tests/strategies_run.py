@@ -125,7 +125,7 @@ def scenarios(draw: st.DrawFn, active: bool | None = None) -> Scenario:
     tool_type = draw(st.sampled_from(["comfyui", "nerfstudio"]))
     targets = [None, "agent"] + (["comfy_cloud"] if tool_type == "comfyui" else [])
     if active is None:
-        status = draw(st.sampled_from(["active", "active", "active", "disabled"]))
+        status = draw(st.sampled_from(["active"] * 7 + ["disabled"]))
     else:
         status = "active" if active else "disabled"
     workflow = Workflow(
@@ -238,7 +238,7 @@ def valid_bodies(draw: st.DrawFn, scenario: Scenario) -> dict[str, Any]:
 @st.composite
 def mostly(draw: st.DrawFn, good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> Any:
     """``good`` four times in five, else ``bad`` (``|`` would split them evenly)."""
-    return draw(bad if draw(st.integers(0, 4)) == 0 else good)
+    return draw(bad if draw(st.integers(0, 4)) == 2 else good)
 
 
 @st.composite
@@ -249,31 +249,35 @@ def near_valid_bodies(draw: st.DrawFn, scenario: Scenario) -> Any:
     """
     params: dict[Any, Any] = {}
     for p in scenario.workflow.parameters:
-        how = draw(st.sampled_from(["omit"] * 3 + ["valid"] * 12 + ["invalid", "junk", "own"]))
+        how = draw(
+            st.sampled_from(["omit"] * 3 + ["valid"] * 12 + ["invalid"] * 2 + ["junk", "own"])
+        )
         if how == "own" and p.type == "file":
             params[p.key] = draw(st.sampled_from(scenario.own_files))  # allowed or not by accept
         elif how == "invalid":
             params[p.key] = draw(invalid_value(p, scenario))
         elif how == "junk":
             params[p.key] = draw(json_values)
-        elif how != "omit" or p.required and draw(st.integers(0, 3)):
+        elif how != "omit" or (p.required and draw(st.integers(0, 3))):
             params[p.key] = draw(valid_value(p, scenario))
-    if draw(st.integers(0, 7)) == 0:
+    if draw(st.integers(0, 7)) == 3:
         params[draw(param_keys)] = draw(json_values)  # maybe unknown, maybe replaces a value
     body: dict[Any, Any] = {}
     if params or draw(st.booleans()):
-        body["parameters"] = draw(mostly(st.just(params), st.none() | json_values))
+        broken = draw(st.integers(0, 9)) == 5
+        body["parameters"] = draw(st.none() | json_values) if broken else params
     tool_types = st.sampled_from([scenario.workflow.tool_type, "comfyui", "nerfstudio"])
+    bad_enum = mostly(st.sampled_from(["public", "AGENT", "", "a1111", "gpu"]), json_values)
     fields = {
-        "dispatch_target": mostly(st.sampled_from(["agent", "comfy_cloud"]), json_values),
-        "target_pool": mostly(st.sampled_from(["team", "community"]), json_values),
+        "dispatch_target": mostly(st.sampled_from(["agent", "comfy_cloud"]), bad_enum),
+        "target_pool": mostly(st.sampled_from(["team", "community"]), bad_enum),
         "submitter_region": mostly(region_values(True), region_values(False)),
-        "tool_type": mostly(tool_types, json_values | st.just("a1111")),
+        "tool_type": mostly(tool_types, bad_enum),
     }
     for name, values in fields.items():
         if draw(st.booleans()):
             body[name] = draw(st.none() | values)
-    if draw(st.integers(0, 9)) == 0:
+    if draw(st.integers(0, 9)) == 5:
         body[draw(st.text(max_size=8))] = draw(json_values)  # stray top-level field
     return body
 

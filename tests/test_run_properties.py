@@ -14,7 +14,11 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies_run import (
+
+from scoring.files import InMemoryFileStore
+from scoring.run import ErrorCode, RunRequest, RunValidationError, ValidatedRun, validate_run
+from scoring.workflow import ParameterDef, Workflow
+from tests.strategies_run import (
     OTHER_TEAM,
     TEAM,
     TOP_LEVEL,
@@ -24,10 +28,6 @@ from strategies_run import (
     scenarios,
     valid_bodies,
 )
-
-from scoring.files import InMemoryFileStore
-from scoring.run import ErrorCode, RunRequest, RunValidationError, ValidatedRun, validate_run
-from scoring.workflow import ParameterDef, Workflow
 
 ENUMS = {
     "dispatch_target": ("agent", "comfy_cloud"),
@@ -233,13 +233,24 @@ FAULTS = [
 # (its key is longer than any generated key, so it never collides).
 FAULT_DEFS = {
     "missing_required": ParameterDef(key="fault-required", type="string", required=True),
-    "type_mismatch": ParameterDef(key="fault-boolean", type="boolean"),
+    "type_mismatch": ParameterDef(key="fault-number", type="number"),
     "out_of_range": ParameterDef(key="fault-bounded", type="number", min=0, max=1),
     "invalid_option": ParameterDef(key="fault-select", type="select", options=["a"]),
     "file_not_found": ParameterDef(key="fault-file", type="file"),
     "file_wrong_team": ParameterDef(key="fault-file", type="file"),
     "file_type_rejected": ParameterDef(key="fault-file", type="file", accept=["video/*"]),
 }
+
+
+# Values of the wrong JSON type for each parameter type: the contract's named traps first.
+WRONG_TYPES: dict[str, list[Any]] = {
+    "number": [True, False, "12", "1e3", math.nan, math.inf, -math.inf, None, [1], {"v": 1}],
+    "boolean": ["true", "false", 1, 0, 1.0, None, [True]],
+    "string": [12.5, 3, True, None, ["x"], {"k": "v"}],
+    "select": [0, 1.5, False, None, ["a"]],
+    "file": [7, True, None, ["inputs/x.png"], {"key": "inputs/x.png"}],
+}
+BAD_ENUM_VALUES = ["bogus", "public", "AGENT", "Team", " team", "comfy-cloud", "", 1, True, []]
 
 
 def fits(fault: str, p: ParameterDef, s: Scenario) -> bool:
@@ -262,7 +273,7 @@ def rejected_files(p: ParameterDef, s: Scenario) -> list[str]:
 def bad_value(fault: str, p: ParameterDef, s: Scenario) -> st.SearchStrategy[Any]:
     """A value of ``p`` that breaks exactly the rule of ``fault``."""
     if fault == "type_mismatch":
-        return st.just("not-a-bool" if p.type in ("boolean", "number") else 12.5)
+        return st.sampled_from(WRONG_TYPES[p.type])
     if fault == "out_of_range":
         return st.just(p.max + 1 if p.max is not None else p.min - 1)  # type: ignore[operator]
     if fault == "invalid_option":
@@ -285,6 +296,10 @@ def test_one_fault_gives_exactly_its_error(fault: str, data: st.DataObject, s: S
         candidates = [p for p in workflow.parameters if fits(fault, p, s)]
         if not candidates or data.draw(st.booleans()):
             added = FAULT_DEFS[fault]
+            if fault == "type_mismatch":  # every type has its own traps
+                kind = data.draw(st.sampled_from(sorted(WRONG_TYPES)))
+                options = ["a"] if kind == "select" else None
+                added = ParameterDef(key=f"fault-{kind}", type=kind, options=options)
             candidates = [added]
             workflow = Workflow.model_validate(
                 dict(workflow) | {"parameters": (*workflow.parameters, added)}
@@ -304,7 +319,7 @@ def test_one_fault_gives_exactly_its_error(fault: str, data: st.DataObject, s: S
         where = ("body", "parameters")
     elif fault == "invalid_value":
         name = data.draw(st.sampled_from(sorted(ENUMS)))
-        body[name] = "bogus"
+        body[name] = data.draw(st.sampled_from(BAD_ENUM_VALUES))
         where = ("body", name)
     elif fault == "region_too_long":
         body["submitter_region"] = " " + "r" * 65
