@@ -225,7 +225,7 @@ def validate_run(
     if errors:
         raise RunValidationError(errors)
     tie_key = task_id if task_id is not None else str(uuid.uuid4())
-    pool = fields["target_pool"] or "team"
+    pool: Literal["team", "community"] = fields["target_pool"] or "team"
     request = None
     if target == "agent":
         request = DispatchRequest(

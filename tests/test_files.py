@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -253,3 +255,9 @@ def test_s3_store_needs_a_bucket() -> None:
 def test_s3_put_rejects_ownerless_file() -> None:
     with pytest.raises(ValueError, match="not a UUID"):
         S3FileStore("b", client=object()).put("k", b"", team_id="x", content_type="image/png")
+
+
+def test_core_does_not_import_boto3() -> None:
+    """boto3 is the optional ``s3`` extra: validating runs must not need it."""
+    code = "import sys, scoring.run, scoring.files; sys.exit('boto3' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
