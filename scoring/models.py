@@ -141,17 +141,28 @@ Names = Annotated[frozenset[str], BeforeValidator(_normalize_names)]
 OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
 Timestamp = Annotated[float, BeforeValidator(to_epoch_seconds), Field(allow_inf_nan=False)]
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+class _Record(BaseModel):
+    """Frozen, validated record whose copies are validated too.
+
+    Records cache derived values (``cached_property``) in the instance. Pydantic's own
+    ``model_copy(update=...)`` copies those caches and skips validation, so a copy could carry
+    a stale derived value or an invalid field; here a copy is a new, validated record instead.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_validate({**fields, **(update or {})})
 
 
-class Agent(BaseModel):
+class Agent(_Record):
     """What the platform knows about one connected agent.
 
     ``gpu_capacity`` and ``running_count`` are at most 65,535 (the fleet stores them as uint16 to
     stay within 64 bytes per agent).
     """
-
-    model_config = _FROZEN
 
     agent_id: Annotated[str, Field(min_length=1, max_length=256)]
     team_id: UUID
@@ -175,10 +186,8 @@ class Agent(BaseModel):
         return value
 
 
-class DispatchRequest(BaseModel):
+class DispatchRequest(_Record):
     """One task asking for an agent: who submits it, from where, and what it needs."""
-
-    model_config = _FROZEN
 
     team_id: UUID
     target_pool: Literal["team", "community"] = "team"
@@ -202,10 +211,8 @@ class DispatchRequest(BaseModel):
         return stable_hash64(self.tie_key)
 
 
-class Weights(BaseModel):
+class Weights(_Record):
     """Non-negative weight of each scoring factor; reads like a mapping (``weights["load"]``)."""
-
-    model_config = _FROZEN
 
     region: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     load: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
@@ -270,14 +277,12 @@ def _affinity_pairs(value: Any) -> Any:
     return tuple(sorted(canonical.items()))
 
 
-class ScoringPolicy(BaseModel):
+class ScoringPolicy(_Record):
     """Weights, staleness timeout, region affinities and tie band: validated once, then immutable.
 
     ``region_affinity`` is stored as sorted ``((a, b), affinity)`` pairs with ``a < b``; read it
     with :meth:`affinity`.
     """
-
-    model_config = _FROZEN
 
     weights: Weights = Weights()
     heartbeat_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
