@@ -615,3 +615,20 @@ def test_dispatch_run_on_a_real_fleet(store: InMemoryFileStore) -> None:
     community = DESIGN_BODY | {"target_pool": "community"}
     _, third = dispatch_run(fleet, DESIGN_WORKFLOW, community, TEAM, store, now=now)
     assert third is not None and third.agent_id == "foreign-01"
+
+
+def test_design_public_names() -> None:
+    """DESIGN section 6's import line works: code outside this repository relies on it."""
+    import scoring
+    from scoring import (  # noqa: F401
+        FileStore,
+        InMemoryFileStore,
+        ParameterDef,
+        RunRequest,
+        RunValidationError,
+        Workflow,
+        validate_run,
+    )
+
+    assert scoring.validate_run is validate_run
+    assert {"dispatch_run", "S3FileStore", "ValidatedRun", "ErrorCode"} <= set(scoring.__all__)
