@@ -29,6 +29,20 @@ DispatchTarget = Literal["agent", "comfy_cloud"]
 _Bound = Annotated[float | None, Field(strict=True, allow_inf_nan=False)]
 
 
+class _Validated(BaseModel):
+    """Frozen model whose copies are validated too (as ``scoring.models`` records are).
+
+    Pydantic's ``model_copy(update=...)`` skips validation and copies ``cached_property`` values,
+    so a copied workflow could hold contradictory parameters or a stale ``parameters_by_key``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_validate({**fields, **(update or {})})
+
+
 def _strings(value: Any) -> Any:
     """Options and accept lists arrive as any sequence of strings; store them as a tuple."""
     if value is None:
@@ -52,7 +66,7 @@ def is_number(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-class ParameterDef(BaseModel):
+class ParameterDef(_Validated):
     """One input of a workflow.
 
     ``min``/``max`` apply to ``number`` only, ``options`` to ``select`` only (required there, as a
@@ -70,8 +84,6 @@ class ParameterDef(BaseModel):
     ...              node_id="5", field="width").default
     512
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     key: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^\S(.*\S)?$")]
     type: ParameterType
@@ -145,14 +157,12 @@ class ParameterDef(BaseModel):
         return None
 
 
-class Workflow(BaseModel):
+class Workflow(_Validated):
     """A runnable graph: its owner, what its runs need from an agent, and its parameters.
 
     ``default_dispatch_target`` ``None`` means runs go to an ``agent`` unless they say otherwise.
     At most :data:`MAX_PARAMETER_KEYS` parameters, with distinct keys.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: UUID
     slug: Annotated[str, Field(min_length=1, max_length=128)]

@@ -632,3 +632,14 @@ def test_design_public_names() -> None:
 
     assert scoring.validate_run is validate_run
     assert {"dispatch_run", "S3FileStore", "ValidatedRun", "ErrorCode"} <= set(scoring.__all__)
+
+
+def test_copies_are_validated_and_fresh() -> None:
+    """``model_copy`` re-validates: no stale parameter index, no contradiction slips through."""
+    wider = WORKFLOW.model_copy(update={"parameters": [WIDTH.model_copy(update={"max": 4096})]})
+    assert wider.parameters_by_key["width"].max == 4096
+    assert list(wider.parameters_by_key) == ["width"]
+    with pytest.raises(ValidationError, match="is above max"):
+        WIDTH.model_copy(update={"max": 32, "default": None})
+    with pytest.raises(ValidationError, match="defined twice"):
+        WORKFLOW.model_copy(update={"parameters": [WIDTH, WIDTH]})
