@@ -143,7 +143,7 @@ def _band_order(
     if band == 0.0:
         return rows[:k].tolist()
     remaining = rows.tolist()
-    chosen = []
+    chosen: list[int] = []
     while remaining and len(chosen) < k:
         cut = scores[remaining[0]] - band
         in_band = [r for r in remaining if scores[r] >= cut]

@@ -144,7 +144,7 @@ def rank_agents(
         for a in agents
         if not reject_reasons(a, request, policy, now)
     }
-    ranked = []
+    ranked: list[tuple[str, float]] = []
     while remaining and len(ranked) < k:
         chosen = _choose(remaining, request, policy)
         ranked.append((chosen, remaining.pop(chosen)))
