@@ -144,50 +144,60 @@ def build_agents(
     opt_in_share: float = 0.3,
     cache_size: int = 3,
 ) -> list[AgentSpec]:
-    """A seeded fleet for ``workload``: each team gets agents in proportion to its demand.
+    """A seeded fleet for ``workload``: each team's slot-speed follows its share of the work.
 
     Every team gets at least one agent (so none of its team-pool tasks waits for ever), and each
-    team's first agent has 24 GB or more (so its large-batch tasks can run). 75% of a team's
-    agents sit in its home region. Capacities are 1, 2 or 4 slots; one agent in ten is flaky
-    (fails 10-30% of its attempts). Caches start with a few of the most popular models.
+    team's first agent has 24 GB or more (so its large-batch tasks can run). The other agents go,
+    fastest first, to the team furthest below its share of the fleet's slot-speed, so that no
+    team is overloaded by construction. 75% of a team's agents sit in its home region.
+    Capacities are 1, 2 or 4 slots; one agent in ten is flaky (fails 10-30% of its attempts).
+    Caches start with a few of the most popular models.
     """
     n_teams = workload.n_teams
     if n_agents < n_teams:
         raise ValueError(f"need at least one agent per team ({n_teams})")
     rng = np.random.default_rng([seed, 29])
-    demand = np.asarray(workload.team_demand, dtype=float)
-    extra = n_agents - n_teams
-    share = demand / demand.sum() * extra if demand.sum() > 0 else np.full(n_teams, extra / n_teams)
-    counts = np.floor(share).astype(int)
-    for t in np.argsort(-(share - counts), kind="stable")[: extra - counts.sum()]:
-        counts[t] += 1  # largest remainders
-    counts += 1
-    gpu_p = zipf_shares(len(GPUS), 0.7)
     big = [i for i, g in enumerate(GPUS) if g[1] >= 24]
+    gpu = rng.choice(len(GPUS), n_agents, p=zipf_shares(len(GPUS), 0.7))
+    gpu[:n_teams] = rng.choice(big, n_teams)
+    capacity = rng.choice([1, 1, 2, 2, 4], n_agents)
+    power = capacity * np.array([GPU_SPEED[GPUS[g][2]] for g in gpu])
+    demand = np.asarray(workload.team_demand, dtype=float)
+    if not demand.sum() > 0:
+        demand = np.ones(n_teams)
+    target = demand / demand.sum() * power.sum()
+    team = np.empty(n_agents, np.int64)
+    team[:n_teams] = np.arange(n_teams)
+    held = np.zeros(n_teams)
+    np.add.at(held, team[:n_teams], power[:n_teams])
+    rest = n_teams + np.argsort(-power[n_teams:], kind="stable")
+    for i in rest:
+        t = int(np.argmax(target - held))
+        team[i], held[t] = t, held[t] + power[i]
     popular = workload.models[:8]
     specs = []
-    for team in range(n_teams):
-        for k in range(counts[team]):
-            g = GPUS[int(rng.choice(big) if k == 0 else rng.choice(len(GPUS), p=gpu_p))]
+    for t in range(n_teams):
+        for k, i in enumerate(np.flatnonzero(team == t)):
+            g = GPUS[gpu[i]]
             home = rng.random() < 0.75
-            region = workload.team_regions[team] if home else SIM_REGIONS[rng.integers(8)]
+            region = workload.team_regions[t] if home else SIM_REGIONS[rng.integers(8)]
             flaky = rng.random() < 0.1
             failure = rng.uniform(0.1, 0.3) if flaky else rng.beta(1, 100)
-            n_cached = int(rng.integers(0, cache_size + 1))
-            cached = rng.choice(len(popular), min(n_cached, len(popular)), replace=False)
+            n_cached = min(int(rng.integers(0, cache_size + 1)), len(popular))
+            cached = rng.choice(len(popular), n_cached, replace=False)
             specs.append(
                 AgentSpec(
-                    agent_id=f"t{team:02d}-gpu-{k:03d}",
-                    team=team,
+                    agent_id=f"t{t:02d}-gpu-{k:03d}",
+                    team=t,
                     region=region,
                     gpu_model=g[0],
                     vram_gb=g[1],
                     speed=GPU_SPEED[g[2]],
-                    capacity=int(rng.choice([1, 1, 2, 2, 4])),
+                    capacity=int(capacity[i]),
                     community_opt_in=bool(rng.random() < opt_in_share),
                     failure_rate=round(float(failure), 4),
                     cache_size=cache_size,
-                    initial_models=tuple(popular[i] for i in sorted(cached)),
+                    initial_models=tuple(popular[j] for j in sorted(cached)),
                 )
             )
     return specs

@@ -1,0 +1,290 @@
+"""Fleet simulation: determinism, conservation, isolation, a hand-checked run, and the parts.
+
+Sizes stay tiny (tens of agents, hundreds of tasks): the suite also runs with NUMBA_DISABLE_JIT=1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from scoring import AgentStatus, Fleet, ScoringPolicy
+from scoring.sim import (
+    POLICY_NAMES,
+    AgentSpec,
+    Lifecycle,
+    SimConfig,
+    Task,
+    Transfer,
+    Workload,
+    compare,
+    jain,
+    make_policy,
+    prepare,
+    simulate,
+)
+from scoring.sim.agents import SimAgent, team_uuid
+from scoring.sim.dispatcher import Dispatcher, TaskState
+from scoring.sim.simulation import _Run
+
+#: Agents go through every lifecycle event many times within a few minutes of simulated time.
+BUSY_LIFE = Lifecycle(
+    connect_spread_s=10.0,
+    sync_s=5.0,
+    unhealthy_every_s=300.0,
+    unhealthy_s=30.0,
+    tunnel_every_s=400.0,
+    tunnel_s=60.0,
+    disconnect_every_s=300.0,
+    down_s=20.0,
+    heartbeat_s=5.0,
+)
+SMALL = SimConfig(n_agents=24, n_tasks=300, n_teams=6, load=0.3, lifecycle=BUSY_LIFE)
+#: Metrics that measure the machine rather than the simulation.
+WALL_CLOCK = {"wall_s", "tasks_per_wall_s"}
+
+
+@pytest.fixture(scope="module")
+def small_runs():
+    return compare(SMALL, POLICY_NAMES)
+
+
+def _sim_metrics(result):
+    return {k: v for k, v in result.metrics.items() if k not in WALL_CLOCK}
+
+
+@pytest.mark.parametrize("policy", ["scorer", "random", "p2c"])
+def test_same_seed_same_metrics(small_runs, policy):
+    again = simulate(SMALL, policy)
+    got, expected = _sim_metrics(again), _sim_metrics(small_runs[policy])
+    assert got.keys() == expected.keys()
+    for key in got:
+        assert got[key] == expected[key] or (math.isnan(got[key]) and math.isnan(expected[key]))
+    assert again.log.placements == small_runs[policy].log.placements
+
+
+def test_another_seed_changes_the_run(small_runs):
+    other = simulate(replace(SMALL, seed=1), "scorer")
+    assert other.log.placements != small_runs["scorer"].log.placements
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_every_task_completes_exactly_once_or_is_reported(small_runs, policy):
+    result = small_runs[policy]
+    log, m = result.log, result.metrics
+    assert set(np.unique(log.completions)) <= {0, 1}
+    assert m["completed"] + m["waiting"] + m["in_flight"] == m["tasks"] == SMALL.n_tasks
+    # The drain is long: everything finishes, despite disconnects and failed attempts.
+    assert m["completed"] == SMALL.n_tasks
+    assert log.lost_attempts > 0 and log.failed_attempts > 0
+    # Every attempt is accounted for: one placement each, and each retry follows a failure.
+    assert len(log.placements) == log.attempts.sum()
+    assert log.attempts.sum() == m["completed"] + log.lost_attempts + log.failed_attempts
+
+
+def test_a_short_drain_reports_waiting_and_running_tasks():
+    config = replace(SMALL, load=3.0, drain_s=0.0)  # overloaded, stopped at the last arrival
+    m = simulate(config, "scorer").metrics
+    assert m["waiting"] > 0 and m["in_flight"] > 0
+    assert m["completed"] + m["waiting"] + m["in_flight"] == m["tasks"]
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_no_policy_runs_a_task_outside_its_pool(small_runs, policy):
+    result = small_runs[policy]
+    tasks, agents = result.workload.tasks, result.agents
+    pools = {t.pool for t in tasks}
+    assert pools == {"team", "community"}
+    foreign = 0
+    for task_id, agent_index in result.log.placements:
+        task, agent = tasks[task_id], agents[agent_index]
+        if task.pool == "team":
+            assert agent.team == task.team, (task, agent)
+        else:
+            assert agent.team == task.team or agent.community_opt_in, (task, agent)
+            foreign += agent.team != task.team
+    if policy != "scorer":  # baselines ignore the pool factor, so they do go abroad
+        assert foreign > 0
+
+
+# --- a tiny run, checked by hand --------------------------------------------------------------
+
+US_EAST, EU_WEST = "us-east", "eu-west"
+
+
+def _hand_scenario():
+    a = AgentSpec("a", 0, US_EAST, "NVIDIA GeForce RTX 3090", 24.0, speed=1.0,
+                  initial_models=("m1",))  # fmt: skip
+    b = AgentSpec("b", 0, EU_WEST, "NVIDIA GeForce RTX 4090", 24.0, speed=2.0)
+    arrivals = [(0.0, 10.0), (1.0, 10.0), (2.0, 4.0), (3.0, 6.0), (12.0, 10.0)]
+    tasks = tuple(
+        Task(i, at, team=0, region=US_EAST, model="m1", service_s=s)
+        for i, (at, s) in enumerate(arrivals)
+    )
+    workload = Workload(tasks, 1, (US_EAST,), ("m1",), name="hand")
+    config = SimConfig(
+        lifecycle=Lifecycle.steady(),
+        load_delay_s=10.0,
+        transfer=Transfer(same=0.0, near=1.5, far=5.0, unknown=2.5),
+        warmup_s=0.0,
+    )
+    return config, workload, [a, b]
+
+
+def test_tiny_scenario_by_hand():
+    # Agent a: us-east, speed 1, one slot, m1 cached. Agent b: eu-west, speed 2, one slot, empty.
+    # Every task: team 0, us-east, model m1. Loads take 10 s; us-east -> eu-west transfer 5 s.
+    #
+    # task arrive service  placed   why                              starts run at   ends
+    # T0   0      10       0 on a   a scores higher on region, warm   0 (warm)        0+10/1 = 10
+    # T1   1      10       1 on b   a is full                         max(1+5, 1+10)  11+10/2 = 16
+    # T2   2       4      10 on a   waits; a frees at 10              10              10+4 = 14
+    # T3   3       6      14 on a   waits; a frees at 14 (before b)   14              14+6 = 20
+    # T4  12      10      16 on b   waits; b frees at 16, m1 warm     16+5 = 21       21+10/2 = 26
+    config, workload, agents = _hand_scenario()
+    result = simulate(config, "scorer", workload, agents)
+    log, m = result.log, result.metrics
+    assert [agents[i].agent_id for _, i in log.placements] == ["a", "b", "a", "a", "b"]
+    np.testing.assert_allclose(log.start, [0, 1, 10, 14, 16])
+    np.testing.assert_allclose(log.end, [10, 16, 14, 20, 26])
+    # waits 0, 0, 8, 11, 4 -> sorted 0 0 4 8 11: median 4, mean 23/5 = 4.6
+    assert m["wait_p50_s"] == pytest.approx(4.0)
+    assert m["wait_mean_s"] == pytest.approx(4.6)
+    # latencies 10, 15, 12, 17, 14 -> median 14, mean 68/5 = 13.6
+    assert m["latency_p50_s"] == pytest.approx(14.0)
+    assert m["latency_mean_s"] == pytest.approx(13.6)
+    # one cold load (T1 on b) out of five attempts that need a model
+    assert m["cold_load_rate"] == pytest.approx(1 / 5)
+    # T0, T2, T3 ran in us-east; T1 and T4 in eu-west: 3 / 5
+    assert m["region_match_rate"] == pytest.approx(3 / 5)
+    # busy slot-seconds: a 10 + 4 + 6 = 20, b 15 + 10 = 25; both connected 0..26: 45 / 52
+    assert m["utilisation"] == pytest.approx(45 / 52)
+    # one team, so fairness is perfect; slowdowns 1, 1.5, 3, 17/6, 1.4
+    assert m["fairness_jain"] == 1.0
+    assert m["slowdown_mean"] == pytest.approx((1 + 1.5 + 3 + 17 / 6 + 1.4) / 5)
+    assert m["sim_hours"] == pytest.approx(26 / 3600)
+    assert m["waiting"] == m["in_flight"] == m["retries"] == 0
+
+
+def test_a_task_on_an_agent_that_disconnects_is_retried_elsewhere():
+    # T0 (100 s of work) starts on a at 0. a goes silent at 5; its last heartbeat was at 0, so it
+    # turns stale just after 30, when T0 is lost and retried with a excluded: b takes it.
+    config, workload, agents = _hand_scenario()
+    workload = replace(workload, tasks=(replace(workload.tasks[0], service_s=100.0),))
+    run = _Run(config, workload, agents, make_policy("scorer", config.scoring_policy()), False)
+
+    def outage():
+        yield run.env.timeout(5.0)
+        run.disconnect(run.by_id["a"])
+
+    run.env.process(outage())
+    log = run.run()
+    assert [agents[i].agent_id for _, i in log.placements] == ["a", "b"]
+    assert log.lost_attempts == 1 and log.completions[0] == 1
+    assert log.start[0] == pytest.approx(30.0, abs=1e-3)
+    # on b: transfer 5 s and a 10 s cold load overlap, then 100 s at speed 2
+    assert log.end[0] == pytest.approx(30.0 + 10.0 + 50.0, abs=1e-3)
+
+
+# --- the dispatcher -----------------------------------------------------------------------------
+
+
+class _Recorder:
+    """A fleet with one agent of team 0 (one slot) and a dispatcher that records starts."""
+
+    def __init__(self):
+        spec = AgentSpec("only", 0, US_EAST, "NVIDIA L4", 24.0, speed=1.0)
+        self.fleet = Fleet()
+        self.fleet.upsert(spec.record(1000.0, AgentStatus.IDLE, []))
+        self.started: list[tuple[int, str]] = []
+        policy = make_policy("scorer", ScoringPolicy())
+        self.dispatcher = Dispatcher(self.fleet, policy, lambda: 1000.0, self.start)
+
+    def start(self, state, agent_id):
+        self.started.append((state.task.task_id, agent_id))
+
+    def free(self):
+        self.fleet.release("only")
+        self.dispatcher.kick(0, False)
+
+
+def test_waiting_tasks_start_in_arrival_order():
+    r = _Recorder()
+    for i in range(4):
+        r.dispatcher.submit(TaskState(Task(i, float(i), team=0)))
+    assert r.started == [(0, "only")]
+    assert [s.seq for s in r.dispatcher.waiting] == [1, 2, 3]
+    # a retried task (say it failed elsewhere) keeps its arrival rank in the queue
+    late = TaskState(Task(9, 9.0, team=0))
+    r.dispatcher.submit(late)
+    r.free()
+    r.free()
+    assert r.started == [(0, "only"), (1, "only"), (2, "only")]
+    assert [s.seq for s in r.dispatcher.waiting] == [3, 9]
+
+
+def test_an_exclusion_that_would_block_for_ever_is_dropped():
+    r = _Recorder()
+    state = TaskState(Task(0, 0.0, team=0))
+    r.dispatcher.requeue(state, "only")  # failed on the team's only agent
+    assert state.request.exclude_agents == {"only"}
+    assert r.started == [(0, "only")]
+
+
+def test_tasks_of_other_teams_wait_without_blocking():
+    r = _Recorder()
+    r.dispatcher.submit(TaskState(Task(0, 0.0, team=1)))  # no agent of team 1: waits
+    r.dispatcher.submit(TaskState(Task(1, 1.0, team=0)))
+    assert r.started == [(1, "only")]
+    assert [s.seq for s in r.dispatcher.waiting] == [0]
+
+
+# --- parts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([1.0, 1.0, 1.0], 1.0),  # equal: perfectly fair
+        ([1.0, 0.0, 0.0, 0.0], 0.25),  # one of four gets it all: 1 / n
+        ([1.0, 3.0], 16 / 20),  # (1 + 3)^2 / (2 * (1 + 9))
+        ([], 1.0),
+    ],
+    ids=["equal", "one-takes-all", "one-three", "empty"],
+)
+def test_jain(values, expected):
+    assert jain(values) == pytest.approx(expected)
+
+
+def test_agent_lru_cache_evicts_the_least_recently_used():
+    spec = AgentSpec("x", 0, None, "NVIDIA T4", 16.0, speed=0.35, cache_size=2,
+                     initial_models=("m1", "m2"))  # fmt: skip
+    agent = SimAgent(spec, 0)
+    assert agent.touch("m1")  # m1 is now the most recent
+    agent.add_model("m3")  # evicts m2
+    assert list(agent.cache) == ["m1", "m3"]
+    assert not agent.touch("m2")
+
+
+def test_fleet_follows_each_teams_demand():
+    workload, agents = prepare(SimConfig(n_agents=40, n_tasks=400, n_teams=5))
+    assert {a.team for a in agents} == set(range(5))
+    power = np.zeros(5)
+    for a in agents:
+        power[a.team] += a.capacity * a.speed
+    share = power / power.sum()
+    assert np.abs(share - workload.team_demand).max() < 0.1
+    for team in range(5):  # every team can run its 24 GB tasks
+        assert any(a.vram_gb >= 24 for a in agents if a.team == team)
+    assert team_uuid(0) != team_uuid(1)
+
+
+def test_compression_reaches_the_offered_load():
+    config = SimConfig(n_agents=30, n_tasks=500, n_teams=5, load=0.4)
+    workload, agents = prepare(config)
+    capacity = sum(a.capacity * a.speed for a in agents)
+    assert workload.work_s / workload.span_s / capacity == pytest.approx(0.4)
+    assert workload.tasks[0].arrival == config.warmup_s
