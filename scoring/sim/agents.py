@@ -40,7 +40,10 @@ def team_uuid(team: int) -> uuid.UUID:
 
 @dataclass(frozen=True, slots=True)
 class AgentSpec:
-    """What a simulated agent is; ``failure_rate`` is both its true and its reported failure rate."""
+    """What a simulated agent is (fixed for a run).
+
+    ``failure_rate`` is both the share of its attempts that fail and what it reports.
+    """
 
     agent_id: str
     team: int

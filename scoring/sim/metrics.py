@@ -132,8 +132,10 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     width = max([len("policy"), *map(len, names)])
     cells = [[fmt.format(results[n][key]) for key, _, fmt in TABLE] for n in names]
     widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, (_, h, _) in enumerate(TABLE)]
-    header = "policy".ljust(width) + "  " + "  ".join(
-        h.rjust(w) for (_, h, _), w in zip(TABLE, widths, strict=True)
+    header = (
+        "policy".ljust(width)
+        + "  "
+        + "  ".join(h.rjust(w) for (_, h, _), w in zip(TABLE, widths, strict=True))
     )
     lines = [header, "-" * len(header)]
     for name, row in zip(names, cells, strict=True):

@@ -1,25 +1,28 @@
-"""PNG plots of a comparison: wait-time CDFs, cold-load and region-match rates, utilisation."""
+"""PNG plots of a comparison: wait-time CDFs, cold-load and region-match rates, utilisation.
+
+Each function draws on the ``ax`` it is given (in a notebook: from ``plt.subplots()``) or on a
+new figure of its own. Figures are built without pyplot, so saving PNGs needs no display and
+never changes the backend a notebook has chosen.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from scoring.sim.simulation import SimResult  # noqa: E402
+from scoring.sim.simulation import SimResult
 
 #: Waits below this are drawn at it, so that a log axis can show the many zero waits.
 _FLOOR_S = 0.1
 
 
-def wait_cdf(results: Mapping[str, SimResult], ax: plt.Axes | None = None) -> plt.Axes:
+def wait_cdf(results: Mapping[str, SimResult], ax: Axes | None = None) -> Axes:
     """Empirical CDF of each policy's waits (and, dashed, end-to-end latencies)."""
-    ax = ax or plt.figure(figsize=(7, 4.5)).add_subplot()
+    ax = ax or Figure(figsize=(7, 4.5)).add_subplot()
     for i, (name, result) in enumerate(results.items()):
         log = result.log
         arrival = np.array([t.arrival for t in result.workload.tasks])
@@ -41,9 +44,9 @@ def wait_cdf(results: Mapping[str, SimResult], ax: plt.Axes | None = None) -> pl
     return ax
 
 
-def rates(results: Mapping[str, SimResult], ax: plt.Axes | None = None) -> plt.Axes:
+def rates(results: Mapping[str, SimResult], ax: Axes | None = None) -> Axes:
     """Cold-load rate and region-match rate per policy, side by side."""
-    ax = ax or plt.figure(figsize=(7, 4)).add_subplot()
+    ax = ax or Figure(figsize=(7, 4)).add_subplot()
     names = list(results)
     x = np.arange(len(names))
     for offset, key, label in (
@@ -60,9 +63,9 @@ def rates(results: Mapping[str, SimResult], ax: plt.Axes | None = None) -> plt.A
     return ax
 
 
-def utilisation(results: Mapping[str, SimResult], ax: plt.Axes | None = None) -> plt.Axes:
+def utilisation(results: Mapping[str, SimResult], ax: Axes | None = None) -> Axes:
     """Share of connected slot-time holding a task, per policy."""
-    ax = ax or plt.figure(figsize=(7, 4)).add_subplot()
+    ax = ax or Figure(figsize=(7, 4)).add_subplot()
     names = list(results)
     bars = ax.bar(names, [results[n].metrics["utilisation"] for n in names], color="C2")
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
@@ -78,12 +81,15 @@ def save_all(results: Mapping[str, SimResult], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, draw in (("wait_cdf", wait_cdf), ("rates", rates), ("utilisation", utilisation)):
-        ax = draw(results)
-        fig = ax.get_figure()
+    for name, draw, size in (
+        ("wait_cdf", wait_cdf, (7, 4.5)),
+        ("rates", rates, (7, 4)),
+        ("utilisation", utilisation, (7, 4)),
+    ):
+        fig = Figure(figsize=size)
+        draw(results, fig.add_subplot())
         fig.tight_layout()
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         paths.append(path)
     return paths

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import simpy
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from scoring import AgentStatus, Fleet, ScoringPolicy
 from scoring.sim import trace as trace_mod
@@ -68,7 +68,7 @@ class SimConfig:
     n_tasks: int = 20_000
     seed: int = 0
     n_teams: int = 16
-    load: float = 0.35
+    load: float = 0.3
     compress: float | None = None
     trace: str | Path | None = None
     trace_skip: int = 0
@@ -154,8 +154,10 @@ def simulate(
     if workload is None or agents is None:
         w, a = prepare(config)
         workload, agents = workload or w, agents or a
-    chosen = policy if not isinstance(policy, str) else make_policy(
-        policy, config.scoring_policy(), config.seed
+    chosen = (
+        policy
+        if not isinstance(policy, str)
+        else make_policy(policy, config.scoring_policy(), config.seed)
     )
     run = _Run(config, workload, agents, chosen, progress)
     log = run.run()

@@ -19,6 +19,7 @@ import csv
 import io
 import tarfile
 import zlib
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -106,9 +107,7 @@ def load_trace(
     homes = team_home_regions(n_teams, rng)
     stamps = [_seconds(r["gmt_create"]) for r in rows]
     t0 = stamps[0] if stamps else 0.0
-    team = np.array(
-        [zlib.crc32(r["groupId"].encode()) % n_teams for r in rows], dtype=np.int64
-    )
+    team = np.array([zlib.crc32(r["groupId"].encode()) % n_teams for r in rows], dtype=np.int64)
     regions = submitter_regions(team, homes, rng)
     community = rng.random(len(rows)) < community_share
     tasks = []
@@ -126,7 +125,9 @@ def load_trace(
                 min_vram_gb=24.0 if images >= 8 else None,
             )
         )
-    models = tuple(sorted({t.model for t in tasks if t.model is not None}))
+    # Most requested first: the fleet builder warms agents' caches with the head of this list.
+    counts = Counter(t.model for t in tasks if t.model is not None)
+    models = tuple(sorted(counts, key=lambda m: (-counts[m], m)))
     return Workload(tuple(tasks), n_teams, homes, models, name=f"trace:{Path(path).name}")
 
 
