@@ -168,7 +168,7 @@ def _score(c, q, i):
     return total / w[6]
 
 
-@jit
+@jit_row
 def _scan(c, q, lo, hi, rejected, missing):
     """One fused pass over rows ``[lo, hi)``.
 
@@ -197,7 +197,7 @@ def _scan(c, q, lo, hi, rejected, missing):
     return best, best_score, best_hash, eligible
 
 
-@jit
+@jit_row
 def _band_pick(c, q, lo, hi, cut):
     """Among eligible rows of ``[lo, hi)`` scoring at least ``cut``: the lowest tie hash."""
     best, best_score, best_hash = -1, -np.inf, _MAX_HASH
@@ -212,30 +212,45 @@ def _band_pick(c, q, lo, hi, cut):
     return best, best_score, best_hash
 
 
+@jit_row
+def _pick_rows(c, q, rejected, missing):
+    """The serial pick over every row; fills ``rejected`` and ``missing`` (see :func:`_scan`).
+
+    Returns ``(row, score, eligible, factors)``; ``factors`` are the winner's (NaN if none).
+    """
+    n = c.team.shape[0]
+    best, best_score, _, eligible = _scan(c, q, 0, n, rejected, missing)
+    if best >= 0 and q.tie_band > 0.0:
+        best, best_score, _ = _band_pick(c, q, 0, n, best_score - q.tie_band)
+    return best, best_score, eligible, _winner_factors(c, q, best)
+
+
+@jit_row
+def _winner_factors(c, q, best):
+    nan = np.nan
+    if best < 0:
+        return nan, nan, nan, nan, nan, nan
+    return _factors(c, q, best)
+
+
 @jit
-def _finish(c, q, best, best_score, eligible, rejected, missing):
+def _answer(best, best_score, eligible, factors, rejected, missing):
     """The kernels' answer: ``(row, score, eligible, factors, rejected, missing)``.
 
-    ``factors`` (6 floats, NaN when no agent is eligible) and ``rejected`` (7 counts) are tuples,
-    which numba returns to Python faster than arrays; ``missing`` is the uint64 label bitset.
+    ``factors`` (6 floats) and ``rejected`` (7 counts) are tuples, which numba hands back to
+    Python faster than arrays; ``missing`` is the uint64 bitset of missing required labels.
     """
-    nan = np.nan
-    factors = (nan, nan, nan, nan, nan, nan)
-    if best >= 0:
-        factors = _factors(c, q, best)
     r = rejected
     return best, best_score, eligible, factors, (r[0], r[1], r[2], r[3], r[4], r[5], r[6]), missing
 
 
 @jit
 def _pick(c, q):
-    n = c.team.shape[0]
+    """Serial pick; see :func:`_answer` for what it returns."""
     rejected = np.zeros(N_REASONS, np.int64)
     missing = np.zeros(q.labels.shape[0], np.uint64)
-    best, best_score, _, eligible = _scan(c, q, 0, n, rejected, missing)
-    if best >= 0 and q.tie_band > 0.0:
-        best, best_score, _ = _band_pick(c, q, 0, n, best_score - q.tie_band)
-    return _finish(c, q, best, best_score, eligible, rejected, missing)
+    best, best_score, eligible, factors = _pick_rows(c, q, rejected, missing)
+    return _answer(best, best_score, eligible, factors, rejected, missing)
 
 
 @jit_parallel
@@ -264,7 +279,8 @@ def _pick_parallel(c, q, n_chunks):
     total_missing = np.zeros(q.labels.shape[0], np.uint64)
     for j in range(n_chunks):
         total_missing |= missing[j]
-    return _finish(c, q, best, best_score, counts.sum(), rejected.sum(axis=0), total_missing)
+    factors = _winner_factors(c, q, best)
+    return _answer(best, best_score, counts.sum(), factors, rejected.sum(axis=0), total_missing)
 
 
 @jit
@@ -299,10 +315,13 @@ def _pick_flat(
     now, timeout, q_team, community, q_labels, labels_unknown, min_vram, excluded, q_models,
     n_models, region_table, gpu_table, weights, tie_band, tie_key_hash,
 ):  # fmt: skip
-    """Serial pick over flat arguments (``Columns`` then ``Query``); see :func:`_finish`."""
+    """Serial pick over flat arguments (``Columns`` then ``Query``); see :func:`_answer`."""
     c = Columns(team, status, opt_in, region, gpu, heartbeat, capacity, running, vram, failure,
                 id_hash, labels, models)  # fmt: skip
     q = Query(now, timeout, q_team, community, q_labels, labels_unknown, min_vram, excluded,
               q_models, n_models, region_table, gpu_table, weights, tie_band,
               tie_key_hash)  # fmt: skip
-    return _pick(c, q)
+    rejected = np.zeros(N_REASONS, np.int64)
+    missing = np.zeros(q_labels.shape[0], np.uint64)
+    best, best_score, eligible, factors = _pick_rows(c, q, rejected, missing)
+    return _answer(best, best_score, eligible, factors, rejected, missing)

@@ -10,6 +10,7 @@ import numba
 import numpy as np
 
 from scoring import _kernels as K
+from scoring._jit import NativeEntry
 from scoring.decision import Decision, RankedAgent
 from scoring.fleet import Fleet
 from scoring.models import (
@@ -25,6 +26,7 @@ from scoring.query import MissingLabels, build_query
 #: Fleets at least this large are scanned by the parallel kernel (when numba has >1 thread).
 #: Below it, starting the threads costs more than the scan (measured: see benchmarks/).
 PARALLEL_THRESHOLD = 200_000
+_pick_entry = NativeEntry(K._pick_flat)
 #: Chunks per thread in the parallel kernel, so an unlucky slow chunk does not idle the others.
 CHUNKS_PER_THREAD = 4
 
@@ -66,7 +68,7 @@ def decide(fleet: Fleet, request: DispatchRequest, policy: Any, now: Any) -> Dec
     if n >= PARALLEL_THRESHOLD and (threads := numba.get_num_threads()) > 1:
         out = K._pick_parallel(c, K.Query(*q), threads * CHUNKS_PER_THREAD)
     else:
-        out = K._pick_flat(*c, *q)
+        out = _pick_entry(*c, *q)
     row, score, eligible, factors, rejected, missing = out
     # Label names are looked up only if someone reads them (the interner never forgets a bit).
     missing_labels = MissingLabels(fleet.labels, missing, request) if rejected[3] else ()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
+# Every pick through the native entry point verifies its argument types (see scoring._jit).
+os.environ["SCORING_CHECK_ENTRY"] = "1"
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # No deadline: the first example of a test may include numba's compilation (or, with
 # NUMBA_DISABLE_JIT=1, pure-Python kernels), and the machine is shared and noisy.
