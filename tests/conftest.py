@@ -7,7 +7,7 @@ import os
 # Every pick through the native entry point verifies its argument types (see scoring._jit).
 os.environ["SCORING_CHECK_ENTRY"] = "1"
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
 # No deadline: the first example of a test may include numba's compilation (or, with
 # NUMBA_DISABLE_JIT=1, pure-Python kernels), and the machine is shared and noisy.
