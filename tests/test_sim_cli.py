@@ -6,9 +6,11 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
+from scoring.sim import SimConfig, simulate
 from scoring.sim.cli import main, parse_policies, parse_weights
 
 
@@ -47,3 +49,26 @@ def test_argument_parsing():
             parse_weights(bad)
     with pytest.raises(argparse.ArgumentTypeError):
         parse_policies("fifo")
+
+
+def test_weight_sweep_ranks_weightings_and_shows_baselines():
+    from scoring.sim.sweep import markdown, sweep
+
+    config = SimConfig(n_agents=16, n_tasks=150, n_teams=4)
+    grid = [None, {"warm": 4.0, "region": 2.0}, {"load": 4.0}]
+    rows = sweep(config, grid, seeds=(0, 1), baselines=("random",), workers=1)
+    labels = [label for label, _ in rows]
+    assert sorted(labels[:3]) == sorted(["engine defaults", "warm=4 region=2", "load=4"])
+    assert labels[3] == "random"
+    objectives = [m["objective"] for _, m in rows[:3]]
+    assert objectives == sorted(objectives) and objectives[0] >= 2.0  # 1 + 1 at best
+    # each row averages the two seeds' runs
+    one = simulate(replace(config, seed=1, weights={"load": 4.0}), "scorer").metrics
+    zero = simulate(replace(config, seed=0, weights={"load": 4.0}), "scorer").metrics
+    load_row = dict(rows)["load=4"]
+    assert load_row["cold_load_rate"] == pytest.approx(
+        (one["cold_load_rate"] + zero["cold_load_rate"]) / 2
+    )
+    table = markdown(rows, top=2)
+    assert len(table.splitlines()) == 2 + 2 + 1  # header, rule, two scorer rows, one baseline
+    assert "random (baseline)" in table
