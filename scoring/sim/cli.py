@@ -108,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return replace(
         SimConfig(),
         n_agents=args.agents,
-        n_tasks=n_tasks,  # type: ignore[arg-type]  # None: the whole trace
+        n_tasks=n_tasks,  # None: the whole trace
         seed=args.seed,
         n_teams=args.teams,
         load=args.load if args.load is not None else (TRACE_LOAD if trace else SimConfig.load),

@@ -65,7 +65,7 @@ class SimConfig:
     """
 
     n_agents: int = 120
-    n_tasks: int = 20_000
+    n_tasks: int | None = 20_000  # None: every finished request of the trace
     seed: int = 0
     n_teams: int = 16
     load: float = 0.3
@@ -118,6 +118,8 @@ def prepare(config: SimConfig) -> tuple[Workload, list[AgentSpec]]:
             seed=config.seed,
             community_share=config.community_share,
         )
+    elif config.n_tasks is None:
+        raise ValueError("n_tasks=None (the whole trace) needs a trace")
     else:
         workload = synthetic_workload(
             config.n_tasks, config.seed, config.n_teams, community_share=config.community_share

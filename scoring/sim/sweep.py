@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = args.tasks if args.tasks is not None else (None if trace else 20_000)
     config = SimConfig(
         n_agents=args.agents, n_tasks=tasks, n_teams=args.teams, load=args.load, trace=trace
-    )  # type: ignore[arg-type]
+    )
     grid: list[dict[str, float] | None] = [None, *default_grid()]
     for extra in args.extra:
         grid.append({k: float(v) for k, v in (kv.split("=") for kv in extra.split(","))})
