@@ -86,10 +86,10 @@ class Fleet:
             if agent.agent_id in seen:
                 raise ValueError(f"duplicate agent_id {agent.agent_id!r}")
             seen.add(agent.agent_id)
-        fleet._reserve(len(agents))
         with fleet._lock:
-            for agent in agents:
-                fleet._write(fleet._append(agent.agent_id), agent)
+            fleet._reserve(len(agents))
+            rows = [fleet._append(agent.agent_id) for agent in agents]
+            fleet._write(rows, agents)
         return fleet
 
     def upsert(self, agent: Agent) -> None:
@@ -98,7 +98,7 @@ class Fleet:
             raise TypeError(f"expected Agent, got {type(agent).__name__}")
         with self._lock:
             row = self._rows.get(agent.agent_id)
-            self._write(self._append(agent.agent_id) if row is None else row, agent)
+            self._write([self._append(agent.agent_id) if row is None else row], [agent])
 
     def remove(self, agent_id: str) -> None:
         """Drop an agent (O(1): the last row moves into its place)."""
@@ -318,47 +318,52 @@ class Fleet:
         self._view = None
         return row
 
-    def _bits(self, interner: Interner, names: frozenset[str], column: str) -> np.ndarray:
+    def _intern_all(self, interner: Interner, names: Iterable[Any]) -> list[int]:
         before = len(interner)
-        bits = [interner.add(name) for name in names]
-        words = (len(interner) + 63) // 64
+        indices = [interner.add(name) for name in names]
+        if len(interner) != before:
+            self.query_cache.clear()  # translations hold tables sized to the old names
+        return indices
+
+    def _optional_indices(self, interner: Interner, names: list[str | None]) -> list[int]:
+        """Interned indices, with 0 (the reserved "unknown") for ``None``."""
+        known = self._intern_all(interner, (n for n in names if n is not None))
+        it = iter(known)
+        return [0 if n is None else next(it) for n in names]
+
+    def _bitsets(self, interner: Interner, sets: list[frozenset[str]], column: str) -> np.ndarray:
+        """One bitset row per set (``len(sets)`` x words), widening the column when needed."""
+        counts = [len(names) for names in sets]
+        bits = np.array(self._intern_all(interner, (n for names in sets for n in names)), np.int64)
+        words = max(1, (len(interner) + 63) // 64)
         if words > self._data[column].shape[1]:
             widths = {c: self._data[c].shape[1] for c in _BITSETS}
             widths[column] = words
             self._allocate(self._data["team"].shape[0], widths["labels"], widths["cached_models"])
-        if len(interner) != before:
-            self.query_cache.clear()
-        out = np.zeros(self._data[column].shape[1], np.uint64)
-        for b in bits:
-            out[b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+        out = np.zeros((len(sets), self._data[column].shape[1]), np.uint64)
+        owner = np.repeat(np.arange(len(sets)), counts)
+        np.bitwise_or.at(out, (owner, bits >> 6), np.left_shift(1, bits & 63).astype(np.uint64))
         return out
 
-    def _intern(self, interner: Interner, name: Any) -> int:
-        before = len(interner)
-        index = interner.add(name)
-        if len(interner) != before:
-            self.query_cache.clear()
-        return index
-
-    def _write(self, row: int, agent: Agent) -> None:
-        d = self._data
-        d["team"][row] = self._intern(self._teams, agent.team_id.int)  # ints hash faster
-        d["status"][row] = STATUS_CODES[agent.status]
-        d["community_opt_in"][row] = agent.community_opt_in
-        d["region"][row] = 0 if agent.region is None else self._intern(self._regions, agent.region)
-        d["gpu_model"][row] = (
-            0 if agent.gpu_model is None else self._intern(self._gpus, agent.gpu_model)
-        )
-        d["last_heartbeat"][row] = agent.last_heartbeat
-        d["gpu_capacity"][row] = agent.gpu_capacity
-        d["running_count"][row] = agent.running_count
-        d["vram_gb"][row] = math.nan if agent.vram_gb is None else agent.vram_gb
-        d["failure_rate"][row] = agent.failure_rate
-        d["id_hash"][row] = stable_hash64(agent.agent_id)
-        labels = self._bits(self._labels, agent.labels, "labels")
-        models = self._bits(self._models, agent.cached_models, "cached_models")
-        self._data["labels"][row] = labels  # _bits may have reallocated the columns
-        self._data["cached_models"][row] = models
+    def _write(self, rows: list[int], agents: list[Agent]) -> None:
+        """Write whole records into ``rows`` (one vectorised assignment per column)."""
+        d, idx = self._data, np.array(rows, np.int64)
+        labels = self._bitsets(self._labels, [a.labels for a in agents], "labels")
+        models = self._bitsets(self._models, [a.cached_models for a in agents], "cached_models")
+        d = self._data  # _bitsets may have reallocated the columns
+        d["labels"][idx] = labels
+        d["cached_models"][idx] = models
+        d["team"][idx] = self._intern_all(self._teams, (a.team_id.int for a in agents))
+        d["status"][idx] = [STATUS_CODES[a.status] for a in agents]
+        d["community_opt_in"][idx] = [a.community_opt_in for a in agents]
+        d["region"][idx] = self._optional_indices(self._regions, [a.region for a in agents])
+        d["gpu_model"][idx] = self._optional_indices(self._gpus, [a.gpu_model for a in agents])
+        d["last_heartbeat"][idx] = [a.last_heartbeat for a in agents]
+        d["gpu_capacity"][idx] = [a.gpu_capacity for a in agents]
+        d["running_count"][idx] = [a.running_count for a in agents]
+        d["vram_gb"][idx] = [math.nan if a.vram_gb is None else a.vram_gb for a in agents]
+        d["failure_rate"][idx] = [a.failure_rate for a in agents]
+        d["id_hash"][idx] = np.array([stable_hash64(a.agent_id) for a in agents], np.uint64)
         self._view = None
 
     def _agent_at(self, row: int) -> Agent:
