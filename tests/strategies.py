@@ -36,19 +36,12 @@ heartbeat_ages = st.one_of(
 
 
 @st.composite
-def label_sets(draw, wide: bool = False) -> frozenset[str]:
-    labels = draw(st.sets(st.sampled_from(LABELS), max_size=5))
+def name_sets(draw, pool: list[str], wide_pool: list[str], wide: bool) -> frozenset[str]:
+    """A few names from ``pool``; from a wide fleet, also a few of the ``wide_pool``."""
+    names = draw(st.sets(st.sampled_from(pool), max_size=len(pool) - 1))
     if wide:
-        labels |= draw(st.sets(st.sampled_from(WIDE_LABELS), max_size=6))
-    return frozenset(labels)
-
-
-@st.composite
-def model_sets(draw, wide: bool = False) -> frozenset[str]:
-    models = draw(st.sets(st.sampled_from(MODELS), max_size=4))
-    if wide:
-        models |= draw(st.sets(st.sampled_from(WIDE_MODELS), max_size=4))
-    return frozenset(models)
+        names |= draw(st.sets(st.sampled_from(wide_pool), max_size=6))
+    return frozenset(names)
 
 
 @st.composite
@@ -58,7 +51,7 @@ def agents(draw, agent_id: str, wide: bool = False) -> Agent:
         agent_id=agent_id,
         team_id=draw(st.sampled_from(TEAMS)),
         status=draw(st.sampled_from(list(AgentStatus))),
-        labels=draw(label_sets(wide)),
+        labels=draw(name_sets(LABELS, WIDE_LABELS, wide)),
         last_heartbeat=NOW - draw(heartbeat_ages),
         gpu_capacity=capacity,
         running_count=draw(st.integers(0, capacity + 1)),
@@ -66,7 +59,7 @@ def agents(draw, agent_id: str, wide: bool = False) -> Agent:
         community_opt_in=draw(st.booleans()),
         vram_gb=draw(st.sampled_from([None, 8.0, 16.0, 24.0, 24.5, 80.0])),
         gpu_model=draw(st.one_of(st.none(), st.sampled_from(GPUS))),
-        cached_models=draw(model_sets(wide)),
+        cached_models=draw(name_sets(MODELS, WIDE_MODELS, wide)),
         failure_rate=draw(st.one_of(st.sampled_from([0.0, 0.1, 1.0]), st.floats(0, 1))),
     )
 
