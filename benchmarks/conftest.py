@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.registry import SIZES, build_workload
+from benchmarks.registry import SIZES, cached_workload
 from scoring.models import DEFAULT_POLICY
 
 SLOW_FROM = 1_000_000  # rungs at least this large are marked slow (fleet build ~45 s alone)
-_WORKLOADS: dict[int, object] = {}
 
 
 def pytest_addoption(parser):
@@ -46,13 +45,7 @@ def policy():
     return DEFAULT_POLICY
 
 
-def workload_of(n: int):
-    """The seeded workload of ``n`` agents, built once per session (records kept to 100,000)."""
-    if n not in _WORKLOADS:
-        _WORKLOADS[n] = build_workload(n, keep_agents=n <= 100_000)
-    return _WORKLOADS[n]
-
-
 @pytest.fixture(scope="session")
 def workload(size):
-    return workload_of(size)
+    """The seeded workload of ``size`` agents, built once per session; never modified."""
+    return cached_workload(size)

@@ -139,6 +139,19 @@ def build_workload(n: int, seed: int = 0, keep_agents: bool = True) -> Workload:
     return Workload(fleet, agents if keep_agents else None, check_requests(fleet, teams), timed)
 
 
+_CACHE: dict[int, Workload] = {}
+
+
+def cached_workload(n: int) -> Workload:
+    """:func:`build_workload` once per process and size (agent records kept up to 100,000).
+
+    Shared by every benchmark of the session, so nothing may modify its fleet.
+    """
+    if n not in _CACHE:
+        _CACHE[n] = build_workload(n, keep_agents=n <= 100_000)
+    return _CACHE[n]
+
+
 def check_requests(fleet: Fleet, teams: list[uuid.UUID]) -> dict[str, DispatchRequest]:
     """Named requests covering each kind of answer; ``teams`` largest first."""
     big, small = teams[0], teams[-1]
