@@ -65,6 +65,7 @@ Query = namedtuple(
 )
 
 N_REASONS = 7
+N_MASKS = 1 << N_REASONS
 STALE, STATUS, POOL, LABELS, CAPACITY, VRAM, EXCLUDED = (1 << r for r in range(N_REASONS))
 LAST_ELIGIBLE_STATUS = 1  # idle = 0, busy = 1 (models.STATUS_CODES)
 N_FACTORS = 6
@@ -169,32 +170,31 @@ def _score(c, q, i):
 
 
 @jit_row
-def _scan(c, q, lo, hi, rejected, missing):
+def _scan(c, q, lo, hi, mask_counts, missing):
     """One fused pass over rows ``[lo, hi)``.
 
-    Adds each failed filter to ``rejected`` (int64[7]) and ORs the required labels that a
-    label-rejected agent lacks into ``missing`` (uint64[label_words]). Returns
-    ``(best_row, best_score, best_tie_hash, eligible)``: the best score, exact ties going to the
-    lowest tie hash; ``best_row`` is -1 when no agent in the range is eligible.
+    Counts each reject mask in ``mask_counts`` (int64[128], indexed by mask: one increment per
+    agent, where counting each reason would branch seven times; see :func:`_rejected`) and ORs
+    the required labels that a label-rejected agent lacks into ``missing``
+    (uint64[label_words]). Returns ``(best_row, best_score, best_tie_hash)``: the best score,
+    exact ties going to the lowest tie hash; ``best_row`` is -1 when no agent in the range is
+    eligible.
     """
-    best, best_score, best_hash, eligible = -1, -np.inf, _MAX_HASH, 0
+    best, best_score, best_hash = -1, -np.inf, _MAX_HASH
     for i in range(lo, hi):
         mask = _reject_mask(c, q, i)
+        mask_counts[mask] += 1
         if mask:
-            for r in range(N_REASONS):
-                if mask & (1 << r):
-                    rejected[r] += 1
             if mask & LABELS:
                 for w in range(q.labels.shape[0]):
                     missing[w] |= q.labels[w] & ~c.labels[i, w]
             continue
-        eligible += 1
         s = _score(c, q, i)
         if s >= best_score:
             h = _tie_hash(c.id_hash[i], q.tie_key_hash)
             if s > best_score or h < best_hash:
                 best, best_score, best_hash = i, s, h
-    return best, best_score, best_hash, eligible
+    return best, best_score, best_hash
 
 
 @jit_row
@@ -213,16 +213,16 @@ def _band_pick(c, q, lo, hi, cut):
 
 
 @jit_row
-def _pick_rows(c, q, rejected, missing):
-    """The serial pick over every row; fills ``rejected`` and ``missing`` (see :func:`_scan`).
+def _pick_rows(c, q, mask_counts, missing):
+    """The serial pick over every row; fills ``mask_counts`` and ``missing`` (see :func:`_scan`).
 
-    Returns ``(row, score, eligible, factors)``; ``factors`` are the winner's (NaN if none).
+    Returns ``(row, score, factors)``; ``factors`` are the winner's (NaN if none).
     """
     n = c.team.shape[0]
-    best, best_score, _, eligible = _scan(c, q, 0, n, rejected, missing)
+    best, best_score, _ = _scan(c, q, 0, n, mask_counts, missing)
     if best >= 0 and q.tie_band > 0.0:
         best, best_score, _ = _band_pick(c, q, 0, n, best_score - q.tie_band)
-    return best, best_score, eligible, _winner_factors(c, q, best)
+    return best, best_score, _winner_factors(c, q, best)
 
 
 @jit_row
@@ -233,24 +233,41 @@ def _winner_factors(c, q, best):
     return _factors(c, q, best)
 
 
+@jit_row
+def _failing(mask_counts, reason):
+    """Agents failing filter ``reason``: the counts of every reject mask with that bit set."""
+    total = 0
+    for mask in range(1, N_MASKS):
+        if mask & (1 << reason):
+            total += mask_counts[mask]
+    return total
+
+
+@jit_row
+def _rejected(mask_counts):
+    """Agents failing each filter, as a 7-tuple in REASONS order."""
+    m = mask_counts
+    return (_failing(m, 0), _failing(m, 1), _failing(m, 2), _failing(m, 3), _failing(m, 4),
+            _failing(m, 5), _failing(m, 6))  # fmt: skip
+
+
 @jit
-def _answer(best, best_score, eligible, factors, rejected, missing):
+def _answer(best, best_score, factors, mask_counts, missing):
     """The kernels' answer: ``(row, score, eligible, factors, rejected, missing)``.
 
     ``factors`` (6 floats) and ``rejected`` (7 counts) are tuples, which numba hands back to
     Python faster than arrays; ``missing`` is the uint64 bitset of missing required labels.
     """
-    r = rejected
-    return best, best_score, eligible, factors, (r[0], r[1], r[2], r[3], r[4], r[5], r[6]), missing
+    return best, best_score, mask_counts[0], factors, _rejected(mask_counts), missing
 
 
 @jit
 def _pick(c, q):
     """Serial pick; see :func:`_answer` for what it returns."""
-    rejected = np.zeros(N_REASONS, np.int64)
+    mask_counts = np.zeros(N_MASKS, np.int64)
     missing = np.zeros(q.labels.shape[0], np.uint64)
-    best, best_score, eligible, factors = _pick_rows(c, q, rejected, missing)
-    return _answer(best, best_score, eligible, factors, rejected, missing)
+    best, best_score, factors = _pick_rows(c, q, mask_counts, missing)
+    return _answer(best, best_score, factors, mask_counts, missing)
 
 
 @jit_parallel
@@ -259,15 +276,14 @@ def _pick_parallel(c, q, n_chunks):
     # Each chunk owns one row of every slab; the reductions below are serial: no shared writes.
     n = c.team.shape[0]
     step = (n + n_chunks - 1) // n_chunks
-    rejected = np.zeros((n_chunks, N_REASONS), np.int64)
+    mask_counts = np.zeros((n_chunks, N_MASKS), np.int64)
     missing = np.zeros((n_chunks, q.labels.shape[0]), np.uint64)
     rows = np.full(n_chunks, -1, np.int64)
     scores = np.full(n_chunks, -np.inf)
     hashes = np.full(n_chunks, _MAX_HASH, np.uint64)
-    counts = np.zeros(n_chunks, np.int64)
     for k in prange(n_chunks):
         lo, hi = k * step, min(n, (k + 1) * step)
-        rows[k], scores[k], hashes[k], counts[k] = _scan(c, q, lo, hi, rejected[k], missing[k])
+        rows[k], scores[k], hashes[k] = _scan(c, q, lo, hi, mask_counts[k], missing[k])
     k = _best_chunk(rows, scores, hashes)
     if k >= 0 and q.tie_band > 0.0:
         cut = scores[k] - q.tie_band
@@ -280,7 +296,7 @@ def _pick_parallel(c, q, n_chunks):
     for j in range(n_chunks):
         total_missing |= missing[j]
     factors = _winner_factors(c, q, best)
-    return _answer(best, best_score, counts.sum(), factors, rejected.sum(axis=0), total_missing)
+    return _answer(best, best_score, factors, mask_counts.sum(axis=0), total_missing)
 
 
 @jit
@@ -321,7 +337,7 @@ def _pick_flat(
     q = Query(now, timeout, q_team, community, q_labels, labels_unknown, min_vram, excluded,
               q_models, n_models, region_table, gpu_table, weights, tie_band,
               tie_key_hash)  # fmt: skip
-    rejected = np.zeros(N_REASONS, np.int64)
+    mask_counts = np.zeros(N_MASKS, np.int64)
     missing = np.zeros(q_labels.shape[0], np.uint64)
-    best, best_score, eligible, factors = _pick_rows(c, q, rejected, missing)
-    return _answer(best, best_score, eligible, factors, rejected, missing)
+    best, best_score, factors = _pick_rows(c, q, mask_counts, missing)
+    return _answer(best, best_score, factors, mask_counts, missing)
