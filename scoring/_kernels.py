@@ -234,21 +234,20 @@ def _winner_factors(c, q, best):
 
 
 @jit_row
-def _failing(mask_counts, reason):
-    """Agents failing filter ``reason``: the counts of every reject mask with that bit set."""
-    total = 0
-    for mask in range(1, N_MASKS):
-        if mask & (1 << reason):
-            total += mask_counts[mask]
-    return total
-
-
-@jit_row
 def _rejected(mask_counts):
-    """Agents failing each filter, as a 7-tuple in REASONS order."""
-    m = mask_counts
-    return (_failing(m, 0), _failing(m, 1), _failing(m, 2), _failing(m, 3), _failing(m, 4),
-            _failing(m, 5), _failing(m, 6))  # fmt: skip
+    """Agents failing each filter, as a 7-tuple in REASONS order, from the reject-mask counts."""
+    r0 = r1 = r2 = r3 = r4 = r5 = r6 = 0
+    for mask in range(1, N_MASKS):
+        k = mask_counts[mask]
+        if k:  # most of the 127 masks never occur
+            r0 += k * (mask & 1)
+            r1 += k * (mask >> 1 & 1)
+            r2 += k * (mask >> 2 & 1)
+            r3 += k * (mask >> 3 & 1)
+            r4 += k * (mask >> 4 & 1)
+            r5 += k * (mask >> 5 & 1)
+            r6 += k * (mask >> 6 & 1)
+    return r0, r1, r2, r3, r4, r5, r6
 
 
 @jit
