@@ -1,8 +1,8 @@
 """The machine's limit for a pick: one pass that only reads, once, every column the pick reads.
 
-No filter, no score, no branch: each value is added into an integer checksum (float columns are
-read through uint64 views, so the sum is exact and vectorises; a float sum could not vectorise
-without fastmath and would time the adder's latency, not memory). The checksum is returned so the
+No filter, no score, no branch: each value goes into an integer checksum (float columns are read
+through uint64 views, so it vectorises; a float sum could not vectorise without fastmath and would
+time the adder's latency, not memory). The checksum is returned so the
 compiler cannot drop the reads. A pick that reads the same bytes cannot beat this pass; the
 benchmark reports the engine's time over this one at every size.
 """
@@ -18,16 +18,19 @@ from scoring.fleet import Fleet
 @jit
 def _read_columns(team, status, opt_in, region, gpu, heartbeat, capacity, running, vram, failure,
                   id_hash, labels, models):  # fmt: skip
-    """uint64 wrapping sum of every value of the 13 columns (bitsets as flat ``(n * words,)``)."""
+    """XOR of every value of the 13 columns (bitsets as flat ``(n * words,)``), as uint64.
+
+    XOR rather than a sum: it vectorises as well and never overflows (numpy would warn when the
+    kernel runs as Python, under NUMBA_DISABLE_JIT=1).
+    """
     s = np.uint64(0)
     for i in range(team.shape[0]):
-        s += np.uint64(team[i] + status[i] + opt_in[i] + region[i] + gpu[i] + capacity[i]
-                       + running[i])  # fmt: skip
-        s += heartbeat[i] + vram[i] + failure[i] + id_hash[i]
+        small = team[i] + status[i] + opt_in[i] + region[i] + gpu[i] + capacity[i] + running[i]
+        s ^= np.uint64(small) ^ heartbeat[i] ^ vram[i] ^ failure[i] ^ id_hash[i]
     for i in range(labels.shape[0]):
-        s += labels[i]
+        s ^= labels[i]
     for i in range(models.shape[0]):
-        s += models[i]
+        s ^= models[i]
     return s
 
 
