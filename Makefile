@@ -25,7 +25,9 @@ test-jit: $(STAMP)
 test-nojit: $(STAMP)
 	NUMBA_DISABLE_JIT=1 $(PY) -m pytest
 
+# The whole ladder up to 1,000,000 agents (about 10 minutes), then the report and the plot.
 bench: $(STAMP)
+	mkdir -p out/bench
 	$(PY) -m pytest benchmarks --benchmark-json=out/bench/benchmark.json
 	$(PY) -m benchmarks.report out/bench/benchmark.json --out out/bench
 
