@@ -66,13 +66,21 @@ def ladder_tables(times) -> list[str]:
     for impl in impls:
         cells = " | ".join(_fmt_time(times[impl].get(n)) for n in sizes)
         lines.append(f"| {impl} | {cells} |")
-    lines += ["", "### Ratios (how many times faster the engine is; > 1 is better)", "",
+    lines += ["", "### Engine against peers (times faster; higher is better)", "",
               "| ratio | " + " | ".join(f"{n:,}" for n in sizes) + " |", rule]  # fmt: skip
     rows = [(f"{peer} / engine", peer, "engine") for peer in PEERS if peer in times]
     rows += [(f"{peer} / engine-kernel", peer, "engine-kernel") for peer in ("numpy",)]
-    rows += [("engine-kernel / memory-limit (≤ 1.5 wanted)", "engine-kernel", "memory-limit"),
-             ("engine / memory-limit", "engine", "memory-limit"),
-             ("engine-kernel / engine-parallel", "engine-kernel", "engine-parallel")]  # fmt: skip
+    for label, num, den in rows:
+        cells = " | ".join(_fmt_x(_ratio(times, num, den, n)) for n in sizes)
+        lines.append(f"| {label} | {cells} |")
+    lines += ["", "### Against the memory limit and between kernels (lower is better)", "",
+              "| ratio | " + " | ".join(f"{n:,}" for n in sizes) + " |", rule]  # fmt: skip
+    rows = [("engine-kernel / memory-limit (≤ 1.5 wanted)", "engine-kernel", "memory-limit"),
+            ("engine / memory-limit", "engine", "memory-limit"),
+            ("blocked-prototype / memory-limit", "blocked-prototype", "memory-limit"),
+            ("engine-parallel / engine-kernel", "engine-parallel", "engine-kernel"),
+            ("blocked-prototype / engine-kernel", "blocked-prototype", "engine-kernel"),
+            ]  # fmt: skip
     for label, num, den in rows:
         cells = " | ".join(_fmt_x(_ratio(times, num, den, n)) for n in sizes)
         lines.append(f"| {label} | {cells} |")
