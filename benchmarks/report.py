@@ -33,16 +33,29 @@ def pick_times(data: dict) -> dict[str, dict[int, float]]:
     return times
 
 
+def interleaved(data: dict) -> dict[int, dict[str, float]]:
+    """``{size: {"x/y": median of per-round ratios}}`` from test_interleaved."""
+    out = {}
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if "ratios" in info:
+            out[info["size"]] = info["ratios"]
+    return out
+
+
 def extras(data: dict) -> dict[str, dict]:
     """``{test name: extra_info + median}`` for the fleet-level measures."""
     out = {}
     for b in data["benchmarks"]:
-        if "impl" not in b.get("extra_info", {}):
+        if not {"impl", "ratios"} & set(b.get("extra_info", {})):
             out[b["name"]] = {**b["extra_info"], "median": b["stats"]["median"]}
     return out
 
 
-def _ratio(times, num: str, den: str, size: int) -> float | None:
+def _ratio(times, num: str, den: str, size: int, turns=None) -> float | None:
+    """``num``'s time over ``den``'s: from the interleaved rounds when measured, else medians."""
+    if turns and f"{num}/{den}" in turns.get(size, {}):
+        return turns[size][f"{num}/{den}"]
     a, b = times.get(num, {}).get(size), times.get(den, {}).get(size)
     return None if a is None or b is None else a / b
 
@@ -87,10 +100,13 @@ def ladder_tables(times) -> list[str]:
     return lines
 
 
-def goals(times, extra) -> list[tuple[str, str, str, bool | None]]:
-    """``(goal, wanted, measured, met)`` for every DESIGN section 7 goal."""
+def goals(times, extra, turns) -> list[tuple[str, str, str, bool | None]]:
+    """``(goal, wanted, measured, met)`` for every DESIGN section 7 goal.
+
+    Ratios come from the interleaved rounds where those were measured (``turns``).
+    """
     rows = []
-    r = _ratio(times, "engine-kernel", "memory-limit", 1_000_000)
+    r = _ratio(times, "engine-kernel", "memory-limit", 1_000_000, turns)
     e2e = _ratio(times, "engine", "memory-limit", 1_000_000)
     rows.append(("pick over 1,000,000 agents, one thread, vs memory limit", "≤ 1.5x",
                  f"{_fmt_x(r)} (end to end, default threads: {_fmt_x(e2e)})",
@@ -101,12 +117,12 @@ def goals(times, extra) -> list[tuple[str, str, str, bool | None]]:
     r = _ratio(times, "reference", "engine", 100_000)
     rows.append(("vs plain-Python reference at 100,000", "≥ 100x", _fmt_x(r),
                  None if r is None else r >= 100))  # fmt: skip
-    r = _ratio(times, "numpy", "engine", 1_000_000)
-    rk = _ratio(times, "numpy", "engine-kernel", 1_000_000)
+    r = _ratio(times, "numpy", "engine", 1_000_000, turns)
+    rk = _ratio(times, "numpy", "engine-kernel", 1_000_000, turns)
     rows.append(("vs numpy at 1,000,000", "≥ 5x", f"{_fmt_x(r)} (serial kernel: {_fmt_x(rk)})",
                  None if r is None else r >= 5))  # fmt: skip
     for peer in ("polars", "duckdb"):
-        ratios = {n: _ratio(times, peer, "engine", n) for n in times.get(peer, {})}
+        ratios = {n: _ratio(times, peer, "engine", n, turns) for n in times.get(peer, {})}
         ratios = {n: v for n, v in ratios.items() if v is not None}
         worst = min(ratios.items(), key=lambda kv: kv[1]) if ratios else None
         measured = "–" if worst is None else f"min {_fmt_x(worst[1])} (at {worst[0]:,})"
@@ -160,15 +176,31 @@ def machine(data: dict) -> str:
             f"run {data.get('datetime', '?')[:19]}")  # fmt: skip
 
 
+def interleaved_table(turns) -> list[str]:
+    if not turns:
+        return []
+    sizes = sorted(turns)
+    keys = list(dict.fromkeys(k for n in sizes for k in turns[n]))
+    lines = ["### Ratios measured in turns (median over rounds of each round's ratio)", "",
+             "Each round times every implementation once, in turn, so both sides of a ratio",
+             "see the same load. Above 1: the second one is faster.", "",
+             "| time ratio | " + " | ".join(f"{n:,}" for n in sizes) + " |",
+             "|---|" + "---:|" * len(sizes)]  # fmt: skip
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(_fmt_x(turns[n].get(key)) for n in sizes) + " |")
+    return lines
+
+
 def markdown(data: dict) -> str:
-    times, extra = pick_times(data), extras(data)
+    times, extra, turns = pick_times(data), extras(data), interleaved(data)
     lines = ["## Benchmark report", "", f"Machine: {machine(data)}.", "",
              "### DESIGN section 7 goals", "", "| goal | wanted | measured | met |",
              "|---|---|---|---|"]  # fmt: skip
-    for goal, wanted, measured, met in goals(times, extra):
+    for goal, wanted, measured, met in goals(times, extra, turns):
         mark = "not measured" if met is None else "yes" if met else "**no**"
         lines.append(f"| {goal} | {wanted} | {measured} | {mark} |")
-    lines += ["", *ladder_tables(times), "", "### Other measures", "", *other_measures(extra)]
+    lines += ["", *interleaved_table(turns), "", *ladder_tables(times), "", "### Other measures",
+              "", *other_measures(extra)]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ equal the engine's. A benchmark call makes one pick of each of the workload's 8 
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -51,3 +52,61 @@ def _calibrate(call, quick: bool) -> tuple[int, int]:
     iterations = max(1, round(TARGET_ROUND_S / once))
     rounds = int(min(50, max(5, BUDGET_S / (iterations * once))))
     return iterations, rounds
+
+
+#: Timed in turns by test_interleaved (the reference is too slow to take turns at 100,000).
+INTERLEAVED = ("engine", "engine-kernel", "blocked-prototype", "memory-limit", "numpy", "polars",
+               "duckdb")  # fmt: skip
+INTERLEAVED_BUDGET_S = 8.0
+
+
+def test_interleaved(benchmark, size, workload, quick):
+    """The implementations timed in turns, round after round, on the same fleet.
+
+    Separate benchmarks run seconds apart, and on a shared machine the load changes in between;
+    a ratio of two times from the same round sees the same load. The report takes the median,
+    over rounds, of each round's ratio (``extra_info["ratios"]``).
+    """
+    policy, now, requests = workload.policy, workload.now, workload.timed
+    calls = {}
+    for name in INTERLEAVED:
+        implementation = IMPLEMENTATIONS[name]
+        picker = implementation.make(workload.fleet, workload.agents)
+        if implementation.kind != "limit":
+            assert workload.disagreements(picker) == {}, name
+
+        def one_call(picker=picker):
+            for request in requests:
+                picker(request, policy, now)
+
+        one_call()
+        calls[name] = (one_call, _calibrate(one_call, quick)[0])
+
+    def rounds() -> dict[str, list[float]]:
+        per_pick: dict[str, list[float]] = {name: [] for name in calls}
+        started = time.perf_counter()
+        while True:
+            for name, (call, iterations) in calls.items():
+                start = time.perf_counter()
+                for _ in range(iterations):
+                    call()
+                per_pick[name].append((time.perf_counter() - start) / iterations / len(requests))
+            spent = time.perf_counter() - started
+            done = len(per_pick["engine"])
+            if quick or done >= 30 or (done >= 5 and spent > INTERLEAVED_BUDGET_S):
+                return per_pick
+
+    per_pick = benchmark.pedantic(rounds, rounds=1, iterations=1)
+    pairs = {f"{name}/engine": (name, "engine") for name in calls if name != "engine"}
+    pairs["engine-kernel/memory-limit"] = ("engine-kernel", "memory-limit")
+    pairs["blocked-prototype/memory-limit"] = ("blocked-prototype", "memory-limit")
+    pairs["numpy/engine-kernel"] = ("numpy", "engine-kernel")
+    ratios = {
+        key: statistics.median(a / b for a, b in zip(per_pick[x], per_pick[y], strict=True))
+        for key, (x, y) in pairs.items()
+    }
+    benchmark.group = "interleaved"
+    benchmark.extra_info.update(
+        size=size, rounds=len(per_pick["engine"]), ratios=ratios,
+        median_s={name: statistics.median(t) for name, t in per_pick.items()},
+    )  # fmt: skip
