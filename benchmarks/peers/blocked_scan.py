@@ -1,13 +1,14 @@
 """A prototype of the engine's serial scan, kept beside the engine so the benchmark measures both.
 
-Two changes to the engine's ``_scan``, each measured (ns per agent, 100,000 / 1,000,000 agents,
-team-pool requests, the same run): 13.2 / 13.8 for the engine as of c9a72e6, 2.0 / 4.3 here.
+Two changes to the engine's ``_scan``, each measured (ns per agent at 100,000 / 1,000,000 agents,
+the benchmark's timed requests, one run, see RESULTS.md): engine kernel (13ce6ec) 6.5 / 7.3,
+this prototype 2.0 / 3.9, the read-only pass over the same columns 0.7 / 1.6.
 
 1. Loops run over unsigned indices. With ``for i in range(lo, hi)`` numba cannot prove ``i >= 0``
    and wraps negative indices on every array read, which blocks LLVM's vectoriser: a mask-only
    loop took 3.0 ns per agent over ``range(lo, hi)`` and 0.5 ns over ``range(np.uint64(lo),
    np.uint64(hi))`` (or ``range(n)``).
-2. Blocks of 512 rows in two phases: the reject masks of the block without a branch (they
+2. Blocks of 1,024 rows in two phases: the reject masks of the block without a branch (they
    vectorise), counting reasons in registers and folding the labels of label-rejected agents
    into one AND (``missing = required & ~AND(labels)``, by De Morgan equal to the OR of
    ``required & ~labels``); then a scalar pass over the block's eligible rows only.

@@ -1,9 +1,10 @@
 """The pick as one DuckDB SQL query, ``... ORDER BY score DESC, tiebreak LIMIT 1``, the way many
 dispatchers pick in a database. The table is loaded from the fleet's columns once (not timed).
 
-The tie break is computed in SQL from the stored ``id_hash`` and the task's tie-key hash (a query
-parameter), one nested SELECT per step of the mix: DuckDB macros expand inline, and each step
-reads its input twice, so inline expressions would grow 32-fold per finaliser.
+The tie break is computed in SQL, per pick, from the stored ``id_hash`` and the task's tie-key
+hash (a query parameter), over a chain of nested SELECTs, each reading the previous one's columns:
+written inline (or as DuckDB macros, which expand inline) every step reads its input twice and the
+expression grows about 600-fold; with lateral column aliases the query took 400 ms at 1,000 agents.
 """
 
 from __future__ import annotations
