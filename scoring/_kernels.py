@@ -65,7 +65,7 @@ Query = namedtuple(
 )
 
 N_REASONS = 7
-N_MASKS = 1 << N_REASONS
+BLOCK = 1024  # rows whose reject masks are computed together, before their eligible rows score
 STALE, STATUS, POOL, LABELS, CAPACITY, VRAM, EXCLUDED = (1 << r for r in range(N_REASONS))
 LAST_ELIGIBLE_STATUS = 1  # idle = 0, busy = 1 (models.STATUS_CODES)
 N_FACTORS = 6
@@ -74,7 +74,9 @@ _M32 = np.uint64(0xFFFFFFFF)
 _S13, _S16, _S32 = np.uint64(13), np.uint64(16), np.uint64(32)
 _C1, _C2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)
 _ONE = np.uint64(1)
-_MAX_HASH = np.uint64(0xFFFFFFFFFFFFFFFF)
+_NONE, _ALL = np.uint64(0), np.uint64(0xFFFFFFFFFFFFFFFF)
+_BLOCK = np.uint64(BLOCK)
+_MAX_HASH = _ALL
 
 
 @jit
@@ -110,35 +112,76 @@ def _popcount(x):
 
 
 @jit_row
-def _is_excluded(excluded, i):
-    k = np.searchsorted(excluded, i)
-    return k < excluded.shape[0] and excluded[k] == i
+def _filters(c, q, i):
+    """Agent ``i``'s filters other than labels and ``excluded``, as booleans, without a branch."""
+    stale = q.now - c.last_heartbeat[i] > q.heartbeat_timeout_s
+    status = c.status[i] > LAST_ELIGIBLE_STATUS
+    pool = (c.team[i] != q.team) & (not (q.community & c.community_opt_in[i]))
+    capacity = c.running_count[i] >= c.gpu_capacity[i]
+    # NaN (unknown vram_gb) fails a minimum; a NaN minimum (none) fails nobody
+    vram = (not np.isnan(q.min_vram_gb)) & (not (c.vram_gb[i] >= q.min_vram_gb))
+    return stale, status, pool, capacity, vram
 
 
 @jit_row
-def _reject_mask(c, q, i):
-    """Bitmask of every hard filter agent ``i`` fails (0 = eligible)."""
-    mask = 0
-    if q.now - c.last_heartbeat[i] > q.heartbeat_timeout_s:
-        mask |= STALE
-    if c.status[i] > LAST_ELIGIBLE_STATUS:
-        mask |= STATUS
-    if c.team[i] != q.team and not (q.community and c.community_opt_in[i]):
-        mask |= POOL
-    if q.labels_unknown:
-        mask |= LABELS
+def _block_masks(c, q, start, m, masks, reasons, all_labels):
+    """Phase 1 of a block: the reject masks of rows ``[start, start + m)``, without a branch.
+
+    Writes each row's mask (every filter but ``excluded``, see :func:`_block_eligibility`) into
+    ``masks[:m]`` (uint8), adds the rows failing each filter to ``reasons`` (int64[7]), and ANDs
+    the labels of the label-rejected rows into ``all_labels``: ``required & ~all_labels`` is then
+    the OR over those rows of ``required & ~labels`` (De Morgan), the labels some of them lack.
+    Indices are unsigned, so numba adds no negative-index wrapping and LLVM vectorises the loop
+    (measured: 3.0 ns per agent for a mask-only loop over signed indices, 0.5 ns unsigned). A
+    fleet with at most 64 labels (one word) takes a loop without an inner one, which vectorises.
+    """
+    r0 = r1 = r2 = r3 = r4 = r5 = 0
+    if q.labels.shape[0] == 1:
+        required, unknown, all0 = q.labels[0], q.labels_unknown, all_labels[0]
+        for j in range(m):
+            i = start + j
+            stale, status, pool, capacity, vram = _filters(c, q, i)
+            label = unknown | ((required & ~c.labels[i, 0]) != _NONE)
+            all0 &= c.labels[i, 0] | (_NONE if label else _ALL)
+            r0, r1, r2, r3, r4, r5 = r0 + stale, r1 + status, r2 + pool, r3 + label, \
+                r4 + capacity, r5 + vram  # fmt: skip
+            masks[j] = stale | status << 1 | pool << 2 | label << 3 | capacity << 4 | vram << 5
+        all_labels[0] = all0
     else:
-        for w in range(q.labels.shape[0]):
-            if q.labels[w] & ~c.labels[i, w]:
-                mask |= LABELS
-                break
-    if c.running_count[i] >= c.gpu_capacity[i]:
-        mask |= CAPACITY
-    if not np.isnan(q.min_vram_gb) and not (c.vram_gb[i] >= q.min_vram_gb):
-        mask |= VRAM  # an unknown (NaN) vram_gb fails a minimum too
-    if q.excluded.shape[0] and _is_excluded(q.excluded, i):
-        mask |= EXCLUDED
-    return mask
+        for j in range(m):
+            i = start + j
+            stale, status, pool, capacity, vram = _filters(c, q, i)
+            label = q.labels_unknown
+            for w in range(q.labels.shape[0]):
+                label |= (q.labels[w] & ~c.labels[i, w]) != _NONE
+            keep = _NONE if label else _ALL
+            for w in range(q.labels.shape[0]):
+                all_labels[w] &= c.labels[i, w] | keep
+            r0, r1, r2, r3, r4, r5 = r0 + stale, r1 + status, r2 + pool, r3 + label, \
+                r4 + capacity, r5 + vram  # fmt: skip
+            masks[j] = stale | status << 1 | pool << 2 | label << 3 | capacity << 4 | vram << 5
+    reasons[0] += r0
+    reasons[1] += r1
+    reasons[2] += r2
+    reasons[3] += r3
+    reasons[4] += r4
+    reasons[5] += r5
+
+
+@jit_row
+def _block_eligibility(c, q, start, m, masks, reasons, all_labels, e):
+    """Full reject masks of a block: :func:`_block_masks`, then the ``excluded`` bit.
+
+    ``q.excluded`` holds sorted rows; ``e`` is the position of the first one not before
+    ``start``. Returns the position after the block's excluded rows.
+    """
+    _block_masks(c, q, start, m, masks, reasons, all_labels)
+    excluded, end = q.excluded, start + m
+    while e < excluded.shape[0] and np.uint64(excluded[e]) < end:
+        masks[np.uint64(excluded[e]) - start] |= EXCLUDED
+        reasons[6] += 1
+        e += 1
+    return e
 
 
 @jit_row
@@ -170,59 +213,67 @@ def _score(c, q, i):
 
 
 @jit_row
-def _scan(c, q, lo, hi, mask_counts, missing):
-    """One fused pass over rows ``[lo, hi)``.
+def _scan(c, q, lo, hi, scratch, reasons, all_labels):
+    """One fused pass over rows ``[lo, hi)`` (uint64), block by block.
 
-    Counts each reject mask in ``mask_counts`` (int64[128], indexed by mask: one increment per
-    agent, where counting each reason would branch seven times; see :func:`_rejected`) and ORs
-    the required labels that a label-rejected agent lacks into ``missing``
-    (uint64[label_words]). Returns ``(best_row, best_score, best_tie_hash)``: the best score,
-    exact ties going to the lowest tie hash; ``best_row`` is -1 when no agent in the range is
-    eligible.
+    Each block's reject masks come first (:func:`_block_eligibility`, into the uint8[BLOCK]
+    ``scratch``), then only its eligible rows are scored. Returns
+    ``(best_row, best_score, best_tie_hash, eligible)``: the best score, exact ties going to the
+    lowest tie hash; ``best_row`` is -1 when no agent in the range is eligible.
+    """
+    best, best_score, best_hash, eligible = -1, -np.inf, _MAX_HASH, 0
+    e = np.searchsorted(q.excluded, np.int64(lo))
+    for start in range(lo, hi, _BLOCK):
+        m = min(_BLOCK, hi - start)
+        e = _block_eligibility(c, q, start, m, scratch, reasons, all_labels, e)
+        for j in range(m):
+            if scratch[j]:
+                continue
+            i = start + j
+            eligible += 1
+            s = _score(c, q, i)
+            if s >= best_score:
+                h = _tie_hash(c.id_hash[i], q.tie_key_hash)
+                if s > best_score or h < best_hash:
+                    best, best_score, best_hash = np.int64(i), s, h
+    return best, best_score, best_hash, eligible
+
+
+@jit_row
+def _band_pick(c, q, lo, hi, cut, scratch, reasons, all_labels):
+    """Among eligible rows of ``[lo, hi)`` scoring at least ``cut``: the lowest tie hash.
+
+    ``reasons`` and ``all_labels`` are throwaway tallies: the first pass already counted.
     """
     best, best_score, best_hash = -1, -np.inf, _MAX_HASH
-    for i in range(lo, hi):
-        mask = _reject_mask(c, q, i)
-        mask_counts[mask] += 1
-        if mask:
-            if mask & LABELS:
-                for w in range(q.labels.shape[0]):
-                    missing[w] |= q.labels[w] & ~c.labels[i, w]
-            continue
-        s = _score(c, q, i)
-        if s >= best_score:
-            h = _tie_hash(c.id_hash[i], q.tie_key_hash)
-            if s > best_score or h < best_hash:
-                best, best_score, best_hash = i, s, h
+    e = np.searchsorted(q.excluded, np.int64(lo))
+    for start in range(lo, hi, _BLOCK):
+        m = min(_BLOCK, hi - start)
+        e = _block_eligibility(c, q, start, m, scratch, reasons, all_labels, e)
+        for j in range(m):
+            if scratch[j]:
+                continue
+            i = start + j
+            s = _score(c, q, i)
+            if s >= cut:
+                h = _tie_hash(c.id_hash[i], q.tie_key_hash)
+                if h < best_hash:
+                    best, best_score, best_hash = np.int64(i), s, h
     return best, best_score, best_hash
 
 
 @jit_row
-def _band_pick(c, q, lo, hi, cut):
-    """Among eligible rows of ``[lo, hi)`` scoring at least ``cut``: the lowest tie hash."""
-    best, best_score, best_hash = -1, -np.inf, _MAX_HASH
-    for i in range(lo, hi):
-        if _reject_mask(c, q, i):
-            continue
-        s = _score(c, q, i)
-        if s >= cut:
-            h = _tie_hash(c.id_hash[i], q.tie_key_hash)
-            if h < best_hash:
-                best, best_score, best_hash = i, s, h
-    return best, best_score, best_hash
+def _pick_rows(c, q, t):
+    """The serial pick over every row, tallying into the scratch arrays ``t`` (:func:`_tally`).
 
-
-@jit_row
-def _pick_rows(c, q, mask_counts, missing):
-    """The serial pick over every row; fills ``mask_counts`` and ``missing`` (see :func:`_scan`).
-
-    Returns ``(row, score, factors)``; ``factors`` are the winner's (NaN if none).
+    Returns ``(row, score, eligible, factors)``; ``factors`` are the winner's (NaN if none).
     """
-    n = c.team.shape[0]
-    best, best_score, _ = _scan(c, q, 0, n, mask_counts, missing)
+    n = np.uint64(c.team.shape[0])
+    best, best_score, _, eligible = _scan(c, q, _NONE, n, t[0], t[1], t[2])
     if best >= 0 and q.tie_band > 0.0:
-        best, best_score, _ = _band_pick(c, q, 0, n, best_score - q.tie_band)
-    return best, best_score, _winner_factors(c, q, best)
+        cut = best_score - q.tie_band
+        best, best_score, _ = _band_pick(c, q, _NONE, n, cut, t[0], t[3], t[4])
+    return best, best_score, eligible, _winner_factors(c, q, best)
 
 
 @jit_row
@@ -233,69 +284,77 @@ def _winner_factors(c, q, best):
     return _factors(c, q, best)
 
 
-@jit_row
-def _rejected(mask_counts):
-    """Agents failing each filter, as a 7-tuple in REASONS order, from the reject-mask counts."""
-    r0 = r1 = r2 = r3 = r4 = r5 = r6 = 0
-    for mask in range(1, N_MASKS):
-        k = mask_counts[mask]
-        if k:  # most of the 127 masks never occur
-            r0 += k * (mask & 1)
-            r1 += k * (mask >> 1 & 1)
-            r2 += k * (mask >> 2 & 1)
-            r3 += k * (mask >> 3 & 1)
-            r4 += k * (mask >> 4 & 1)
-            r5 += k * (mask >> 5 & 1)
-            r6 += k * (mask >> 6 & 1)
-    return r0, r1, r2, r3, r4, r5, r6
+@jit
+def _tally(label_words):
+    """Scratch for one scan: block masks, reason counts, AND of rejected labels (twice: the
+    second pair is the band pass's throwaway tally)."""
+    return (
+        np.empty(BLOCK, np.uint8),
+        np.zeros(N_REASONS, np.int64),
+        np.full(label_words, _ALL),
+        np.zeros(N_REASONS, np.int64),
+        np.full(label_words, _ALL),
+    )
 
 
 @jit
-def _answer(best, best_score, factors, mask_counts, missing):
+def _answer(best, best_score, eligible, factors, reasons, all_labels, required):
     """The kernels' answer: ``(row, score, eligible, factors, rejected, missing)``.
 
     ``factors`` (6 floats) and ``rejected`` (7 counts) are tuples, which numba hands back to
-    Python faster than arrays; ``missing`` is the uint64 bitset of missing required labels.
+    Python faster than arrays; ``missing`` is the uint64 bitset of the required labels that some
+    label-rejected agent lacks.
     """
-    return best, best_score, mask_counts[0], factors, _rejected(mask_counts), missing
+    r = reasons
+    rejected = (r[0], r[1], r[2], r[3], r[4], r[5], r[6])
+    return best, best_score, eligible, factors, rejected, required & ~all_labels
 
 
 @jit
 def _pick(c, q):
     """Serial pick; see :func:`_answer` for what it returns."""
-    mask_counts = np.zeros(N_MASKS, np.int64)
-    missing = np.zeros(q.labels.shape[0], np.uint64)
-    best, best_score, factors = _pick_rows(c, q, mask_counts, missing)
-    return _answer(best, best_score, factors, mask_counts, missing)
+    t = _tally(q.labels.shape[0])
+    best, best_score, eligible, factors = _pick_rows(c, q, t)
+    return _answer(best, best_score, eligible, factors, t[1], t[2], q.labels)
 
 
 @jit_parallel
 def _pick_parallel(c, q, n_chunks):
     """The same pick as :func:`_pick`, over ``n_chunks`` slabs scanned in parallel."""
     # Each chunk owns one row of every slab; the reductions below are serial: no shared writes.
-    n = c.team.shape[0]
-    step = (n + n_chunks - 1) // n_chunks
-    mask_counts = np.zeros((n_chunks, N_MASKS), np.int64)
-    missing = np.zeros((n_chunks, q.labels.shape[0]), np.uint64)
+    n = np.uint64(c.team.shape[0])
+    chunks = np.uint64(n_chunks)
+    step = (n + chunks - _ONE) // chunks
+    words = q.labels.shape[0]
+    scratch = np.empty((n_chunks, BLOCK), np.uint8)
+    reasons = np.zeros((n_chunks, N_REASONS), np.int64)
+    all_labels = np.full((n_chunks, words), _ALL)
     rows = np.full(n_chunks, -1, np.int64)
     scores = np.full(n_chunks, -np.inf)
     hashes = np.full(n_chunks, _MAX_HASH, np.uint64)
+    counts = np.zeros(n_chunks, np.int64)
     for k in prange(n_chunks):
-        lo, hi = k * step, min(n, (k + 1) * step)
-        rows[k], scores[k], hashes[k] = _scan(c, q, lo, hi, mask_counts[k], missing[k])
+        lo, hi = min(n, np.uint64(k) * step), min(n, np.uint64(k + 1) * step)
+        rows[k], scores[k], hashes[k], counts[k] = _scan(
+            c, q, lo, hi, scratch[k], reasons[k], all_labels[k]
+        )
     k = _best_chunk(rows, scores, hashes)
     if k >= 0 and q.tie_band > 0.0:
         cut = scores[k] - q.tie_band
+        band_reasons = np.zeros((n_chunks, N_REASONS), np.int64)
+        band_labels = np.full((n_chunks, words), _ALL)
         for j in prange(n_chunks):
-            lo, hi = j * step, min(n, (j + 1) * step)
-            rows[j], scores[j], hashes[j] = _band_pick(c, q, lo, hi, cut)
+            lo, hi = min(n, np.uint64(j) * step), min(n, np.uint64(j + 1) * step)
+            rows[j], scores[j], hashes[j] = _band_pick(
+                c, q, lo, hi, cut, scratch[j], band_reasons[j], band_labels[j]
+            )
         k = _best_chunk(rows, np.zeros(n_chunks), hashes)  # every candidate is in the band
     best, best_score = (rows[k], scores[k]) if k >= 0 else (-1, -np.inf)
-    total_missing = np.zeros(q.labels.shape[0], np.uint64)
+    combined = np.full(words, _ALL)
     for j in range(n_chunks):
-        total_missing |= missing[j]
+        combined &= all_labels[j]
     factors = _winner_factors(c, q, best)
-    return _answer(best, best_score, factors, mask_counts.sum(axis=0), total_missing)
+    return _answer(best, best_score, counts.sum(), factors, reasons.sum(axis=0), combined, q.labels)
 
 
 @jit
@@ -313,11 +372,17 @@ def _best_chunk(rows, scores, hashes):
 @jit
 def _scores(c, q, out_scores, out_hashes, out_masks):
     """Every agent's reject mask, score (-inf when ineligible) and tie hash, for ranking."""
-    for i in range(c.team.shape[0]):
-        mask = _reject_mask(c, q, i)
-        out_masks[i] = mask
-        out_scores[i] = -np.inf if mask else _score(c, q, i)
-        out_hashes[i] = _tie_hash(c.id_hash[i], q.tie_key_hash)
+    n = np.uint64(c.team.shape[0])
+    t = _tally(q.labels.shape[0])
+    e = 0
+    for start in range(_NONE, n, _BLOCK):
+        m = min(_BLOCK, n - start)
+        e = _block_eligibility(c, q, start, m, t[0], t[1], t[2], e)
+        for j in range(m):
+            i = start + j
+            out_masks[i] = t[0][j]
+            out_scores[i] = -np.inf if t[0][j] else _score(c, q, i)
+            out_hashes[i] = _tie_hash(c.id_hash[i], q.tie_key_hash)
 
 
 # --- the flat entry point (see the module docstring for why it is flat) ------------------------
@@ -336,7 +401,6 @@ def _pick_flat(
     q = Query(now, timeout, q_team, community, q_labels, labels_unknown, min_vram, excluded,
               q_models, n_models, region_table, gpu_table, weights, tie_band,
               tie_key_hash)  # fmt: skip
-    mask_counts = np.zeros(N_MASKS, np.int64)
-    missing = np.zeros(q_labels.shape[0], np.uint64)
-    best, best_score, factors = _pick_rows(c, q, mask_counts, missing)
-    return _answer(best, best_score, factors, mask_counts, missing)
+    t = _tally(q_labels.shape[0])
+    best, best_score, eligible, factors = _pick_rows(c, q, t)
+    return _answer(best, best_score, eligible, factors, t[1], t[2], q_labels)

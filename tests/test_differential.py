@@ -49,6 +49,22 @@ def test_pick_equals_reference_on_larger_fleets(scenario):
     _assert_same_decision(got, R.pick_agent(agents, request, policy, now=NOW))
 
 
+@settings(max_examples=10)
+@given(scenarios(min_agents=K.BLOCK + 1, max_agents=3 * K.BLOCK), st.integers(1, 5))
+def test_fleets_of_several_blocks_equal_reference(scenario, n_chunks):
+    """Block boundaries, exclusions in later blocks, and chunks that end inside a block."""
+    agents, request, policy = scenario
+    fleet = Fleet.from_agents(agents)
+    expected = R.pick_agent(agents, request, policy, now=NOW)
+    _assert_same_decision(pick_agent(fleet, request, policy, now=NOW), expected)
+    with fleet.lock:
+        q = K.Query(*pick_module.build_query(fleet, request, policy, NOW))
+        parallel = K._pick_parallel(fleet.columns, q, n_chunks)
+    row, eligible = parallel[0], parallel[2]
+    assert (None if row < 0 else fleet.agent_id_at(row)) == expected.agent_id
+    assert eligible == expected.eligible
+
+
 @given(scenarios())
 def test_every_reject_mask_and_score_equals_reference(scenario):
     agents, request, policy = scenario
