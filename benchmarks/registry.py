@@ -15,7 +15,6 @@ from functools import cached_property
 
 import numba
 
-from benchmarks.peers.blocked_scan import BlockedScan
 from benchmarks.peers.duckdb_peer import DuckDBPeer
 from benchmarks.peers.memory_limit import MemoryLimit
 from benchmarks.peers.numpy_peer import NumpyPeer
@@ -37,8 +36,7 @@ SIZES = (100, 1_000, 10_000, 100_000, 1_000_000)
 @dataclass(frozen=True)
 class Implementation:
     name: str
-    # "engine" (the library), "peer" (what a user would write), "prototype" (a kernel proposed
-    # for the engine) or "limit" (no pick)
+    # "engine" (the library), "peer" (what a user would write) or "limit" (no pick)
     kind: str
     make: Callable[[Fleet, list[Agent] | None], Picker]
     max_size: int | None = None  # larger fleets take too long per pick to time
@@ -89,8 +87,6 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
                        description="_pick_flat alone, serial, query prebuilt"),
         Implementation("engine-parallel", "engine", lambda f, a: _Kernel(f, parallel=True),
                        description="_pick_parallel alone, all numba threads, query prebuilt"),
-        Implementation("blocked-prototype", "prototype", lambda f, a: BlockedScan(f),
-                       description="proposed serial kernel (blocked_scan.py), query prebuilt"),
         Implementation("memory-limit", "limit", lambda f, a: MemoryLimit(f),
                        description="one read-only pass over the same columns, serial"),
         Implementation("reference", "peer", _reference, max_size=100_000,

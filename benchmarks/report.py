@@ -90,9 +90,7 @@ def ladder_tables(times) -> list[str]:
               "| ratio | " + " | ".join(f"{n:,}" for n in sizes) + " |", rule]  # fmt: skip
     rows = [("engine-kernel / memory-limit (≤ 1.5 wanted)", "engine-kernel", "memory-limit"),
             ("engine / memory-limit", "engine", "memory-limit"),
-            ("blocked-prototype / memory-limit", "blocked-prototype", "memory-limit"),
             ("engine-parallel / engine-kernel", "engine-parallel", "engine-kernel"),
-            ("blocked-prototype / engine-kernel", "blocked-prototype", "engine-kernel"),
             ]  # fmt: skip
     for label, num, den in rows:
         cells = " | ".join(_fmt_x(_ratio(times, num, den, n)) for n in sizes)

@@ -55,7 +55,7 @@ def _calibrate(call, quick: bool) -> tuple[int, int]:
 
 
 #: Timed in turns by test_interleaved (the reference is too slow to take turns at 100,000).
-INTERLEAVED = ("engine", "engine-kernel", "blocked-prototype", "memory-limit", "numpy", "polars",
+INTERLEAVED = ("engine", "engine-kernel", "memory-limit", "numpy", "polars",
                "duckdb")  # fmt: skip
 INTERLEAVED_BUDGET_S = 8.0
 
@@ -99,7 +99,6 @@ def test_interleaved(benchmark, size, workload, quick):
     per_pick = benchmark.pedantic(rounds, rounds=1, iterations=1)
     pairs = {f"{name}/engine": (name, "engine") for name in calls if name != "engine"}
     pairs["engine-kernel/memory-limit"] = ("engine-kernel", "memory-limit")
-    pairs["blocked-prototype/memory-limit"] = ("blocked-prototype", "memory-limit")
     pairs["numpy/engine-kernel"] = ("numpy", "engine-kernel")
     ratios = {
         key: statistics.median(a / b for a, b in zip(per_pick[x], per_pick[y], strict=True))

@@ -206,9 +206,9 @@ class DispatchRequest(_Record):
         return self.required_labels | {self.tool_type}
 
     @cached_property
-    def tie_key_hash(self) -> int:
-        """Stable 64-bit hash of ``tie_key`` (see :mod:`scoring.hashing`)."""
-        return stable_hash64(self.tie_key)
+    def tie_key_hash(self) -> np.uint64:
+        """Stable 64-bit hash of ``tie_key`` (see :mod:`scoring.hashing`), as the kernels take it."""
+        return np.uint64(stable_hash64(self.tie_key))
 
 
 class Weights(_Record):

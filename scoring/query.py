@@ -53,7 +53,7 @@ def build_query(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy, n
         parts.gpu_table,
         policy.weights.array,
         policy.tie_band,
-        np.uint64(request.tie_key_hash),
+        request.tie_key_hash,
     )
 
 
