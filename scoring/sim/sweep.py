@@ -51,6 +51,20 @@ def default_grid() -> list[dict[str, float]]:
     return grid
 
 
+def fine_grid() -> list[dict[str, float]]:
+    """The neighbourhood of the coarse grid's winners, with every weight positive (``pool`` and
+    ``reliability`` small but not zero), as the engine's defaults must be."""
+    grid = []
+    for region, load, pool, reliability in itertools.product(
+        (0.5, 1.0), (0.5, 1.0), (0.1, 0.25, 0.5, 1.0), (1.0, 2.0)
+    ):
+        grid.append(
+            {"region": region, "load": load, "pool": pool, "warm": 2.0, "gpu": 1.0,
+             "reliability": reliability}
+        )  # fmt: skip
+    return grid
+
+
 def _run(job: tuple[SimConfig, str, dict[str, float] | None]) -> dict[str, float]:
     config, policy, weights = job
     workload, agents = _prepared(config)
@@ -111,7 +125,10 @@ def sweep(
 def _label(weights: dict[str, float] | None) -> str:
     if weights is None:
         return "engine defaults"
-    return " ".join(f"{k}={v:g}" for k, v in weights.items() if k not in ("gpu", "reliability"))
+    shown = {k: v for k, v in weights.items() if k != "gpu"}
+    if shown.get("reliability") == 1.0:
+        del shown["reliability"]  # the coarse grid's constant
+    return " ".join(f"{k}={v:g}" for k, v in shown.items())
 
 
 def _mean(metrics: list[dict[str, float]]) -> dict[str, float]:
@@ -143,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--load", type=float, default=0.1)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--grid", choices=("coarse", "fine"), default="coarse")
+    p.add_argument("--top", type=int, default=20, help="scorer rows shown (0: all)")
     p.add_argument("--extra", action="append", default=[], help="more weightings: k=v,k=v")
     args = p.parse_args(argv)
     trace = find_trace() if args.trace == "auto" else (None if args.trace == "none" else args.trace)
@@ -153,7 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = SimConfig(
         n_agents=args.agents, n_tasks=tasks, n_teams=args.teams, load=args.load, trace=trace
     )
-    grid: list[dict[str, float] | None] = [None, *default_grid()]
+    grid: list[dict[str, float] | None] = [
+        None,
+        *(default_grid() if args.grid == "coarse" else fine_grid()),
+    ]
     for extra in args.extra:
         grid.append({k: float(v) for k, v in (kv.split("=") for kv in extra.split(","))})
     began = time.perf_counter()

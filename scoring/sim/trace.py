@@ -5,7 +5,7 @@ time (``exec_time_seconds``), the tenant (``groupId``) and the base checkpoint
 (``checkpoint_model_version_id``). Tenants are bucketed into a manageable number of teams by a
 stable hash. The trace has no regions, pools or GPU sizes, so those are synthesised, seeded, the
 same way as in :func:`scoring.sim.workload.synthetic_workload`. PENDING and PROCESSING rows never
-finished and are dropped.
+finished and are dropped; FAILED rows did run (and held a GPU), so they are replayed like the rest.
 
 ``container_latency/basemodel_update_latency_anon.tar.gz`` holds measured base-model load times;
 :func:`load_latencies` reads them (``value`` is in milliseconds) for the cold-load delay.
