@@ -111,10 +111,11 @@ def test_parallel_kernel_equals_serial(scenario, n_chunks):
 def test_pick_agent_path_equals_reference(threshold, scenario):
     """``pick_agent`` through both of its paths (parallel above the size threshold)."""
     agents, request, policy = scenario
-    saved = pick_module.PARALLEL_THRESHOLD
+    saved = pick_module.PARALLEL_THRESHOLD, pick_module.cores_idle
     pick_module.PARALLEL_THRESHOLD = threshold
+    pick_module.cores_idle = lambda threads: True  # take the parallel path even on a busy machine
     try:
         got = pick_agent(Fleet.from_agents(agents), request, policy, now=NOW)
     finally:
-        pick_module.PARALLEL_THRESHOLD = saved
+        pick_module.PARALLEL_THRESHOLD, pick_module.cores_idle = saved
     _assert_same_decision(got, R.pick_agent(agents, request, policy, now=NOW))
