@@ -160,7 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--load", type=float, default=0.1)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--grid", choices=("coarse", "fine"), default="coarse")
+    p.add_argument(
+        "--grid", choices=("coarse", "fine", "none"), default="coarse",
+        help="the built-in grid to run besides the defaults and any --extra ('none': only those)",
+    )  # fmt: skip
     p.add_argument("--top", type=int, default=20, help="scorer rows shown (0: all)")
     p.add_argument("--extra", action="append", default=[], help="more weightings: k=v,k=v")
     args = p.parse_args(argv)
@@ -173,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     grid: list[dict[str, float] | None] = [
         None,
-        *(default_grid() if args.grid == "coarse" else fine_grid()),
+        *{"coarse": default_grid, "fine": fine_grid, "none": list}[args.grid](),
     ]
     for extra in args.extra:
         grid.append({k: float(v) for k, v in (kv.split("=") for kv in extra.split(","))})
