@@ -65,7 +65,7 @@ class NativeEntry:
         return entry(*args)
 
     def _resolve(self, args: tuple[Any, ...]) -> Callable[..., Any]:
-        if config.DISABLE_JIT:  # the kernel is a plain Python function: nothing to check
+        if config.DISABLE_JIT:  # type: ignore[attr-defined]  # a plain Python function
             self._entry, self._check = self._dispatcher, False
             return self._dispatcher
         types = tuple(typeof(a) for a in args)

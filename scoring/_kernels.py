@@ -385,6 +385,15 @@ def _scores(c, q, out_scores, out_hashes, out_masks):
             out_hashes[i] = _tie_hash(c.id_hash[i], q.tie_key_hash)
 
 
+@jit
+def _factor_rows(c, q, rows, out):
+    """The six factors of each row in ``rows`` (int64[k]) into ``out`` (float64[k, 6])."""
+    for k in range(rows.shape[0]):
+        f = _factors(c, q, rows[k])
+        for x in range(N_FACTORS):
+            out[k, x] = f[x]
+
+
 # --- the flat entry point (see the module docstring for why it is flat) ------------------------
 
 

@@ -24,6 +24,7 @@ from scoring.models import (
     STATUS_CODES,
     Agent,
     AgentStatus,
+    normalize_names,
     to_epoch_seconds,
 )
 
@@ -124,12 +125,15 @@ class Fleet:
         at: float | Any,
         status: AgentStatus | str | None = None,
         running_count: int | None = None,
+        cached_models: Iterable[str] | None = None,
     ) -> None:
-        """Record a heartbeat at ``at`` (seconds or datetime), maybe with a new status or count."""
+        """Record a heartbeat at ``at`` (seconds or datetime), maybe with a new status, running
+        count or set of cached models (agents report what they have on disk)."""
         at = _timestamp(at)
         code = None if status is None else STATUS_CODES[_status(status)]
         if running_count is not None:
             running_count = _slot_count(running_count, "running_count")
+        models = None if cached_models is None else normalize_names(cached_models)
         with self._lock:
             row = self._row(agent_id)
             self._data["last_heartbeat"][row] = at
@@ -137,6 +141,9 @@ class Fleet:
                 self._data["status"][row] = code
             if running_count is not None:
                 self._data["running_count"][row] = running_count
+            if models is not None:
+                words = self._bitsets(self._models, [models], "cached_models")
+                self._data["cached_models"][row] = words[0]  # after any widening
 
     def heartbeat_many(
         self,
@@ -200,11 +207,26 @@ class Fleet:
         with self._lock:
             decision = decide(self, request, policy, now)
             if decision.row >= 0:
-                self._data["running_count"][decision.row] += 1
-                status = self._data["status"]
-                if status[decision.row] == STATUS_CODES[AgentStatus.IDLE]:
-                    status[decision.row] = STATUS_CODES[AgentStatus.BUSY]
+                self._take_slot(decision.row)  # eligible, so it has a free slot
         return decision
+
+    def reserve(self, agent_id: str) -> None:
+        """Take one slot of an agent the caller chose, as :meth:`dispatch` does for its pick.
+
+        ``running_count`` goes up by one and an ``idle`` agent turns ``busy``; raises
+        ``ValueError`` (changing nothing) when every slot is taken.
+        """
+        with self._lock:
+            row = self._row(agent_id)
+            if self._data["running_count"][row] >= self._data["gpu_capacity"][row]:
+                raise ValueError(f"agent {agent_id!r} has no free slot")
+            self._take_slot(row)
+
+    def _take_slot(self, row: int) -> None:
+        self._data["running_count"][row] += 1
+        status = self._data["status"]
+        if status[row] == STATUS_CODES[AgentStatus.IDLE]:
+            status[row] = STATUS_CODES[AgentStatus.BUSY]
 
     # --- reading ----------------------------------------------------------------------------
 

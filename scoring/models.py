@@ -85,7 +85,7 @@ def _normalize_labels(value: Any) -> frozenset[str]:
     return frozenset(_normalize_label(v) for v in value)
 
 
-def _normalize_names(value: Any) -> frozenset[str]:
+def normalize_names(value: Any) -> frozenset[str]:
     """Model paths and agent ids: trimmed, case kept, never empty."""
     if value is None:
         return frozenset()
@@ -137,7 +137,7 @@ def to_epoch_seconds(value: Any) -> Any:
 
 Region = Annotated[str | None, BeforeValidator(normalize_region)]
 Labels = Annotated[frozenset[str], BeforeValidator(_normalize_labels)]
-Names = Annotated[frozenset[str], BeforeValidator(_normalize_names)]
+Names = Annotated[frozenset[str], BeforeValidator(normalize_names)]
 OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
 Timestamp = Annotated[float, BeforeValidator(to_epoch_seconds), Field(allow_inf_nan=False)]
 
@@ -207,7 +207,7 @@ class DispatchRequest(_Record):
 
     @cached_property
     def tie_key_hash(self) -> np.uint64:
-        """Stable 64-bit hash of ``tie_key`` (see :mod:`scoring.hashing`), as the kernels take it."""
+        """Stable 64-bit hash of ``tie_key`` (:mod:`scoring.hashing`), as the kernels take it."""
         return np.uint64(stable_hash64(self.tie_key))
 
 

@@ -121,14 +121,29 @@ def rank_agents(
         rows = np.flatnonzero(masks == 0)
         rows = rows[np.lexsort((hashes[rows], -scores[rows]))]  # score desc, then tie hash
         chosen = _band_order(rows, scores, hashes, policy.tie_band, k)
+        factors = np.empty((len(chosen), len(FACTORS)))
+        K._factor_rows(c, q, np.array(chosen, np.int64), factors)
         return [
-            RankedAgent(
-                fleet.agent_id_at(r),
-                float(scores[r]),
-                dict(zip(FACTORS, K._factors(c, q, r), strict=True)),
-            )
-            for r in chosen
+            RankedAgent(fleet.agent_id_at(r), float(scores[r]), dict(zip(FACTORS, f, strict=True)))
+            for r, f in zip(chosen, factors.tolist(), strict=True)
         ]
+
+
+def eligible_agents(
+    fleet: Fleet,
+    request: DispatchRequest,
+    policy: ScoringPolicy | None = None,
+    now: float | Any = None,
+) -> list[str]:
+    """Ids of every agent that passes all hard filters, in fleet order (no scores, no ranking).
+
+    For dispatch rules of one's own over the engine's eligibility (the simulation's baselines).
+    """
+    with fleet.lock:
+        policy, now = _check(fleet, request, policy, now)
+        q = K.Query(*build_query(fleet, request, policy, now))
+        masks, _, _ = _evaluate(fleet.columns, q, len(fleet))
+        return [fleet.agent_id_at(row) for row in np.flatnonzero(masks == 0).tolist()]
 
 
 def evaluate(

@@ -15,7 +15,7 @@ from scoring import Fleet, pick_agent, rank_agents
 from scoring import _kernels as K
 from scoring import pick as pick_module
 from scoring import reference as R
-from scoring.pick import evaluate
+from scoring.pick import eligible_agents, evaluate
 from tests.strategies import NOW, scenarios
 
 SCORE_TOLERANCE = 0.0
@@ -119,3 +119,10 @@ def test_pick_agent_path_equals_reference(threshold, scenario):
     finally:
         pick_module.PARALLEL_THRESHOLD, pick_module.cores_idle = saved
     _assert_same_decision(got, R.pick_agent(agents, request, policy, now=NOW))
+
+
+@given(scenarios())
+def test_eligible_agents_equal_reference(scenario):
+    agents, request, policy = scenario
+    got = eligible_agents(Fleet.from_agents(agents), request, policy, now=NOW)
+    assert got == [a.agent_id for a in agents if not R.reject_reasons(a, request, policy, NOW)]

@@ -203,3 +203,25 @@ def test_columns_have_the_documented_dtypes():
     columns = Fleet.from_agents([make("a")]).columns
     assert columns.team.dtype == np.int32 and columns.labels.dtype == np.uint64
     assert columns.gpu_capacity.dtype == np.uint16 and columns.vram_gb.dtype == np.float64
+
+
+def test_reserve_takes_a_slot_of_a_chosen_agent_and_refuses_a_full_one():
+    fleet = Fleet.from_agents([make("a", gpu_capacity=1)])
+    fleet.reserve("a")
+    assert fleet.get("a").running_count == 1 and fleet.get("a").status is AgentStatus.BUSY
+    with pytest.raises(ValueError, match="no free slot"):
+        fleet.reserve("a")
+    assert fleet.get("a").running_count == 1
+    with pytest.raises(KeyError):
+        fleet.reserve("ghost")
+
+
+def test_heartbeat_reports_cached_models_past_one_bitset_word():
+    fleet = Fleet.from_agents([make("a", cached_models={"m-0"}), make("b")])
+    many = {f"m-{i}" for i in range(100)}
+    fleet.heartbeat("a", NOW + 1, cached_models=many)
+    assert fleet.get("a").cached_models == many and fleet.get("b") == make("b")
+    request = DispatchRequest(team_id=TEAM, required_models={"m-99"})
+    assert pick_agent(fleet, request, now=NOW).factors["warm"] == 1.0
+    fleet.heartbeat("a", NOW + 2, cached_models=[])
+    assert fleet.get("a").cached_models == frozenset()

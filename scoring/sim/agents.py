@@ -5,7 +5,7 @@ is its changing state (connected or not, tasks on it, a least-recently-used mode
 lifecycle process connects the agent and syncs it, then, until it disconnects, gives it occasional
 unhealthy spells and interactive tunnel sessions; a disconnected agent stops heartbeating (so it
 turns stale in the fleet) and later reconnects. Every change reaches the fleet the way a
-dispatcher sees it: ``upsert`` on connect and cache changes, ``heartbeat`` for status changes.
+dispatcher sees it: ``upsert`` on connect, ``heartbeat`` for status and cache changes.
 Lifecycle draws come from a per-agent random stream, so every policy sees the same events.
 """
 

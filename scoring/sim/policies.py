@@ -9,6 +9,7 @@ differs, so a difference in the metrics is a difference in choosing, never in fi
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ class Scorer:
         return fleet.dispatch(request, self.policy, now=now).agent_id
 
 
-class Baseline:
+class Baseline(ABC):
     """A policy that picks among the engine's eligible agents by a rule of its own."""
 
     name = "baseline"
@@ -46,23 +47,12 @@ class Baseline:
         # A fixed order, so that the rule alone (not the scorer's ranking) decides.
         eligible.sort(key=lambda r: r.agent_id)
         agent_id = self.pick(eligible)
-        reserve(fleet, agent_id)
+        fleet.reserve(agent_id)  # one more running, busy: as Fleet.dispatch does for its pick
         return agent_id
 
+    @abstractmethod
     def pick(self, eligible: Sequence[RankedAgent]) -> str:
-        raise NotImplementedError
-
-
-def reserve(fleet: Fleet, agent_id: str) -> None:
-    """Take one slot of ``agent_id`` as ``Fleet.dispatch`` does: one more running, busy.
-
-    The heartbeat keeps the agent's last heartbeat time, so reserving a slot never makes a silent
-    agent look alive longer than it would under the scorer.
-    """
-    agent = fleet.get(agent_id)
-    fleet.heartbeat(
-        agent_id, agent.last_heartbeat, status="busy", running_count=agent.running_count + 1
-    )
+        """The id of one of the ``eligible`` agents (sorted by id)."""
 
 
 class RandomChoice(Baseline):

@@ -363,8 +363,9 @@ class _Run:
             return  # the agent disconnected while loading
         agent.loading.pop(model, None)
         agent.add_model(model)
-        record = self.fleet.get(agent.agent_id)
-        self.fleet.upsert(record.model_copy(update={"cached_models": frozenset(agent.cache)}))
+        # The agent reports its new cache; its last heartbeat time stays as it was.
+        last = self.fleet.get(agent.agent_id).last_heartbeat
+        self.fleet.heartbeat(agent.agent_id, last, cached_models=agent.cache)
 
     def _finish(self, attempt: _Attempt, _: Any) -> None:
         if not attempt.alive:
