@@ -213,15 +213,18 @@ def _score(c, q, i):
 
 
 @jit_row
-def _scan(c, q, lo, hi, scratch, reasons, all_labels):
+def _scan(c, q, lo, hi, cut, scratch, reasons, all_labels):
     """One fused pass over rows ``[lo, hi)`` (uint64), block by block.
 
     Each block's reject masks come first (:func:`_block_eligibility`, into the uint8[BLOCK]
-    ``scratch``), then only its eligible rows are scored. Returns
-    ``(best_row, best_score, best_tie_hash, eligible)``: the best score, exact ties going to the
-    lowest tie hash; ``best_row`` is -1 when no agent in the range is eligible.
+    ``scratch``), then only its eligible rows are scored. With ``cut`` NaN, the best score wins
+    and exact ties go to the lowest tie hash; otherwise (the tie band's second pass) every
+    eligible row scoring at least ``cut`` ranks equal and the lowest tie hash wins. Returns
+    ``(best_row, best_score, best_tie_hash, eligible)``; ``best_row`` is -1 when no agent in the
+    range qualifies.
     """
-    best, best_score, best_hash, eligible = -1, -np.inf, _MAX_HASH, 0
+    banded = not np.isnan(cut)
+    best, best_rank, best_score, best_hash, eligible = -1, -np.inf, -np.inf, _MAX_HASH, 0
     e = np.searchsorted(q.excluded, np.int64(lo))
     for start in range(lo, hi, _BLOCK):
         m = min(_BLOCK, hi - start)
@@ -232,34 +235,14 @@ def _scan(c, q, lo, hi, scratch, reasons, all_labels):
             i = start + j
             eligible += 1
             s = _score(c, q, i)
-            if s >= best_score:
-                h = _tie_hash(c.id_hash[i], q.tie_key_hash)
-                if s > best_score or h < best_hash:
-                    best, best_score, best_hash = np.int64(i), s, h
-    return best, best_score, best_hash, eligible
-
-
-@jit_row
-def _band_pick(c, q, lo, hi, cut, scratch, reasons, all_labels):
-    """Among eligible rows of ``[lo, hi)`` scoring at least ``cut``: the lowest tie hash.
-
-    ``reasons`` and ``all_labels`` are throwaway tallies: the first pass already counted.
-    """
-    best, best_score, best_hash = -1, -np.inf, _MAX_HASH
-    e = np.searchsorted(q.excluded, np.int64(lo))
-    for start in range(lo, hi, _BLOCK):
-        m = min(_BLOCK, hi - start)
-        e = _block_eligibility(c, q, start, m, scratch, reasons, all_labels, e)
-        for j in range(m):
-            if scratch[j]:
+            if banded and s < cut:
                 continue
-            i = start + j
-            s = _score(c, q, i)
-            if s >= cut:
+            rank = 0.0 if banded else s
+            if rank >= best_rank:
                 h = _tie_hash(c.id_hash[i], q.tie_key_hash)
-                if h < best_hash:
-                    best, best_score, best_hash = np.int64(i), s, h
-    return best, best_score, best_hash
+                if rank > best_rank or h < best_hash:
+                    best, best_rank, best_score, best_hash = np.int64(i), rank, s, h
+    return best, best_score, best_hash, eligible
 
 
 @jit_row
@@ -269,10 +252,10 @@ def _pick_rows(c, q, t):
     Returns ``(row, score, eligible, factors)``; ``factors`` are the winner's (NaN if none).
     """
     n = np.uint64(c.team.shape[0])
-    best, best_score, _, eligible = _scan(c, q, _NONE, n, t[0], t[1], t[2])
+    best, best_score, _, eligible = _scan(c, q, _NONE, n, np.nan, t[0], t[1], t[2])
     if best >= 0 and q.tie_band > 0.0:
         cut = best_score - q.tie_band
-        best, best_score, _ = _band_pick(c, q, _NONE, n, cut, t[0], t[3], t[4])
+        best, best_score, _, _ = _scan(c, q, _NONE, n, cut, t[0], t[3], t[4])
     return best, best_score, eligible, _winner_factors(c, q, best)
 
 
@@ -336,7 +319,7 @@ def _pick_parallel(c, q, n_chunks):
     for k in prange(n_chunks):
         lo, hi = min(n, np.uint64(k) * step), min(n, np.uint64(k + 1) * step)
         rows[k], scores[k], hashes[k], counts[k] = _scan(
-            c, q, lo, hi, scratch[k], reasons[k], all_labels[k]
+            c, q, lo, hi, np.nan, scratch[k], reasons[k], all_labels[k]
         )
     k = _best_chunk(rows, scores, hashes)
     if k >= 0 and q.tie_band > 0.0:
@@ -345,7 +328,7 @@ def _pick_parallel(c, q, n_chunks):
         band_labels = np.full((n_chunks, words), _ALL)
         for j in prange(n_chunks):
             lo, hi = min(n, np.uint64(j) * step), min(n, np.uint64(j + 1) * step)
-            rows[j], scores[j], hashes[j] = _band_pick(
+            rows[j], scores[j], hashes[j], _ = _scan(
                 c, q, lo, hi, cut, scratch[j], band_reasons[j], band_labels[j]
             )
         k = _best_chunk(rows, np.zeros(n_chunks), hashes)  # every candidate is in the band
