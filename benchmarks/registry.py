@@ -69,7 +69,8 @@ class _Kernel:
         if self.parallel:
             row = K._pick_parallel(c, found[3], self.chunks)[0]
         else:
-            row = K._pick_flat(*c, *found[2])[0]
+            with self.fleet.lock:  # the fleet's scratch is used under its lock
+                row = K._pick_flat(*c, *found[2], *self.fleet.scratch())[0]
         return None if row < 0 else self.fleet.agent_id_at(row)
 
 
@@ -84,7 +85,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     for impl in (
         Implementation("engine", "engine", _engine, description="pick_agent(), end to end"),
         Implementation("engine-kernel", "engine", lambda f, a: _Kernel(f, parallel=False),
-                       description="_pick_flat alone, serial, query prebuilt"),
+                       description="_pick_flat alone, serial, query prebuilt (lock included)"),
         Implementation("engine-parallel", "engine", lambda f, a: _Kernel(f, parallel=True),
                        description="_pick_parallel alone, all numba threads, query prebuilt"),
         Implementation("memory-limit", "limit", lambda f, a: MemoryLimit(f),

@@ -246,16 +246,26 @@ def _scan(c, q, lo, hi, cut, scratch, reasons, all_labels):
 
 
 @jit_row
-def _pick_rows(c, q, t):
-    """The serial pick over every row, tallying into the scratch arrays ``t`` (:func:`_tally`).
+def _pick_rows(c, q, masks, counts, labels):
+    """The serial pick over every row, tallying into scratch (see :func:`_scratch`).
 
     Returns ``(row, score, eligible, factors)``; ``factors`` are the winner's (NaN if none).
+    ``counts[:7]`` then holds the agents failing each filter and ``labels[:words]`` the AND of
+    the labels of label-rejected agents; the rest is the band pass's throwaway tally.
     """
+    words = q.labels.shape[0]
+    for r in range(2 * N_REASONS):
+        counts[r] = 0
+    for w in range(2 * words):
+        labels[w] = _ALL
     n = np.uint64(c.team.shape[0])
-    best, best_score, _, eligible = _scan(c, q, _NONE, n, np.nan, t[0], t[1], t[2])
+    reasons, all_labels = counts[:N_REASONS], labels[:words]
+    best, best_score, _, eligible = _scan(c, q, _NONE, n, np.nan, masks, reasons, all_labels)
     if best >= 0 and q.tie_band > 0.0:
         cut = best_score - q.tie_band
-        best, best_score, _, _ = _scan(c, q, _NONE, n, cut, t[0], t[3], t[4])
+        best, best_score, _, _ = _scan(
+            c, q, _NONE, n, cut, masks, counts[N_REASONS:], labels[words:]
+        )
     return best, best_score, eligible, _winner_factors(c, q, best)
 
 
@@ -268,16 +278,23 @@ def _winner_factors(c, q, best):
 
 
 @jit
-def _tally(label_words):
-    """Scratch for one scan: block masks, reason counts, AND of rejected labels (twice: the
-    second pair is the band pass's throwaway tally)."""
+def _scratch(label_words):
+    """Working memory of one serial pick: block masks, reason counts, label ANDs (each twice
+    as long as one pass needs: the tie band's pass tallies into the second half).
+
+    Python callers keep one (the fleet does, used under its lock), so a pick allocates nothing.
+    """
     return (
         np.empty(BLOCK, np.uint8),
-        np.zeros(N_REASONS, np.int64),
-        np.full(label_words, _ALL),
-        np.zeros(N_REASONS, np.int64),
-        np.full(label_words, _ALL),
+        np.zeros(2 * N_REASONS, np.int64),
+        np.full(2 * label_words, _ALL),
     )
+
+
+@jit
+def _rejected(counts):
+    r = counts
+    return r[0], r[1], r[2], r[3], r[4], r[5], r[6]
 
 
 @jit
@@ -288,17 +305,16 @@ def _answer(best, best_score, eligible, factors, reasons, all_labels, required):
     Python faster than arrays; ``missing`` is the uint64 bitset of the required labels that some
     label-rejected agent lacks.
     """
-    r = reasons
-    rejected = (r[0], r[1], r[2], r[3], r[4], r[5], r[6])
-    return best, best_score, eligible, factors, rejected, required & ~all_labels
+    missing = required & ~all_labels[: required.shape[0]]
+    return best, best_score, eligible, factors, _rejected(reasons), missing
 
 
 @jit
 def _pick(c, q):
     """Serial pick; see :func:`_answer` for what it returns."""
-    t = _tally(q.labels.shape[0])
-    best, best_score, eligible, factors = _pick_rows(c, q, t)
-    return _answer(best, best_score, eligible, factors, t[1], t[2], q.labels)
+    masks, counts, labels = _scratch(q.labels.shape[0])
+    best, best_score, eligible, factors = _pick_rows(c, q, masks, counts, labels)
+    return _answer(best, best_score, eligible, factors, counts, labels, q.labels)
 
 
 @jit_parallel
@@ -356,15 +372,15 @@ def _best_chunk(rows, scores, hashes):
 def _scores(c, q, out_scores, out_hashes, out_masks):
     """Every agent's reject mask, score (-inf when ineligible) and tie hash, for ranking."""
     n = np.uint64(c.team.shape[0])
-    t = _tally(q.labels.shape[0])
+    masks, counts, labels = _scratch(q.labels.shape[0])
     e = 0
     for start in range(_NONE, n, _BLOCK):
         m = min(_BLOCK, n - start)
-        e = _block_eligibility(c, q, start, m, t[0], t[1], t[2], e)
+        e = _block_eligibility(c, q, start, m, masks, counts, labels, e)
         for j in range(m):
             i = start + j
-            out_masks[i] = t[0][j]
-            out_scores[i] = -np.inf if t[0][j] else _score(c, q, i)
+            out_masks[i] = masks[j]
+            out_scores[i] = -np.inf if masks[j] else _score(c, q, i)
             out_hashes[i] = _tie_hash(c.id_hash[i], q.tie_key_hash)
 
 
@@ -386,13 +402,18 @@ def _pick_flat(
     labels, models,
     now, timeout, q_team, community, q_labels, labels_unknown, min_vram, excluded, q_models,
     n_models, region_table, gpu_table, weights, tie_band, tie_key_hash,
+    masks, counts, labels_and,
 ):  # fmt: skip
-    """Serial pick over flat arguments (``Columns`` then ``Query``); see :func:`_answer`."""
+    """Serial pick over flat arguments (``Columns``, ``Query``, then :func:`_scratch`).
+
+    Returns ``(row, score, eligible, factors, rejected)``: no array, so nothing is allocated or
+    boxed; the required labels that label-rejected agents lack are
+    ``q_labels & ~labels_and[:words]``.
+    """
     c = Columns(team, status, opt_in, region, gpu, heartbeat, capacity, running, vram, failure,
                 id_hash, labels, models)  # fmt: skip
     q = Query(now, timeout, q_team, community, q_labels, labels_unknown, min_vram, excluded,
               q_models, n_models, region_table, gpu_table, weights, tie_band,
               tie_key_hash)  # fmt: skip
-    t = _tally(q_labels.shape[0])
-    best, best_score, eligible, factors = _pick_rows(c, q, t)
-    return _answer(best, best_score, eligible, factors, t[1], t[2], q_labels)
+    best, best_score, eligible, factors = _pick_rows(c, q, masks, counts, labels_and)
+    return best, best_score, eligible, factors, _rejected(counts)

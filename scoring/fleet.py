@@ -16,7 +16,7 @@ from uuid import UUID
 
 import numpy as np
 
-from scoring._kernels import Columns
+from scoring._kernels import Columns, _scratch
 from scoring.hashing import stable_hash64
 from scoring.intern import Interner
 from scoring.models import (
@@ -72,6 +72,7 @@ class Fleet:
         self._view: Columns | None = None
         # Translations of request parts into kernel arrays, valid until the interners grow.
         self.query_cache: dict[Any, Any] = {}
+        self._scratch: tuple[np.ndarray, ...] = ()
 
     # --- construction -----------------------------------------------------------------------
 
@@ -261,6 +262,13 @@ class Fleet:
             n = self._n
             self._view = Columns(**{name: col[:n] for name, col in self._data.items()})
         return self._view
+
+    def scratch(self) -> tuple[np.ndarray, ...]:
+        """The serial pick's working memory (see ``_kernels._scratch``). Use under :attr:`lock`."""
+        words = self._data["labels"].shape[1]
+        if not self._scratch or self._scratch[2].shape[0] != 2 * words:
+            self._scratch = _scratch(words)
+        return self._scratch
 
     def nbytes_per_agent(self) -> float:
         """Bytes of column data per agent (live rows only)."""

@@ -70,9 +70,13 @@ def decide(fleet: Fleet, request: DispatchRequest, policy: Any, now: Any) -> Dec
     n = len(fleet)
     if n >= PARALLEL_THRESHOLD and (threads := numba.get_num_threads()) > 1 and cores_idle(threads):
         out = K._pick_parallel(c, K.Query(*q), threads * CHUNKS_PER_THREAD)
+        row, score, eligible, factors, rejected, missing = out
     else:
-        out = _pick_entry(*c, *q)
-    row, score, eligible, factors, rejected, missing = out
+        masks, counts, labels_and = fleet.scratch()
+        row, score, eligible, factors, rejected = _pick_entry(*c, *q, masks, counts, labels_and)
+        if rejected[3]:
+            required = q[4]  # Query.labels
+            missing = required & ~labels_and[: required.shape[0]]
     # Label names are looked up only if someone reads them (the interner never forgets a bit).
     missing_labels = MissingLabels(fleet.labels, missing, request) if rejected[3] else ()
     if row < 0:
@@ -95,8 +99,9 @@ def cores_idle(threads: int) -> bool:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average on this platform: assume room
         return True
-    # This process's own scan is already counted in the load.
-    return load + threads - 1 <= (os.cpu_count() or 1)
+    # This process's own scan is already counted in the load; half a core of slack for the
+    # load average's lag and for short-lived processes.
+    return load + threads - 1 <= (os.cpu_count() or 1) + 0.5
 
 
 def rank_agents(

@@ -96,8 +96,10 @@ def test_parallel_kernel_equals_serial(scenario, n_chunks):
     fleet = Fleet.from_agents(agents)
     with fleet.lock:
         q = pick_module.build_query(fleet, request, policy, NOW)
-        serial = K._pick_flat(*fleet.columns, *q)
+        serial = K._pick(fleet.columns, K.Query(*q))
+        flat = K._pick_flat(*fleet.columns, *q, *fleet.scratch())
         parallel = K._pick_parallel(fleet.columns, K.Query(*q), n_chunks)
+    np.testing.assert_equal(flat, serial[:5])  # the flat entry point with the fleet's scratch
     row, score, eligible, factors, rejected, missing = serial
     assert parallel[0] == row and parallel[2] == eligible and parallel[4] == rejected
     assert np.array_equal(parallel[5], missing)
