@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -47,11 +48,12 @@ class FileStore(Protocol):
         ...
 
 
-class _StatHelpers:
+class _StatHelpers(ABC):
     """Single-question helpers shared by the stores, all answered by ``stat``."""
 
-    def stat(self, key: str) -> FileInfo | None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def stat(self, key: str) -> FileInfo | None:
+        """What is known about ``key``, or ``None`` if no such file was uploaded."""
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` was uploaded."""
