@@ -21,6 +21,7 @@ import numpy as np
 from numba import prange
 
 from scoring._jit import jit, jit_parallel, jit_row
+from scoring.models import FACTORS, LAST_ELIGIBLE_STATUS, REASONS
 
 #: The fleet's columns, one array per ``Agent`` field (shapes ``(n,)``; bitsets ``(n, words)``).
 Columns = namedtuple(
@@ -64,11 +65,11 @@ Query = namedtuple(
     ],
 )
 
-N_REASONS = 7
+# A reject mask has bit r set when the agent fails filter REASONS[r] (see _block_masks).
+N_REASONS = len(REASONS)
+EXCLUDED = 1 << REASONS.index("excluded")
+N_FACTORS = len(FACTORS)
 BLOCK = 1024  # rows whose reject masks are computed together, before their eligible rows score
-STALE, STATUS, POOL, LABELS, CAPACITY, VRAM, EXCLUDED = (1 << r for r in range(N_REASONS))
-LAST_ELIGIBLE_STATUS = 1  # idle = 0, busy = 1 (models.STATUS_CODES)
-N_FACTORS = 6
 
 _M32 = np.uint64(0xFFFFFFFF)
 _S13, _S16, _S32 = np.uint64(13), np.uint64(16), np.uint64(32)
