@@ -30,7 +30,7 @@ from scoring import _kernels as K
 from scoring.decision import Decision
 from scoring.fleet import Fleet
 from scoring.models import FACTORS, REASONS, DispatchRequest, ScoringPolicy
-from scoring.pick import check_call, decide
+from scoring.pick import candidates, check_call, decide
 from scoring.query import build_query
 
 _CAPACITY_ONLY = 1 << REASONS.index("capacity")
@@ -97,39 +97,38 @@ def _warm_choice(
     fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy, now: float
 ) -> Decision | None:
     """The young request's warm placement, its deferral, or ``None`` (cold on every agent)."""
-    q = K.Query(*build_query(fleet, request, policy, now))
-    n = len(fleet)
-    masks, scores, hashes = np.empty(n, np.int64), np.empty(n), np.empty(n, np.uint64)
-    K._scores(fleet.columns, q, scores, hashes, masks)
-    warm = _has_all_models(fleet, q.models, len(request.required_models))
-    free_warm = np.flatnonzero(warm & (masks == 0))
-    busy_warm = np.flatnonzero(warm & (masks == _CAPACITY_ONLY))
-    if free_warm.size == 0 and busy_warm.size == 0:
+    q = build_query(fleet, request, policy, now)
+    rows, masks, scores, hashes = candidates(fleet, q)
+    warm = _has_all_models(fleet, rows, q.models, len(request.required_models))
+    free = np.flatnonzero(warm & (masks == 0))
+    busy = np.flatnonzero(warm & (masks == _CAPACITY_ONLY))
+    if free.size == 0 and busy.size == 0:
         return None
     pool = decide(fleet, request, policy, now)  # the pool's counts, for the explanation
     counts = [pool.rejected[r] for r in REASONS]
-    if free_warm.size == 0:
-        waiting = sorted(fleet.agent_id_at(int(r)) for r in busy_warm)
+    if free.size == 0:
+        waiting = sorted(fleet.agent_id_at(int(r)) for r in rows[busy])
         return Decision(None, None, (), pool.eligible, counts, pool.considered,
                         pool.missing_labels, deferred=True, waiting_for=waiting)  # fmt: skip
-    row = _best(free_warm, scores, hashes, policy.tie_band)
+    best = _best(free, scores, hashes, policy.tie_band)
+    row = int(rows[best])
     factors = np.empty((1, len(FACTORS)))
     K._factor_rows(fleet.columns, q, np.array([row], np.int64), factors)
-    return Decision(fleet.agent_id_at(row), float(scores[row]), factors[0].tolist(),
+    return Decision(fleet.agent_id_at(row), float(scores[best]), factors[0].tolist(),
                     pool.eligible, counts, pool.considered, pool.missing_labels, row)  # fmt: skip
 
 
-def _best(rows: np.ndarray, scores: np.ndarray, hashes: np.ndarray, band: float) -> int:
-    """The pick's rule over ``rows``: best score (or within ``band`` of it), lowest tie hash."""
-    s = scores[rows]
+def _best(positions: np.ndarray, scores: np.ndarray, hashes: np.ndarray, band: float) -> int:
+    """The pick's rule over ``positions``: best score (or within ``band`` of it), lowest hash."""
+    s = scores[positions]
     top = s.max()
-    tied = rows[s >= top - band] if band > 0.0 else rows[s == top]
+    tied = positions[s >= top - band] if band > 0.0 else positions[s == top]
     return int(tied[np.argmin(hashes[tied])])
 
 
-def _has_all_models(fleet: Fleet, wanted: np.ndarray, n_models: int) -> np.ndarray:
-    """Rows whose cache holds every required model (none when one is unknown to the fleet)."""
-    if sum(int(w).bit_count() for w in wanted.tolist()) != n_models:
-        return np.zeros(len(fleet), bool)
-    cached = fleet.columns.cached_models
+def _has_all_models(fleet: Fleet, rows: np.ndarray, wanted: np.ndarray, n: int) -> np.ndarray:
+    """Which ``rows`` cache every required model (none when one is unknown to the fleet)."""
+    if sum(int(w).bit_count() for w in wanted.tolist()) != n:
+        return np.zeros(len(rows), bool)
+    cached = fleet.columns.cached_models[rows]
     return ((cached & wanted) == wanted).all(axis=1)

@@ -6,6 +6,7 @@ Strings that the platform compares loosely (regions, labels) are normalised once
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from uuid import UUID
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -33,6 +35,7 @@ REASONS: tuple[str, ...] = ("stale", "status", "pool", "labels", "capacity", "vr
 
 MAX_NAME_LEN = 64  # regions and labels
 MAX_SLOTS = 2**16 - 1
+MAX_VRAM_GB = 16_383.75  # quarter GB in a uint16, one code kept for unknown
 
 
 class AgentStatus(StrEnum):
@@ -135,6 +138,16 @@ def to_epoch_seconds(value: Any) -> Any:
     return value
 
 
+def _quarter_gb(value: float | None) -> float | None:
+    """VRAM down to the quarter GB, as the fleet stores it (never more than the agent has)."""
+    return None if value is None else math.floor(value * 4) / 4
+
+
+def _failure_steps(value: float) -> float:
+    """A failure rate to the nearest 1/32768, as the fleet stores it."""
+    return round(value * 32768) / 32768
+
+
 Region = Annotated[str | None, BeforeValidator(normalize_region)]
 Labels = Annotated[frozenset[str], BeforeValidator(_normalize_labels)]
 Names = Annotated[frozenset[str], BeforeValidator(normalize_names)]
@@ -173,10 +186,14 @@ class Agent(_Record):
     running_count: Annotated[int, Field(ge=0, le=MAX_SLOTS)] = 0
     region: Region = None
     community_opt_in: bool = False
-    vram_gb: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
+    vram_gb: Annotated[
+        float | None, Field(ge=0, le=MAX_VRAM_GB, allow_inf_nan=False), AfterValidator(_quarter_gb)
+    ] = None
     gpu_model: OptionalText = None
     cached_models: Names = frozenset()
-    failure_rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
+    failure_rate: Annotated[
+        float, Field(ge=0, le=1, allow_inf_nan=False), AfterValidator(_failure_steps)
+    ] = 0.0
 
     @field_validator("agent_id")
     @classmethod
