@@ -22,8 +22,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from scoring.files import FileInfo, InMemoryFileStore
-from scoring.workflow import ParameterDef, Workflow
+from scoring.contract import FileInfo, InMemoryFileStore, ParameterDef, Workflow
 
 TEAM = uuid.UUID("7f9c2a52-0d1e-4b7a-9a43-5a1f0c3b2d10")
 OTHER_TEAM = uuid.UUID("0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f")

@@ -14,18 +14,20 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from scoring.files import InMemoryFileStore
-from scoring.models import DispatchRequest
-from scoring.run import (
+from scoring.contract import (
     DispatchedRun,
     ErrorCode,
+    InMemoryFileStore,
+    ParameterDef,
     RunRequest,
     RunValidationError,
     ValidatedRun,
+    Workflow,
     dispatch_run,
     validate_run,
 )
-from scoring.workflow import MAX_PARAMETER_KEYS, ParameterDef, Workflow
+from scoring.contract.workflow import MAX_PARAMETER_KEYS
+from scoring.models import DispatchRequest
 
 TEAM = uuid.UUID("7f9c2a52-0d1e-4b7a-9a43-5a1f0c3b2d10")
 OTHER_TEAM = uuid.UUID("0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f")

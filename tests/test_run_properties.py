@@ -1,6 +1,6 @@
 """Properties of the run contract, checked against an independent oracle written from DESIGN §2.
 
-The oracle below shares no code with :mod:`scoring.run` or :mod:`scoring.workflow`: it restates
+The oracle below shares no code with :mod:`scoring.contract`: it restates
 each rule directly (types, bounds, options, file ownership and MIME patterns, top-level enums,
 region length) and predicts which fields of a body must be flagged.
 """
@@ -15,9 +15,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scoring.files import InMemoryFileStore
-from scoring.run import ErrorCode, RunRequest, RunValidationError, ValidatedRun, validate_run
-from scoring.workflow import ParameterDef, Workflow
+from scoring.contract import (
+    ErrorCode,
+    InMemoryFileStore,
+    ParameterDef,
+    RunRequest,
+    RunValidationError,
+    ValidatedRun,
+    Workflow,
+    validate_run,
+)
 from tests.strategies_run import (
     OTHER_TEAM,
     TEAM,
@@ -89,7 +96,8 @@ def expected_flags(s: Scenario, body: Any) -> set[tuple[str, str | None]]:
     if target == "comfy_cloud" and wf.tool_type != "comfyui":
         flags.add(("body", "dispatch_target"))
     region = body.get("submitter_region")
-    if region is not None and (not isinstance(region, str) or len(region.strip().lower()) > 64):
+    # DESIGN section 3: lengths are measured after trimming, before lower-casing.
+    if region is not None and (not isinstance(region, str) or len(region.strip()) > 64):
         flags.add(("body", "submitter_region"))
     params = body.get("parameters")
     params = {} if params is None else params
