@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from scoring.contract import (
     ErrorCode,
@@ -25,12 +26,15 @@ from scoring.contract import (
     Workflow,
     validate_run,
 )
+from scoring.models import DispatchRequest
 from tests.strategies_run import (
+    HOSTILE_NEEDS,
     OTHER_TEAM,
     TEAM,
     TOP_LEVEL,
     Scenario,
     json_bodies,
+    mostly,
     near_valid_bodies,
     scenarios,
     valid_bodies,
@@ -187,6 +191,42 @@ def test_any_json_body_is_a_run_or_a_400(s: Scenario, body: Any) -> None:
 @given(data=st.data(), s=scenarios())
 def test_near_valid_bodies_match_the_oracle(data: st.DataObject, s: Scenario) -> None:
     check_against_oracle(s, data.draw(near_valid_bodies(s)))
+
+
+@given(data=st.data(), s=scenarios(hostile=True))
+def test_any_workflow_that_builds_gives_a_run_or_a_400(data: st.DataObject, s: Scenario) -> None:
+    """Issue 9: whatever a workflow that builds asks of agents, a run of it is accepted or is a
+    RunValidationError (``outcome`` lets any other exception, e.g. pydantic's, fail the test)."""
+    # Mostly valid bodies: only an accepted agent run builds a DispatchRequest.
+    body = data.draw(mostly(valid_bodies(s), json_bodies() | near_valid_bodies(s)))
+    check_against_oracle(s, body)
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_NEEDS))
+@given(data=st.data())
+def test_workflow_fields_obey_the_dispatch_request_rules(name: str, data: st.DataObject) -> None:
+    """A Workflow field that flows into the DispatchRequest accepts what the request accepts,
+    stores it as the request does, and refuses what the request refuses, naming the field."""
+    value = data.draw(HOSTILE_NEEDS[name], label=name)
+    build = lambda: Workflow(id=TEAM, slug="wf", team_id=TEAM, **{name: value})  # noqa: E731
+    try:
+        expected = DispatchRequest(team_id=TEAM, **{name: value})
+    except ValidationError as refused:
+        with pytest.raises(ValidationError) as info:
+            build()
+        got = [(e["loc"], e["msg"]) for e in info.value.errors()]
+        assert got == [(e["loc"], e["msg"]) for e in refused.errors()]
+        return
+    try:
+        workflow = build()
+    except ValidationError as info:
+        # The request takes the raw value; the workflow also refuses a value whose *stored*
+        # form the request would refuse (a normaliser that is not idempotent).
+        assert "would carry an invalid request" in str(info), info
+        with pytest.raises(ValidationError):
+            DispatchRequest(team_id=TEAM, **{name: getattr(expected, name)})
+        return
+    assert getattr(workflow, name) == getattr(expected, name)
 
 
 @given(data=st.data(), s=scenarios(active=True))
