@@ -711,6 +711,21 @@ def test_design_public_names() -> None:
 
     assert scoring.validate_run is validate_run
     assert {"dispatch_run", "S3FileStore", "ValidatedRun", "ErrorCode"} <= set(scoring.__all__)
+    # The contract package exports the same objects, and every one of them is also in scoring.
+    import scoring.contract
+
+    assert set(scoring.contract.__all__) <= set(scoring.__all__)
+    for name in scoring.contract.__all__:
+        assert getattr(scoring.contract, name) is getattr(scoring, name)
+
+
+def test_old_module_paths_are_gone() -> None:
+    """The contract moved into scoring.contract without shims: one place to import from."""
+    import importlib
+
+    for old in ("scoring.run", "scoring.workflow", "scoring.files"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
 
 
 def test_copies_are_validated_and_fresh() -> None:

@@ -26,7 +26,7 @@ from scoring.contract import (
     Workflow,
     validate_run,
 )
-from scoring.models import DispatchRequest
+from scoring.models import DispatchRequest, normalize_region
 from tests.strategies_run import (
     HOSTILE_NEEDS,
     OTHER_TEAM,
@@ -227,6 +227,38 @@ def test_workflow_fields_obey_the_dispatch_request_rules(name: str, data: st.Dat
             DispatchRequest(team_id=TEAM, **{name: getattr(expected, name)})
         return
     assert getattr(workflow, name) == getattr(expected, name)
+
+
+BARE = Workflow(id=TEAM, slug="bare", team_id=TEAM)  # no parameters, needs nothing
+
+
+# Near the limit, "İ" counts once before lower-casing and twice after it.
+near_limit = st.builds(
+    lambda k, n, pad: pad + "İ" * k + "x" * n + pad,
+    st.integers(0, 70),
+    st.integers(0, 70),
+    st.sampled_from(["", " ", "\t"]),
+)
+
+
+@given(
+    region=near_limit
+    | st.text(st.sampled_from("İiXx -\t\u00a0"), max_size=80)
+    | st.text(max_size=80)
+)
+def test_region_is_measured_and_normalised_as_the_models_do(region: str) -> None:
+    """The contract takes ``normalize_region``'s word on a region, whatever its letters (``İ``
+    grows when lower-cased), and the request carries it normalised exactly once."""
+    try:
+        expected = normalize_region(region)
+    except ValueError:
+        with pytest.raises(RunValidationError) as info:
+            validate_run(BARE, {"submitter_region": region}, TEAM, InMemoryFileStore())
+        assert info.value.codes == ["region_too_long"]
+        return
+    run = validate_run(BARE, {"submitter_region": region}, TEAM, InMemoryFileStore())
+    assert run.dispatch_request is not None
+    assert run.submitter_region == run.dispatch_request.submitter_region == expected
 
 
 @given(data=st.data(), s=scenarios(active=True))
