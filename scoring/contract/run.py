@@ -165,13 +165,7 @@ def validate_run(
     tie_key = task_id if task_id is not None else str(uuid.uuid4())
     request = None
     if target == "agent":
-        request = DispatchRequest(
-            team_id=team,
-            target_pool=fields["target_pool"] or "team",
-            submitter_region=region,
-            tie_key=tie_key,
-            **workflow.request_fields(),  # validated when the workflow was built
-        )
+        request = _dispatch_request(workflow, team, fields["target_pool"], region, tie_key)
     return ValidatedRun(
         workflow_id=workflow.id,
         team_id=team,
@@ -324,6 +318,19 @@ def _file_problem(
         message = f"content type {short_repr(info.content_type)} is not in {list(accept)}"
         return ErrorCode.FILE_TYPE_REJECTED, message
     return None
+
+
+def _dispatch_request(
+    workflow: Workflow, team: UUID, pool: TargetPool | None, region: str | None, tie_key: str
+) -> DispatchRequest:
+    """The agent run's request; it validates, since the body passed and the workflow built."""
+    return DispatchRequest(
+        team_id=team,
+        target_pool=pool or "team",
+        submitter_region=region,  # as sent: the request normalises it (see _check_region)
+        tie_key=tie_key,
+        **workflow.request_fields(),  # checked against DispatchRequest when the workflow built
+    )
 
 
 def _key(key: Any) -> str:
