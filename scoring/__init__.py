@@ -1,5 +1,6 @@
 """Dispatch scoring engine: decides, in microseconds, which GPU agent runs each task."""
 
+from scoring.assign import assign
 from scoring.contract import (
     DispatchedRun,
     ErrorCode,
@@ -41,6 +42,7 @@ __all__ = [
     "ScoringPolicy",
     "ValidatedRun",
     "Workflow",
+    "assign",
     "dispatch_run",
     "pick_agent",
     "rank_agents",
