@@ -51,8 +51,8 @@ MAX_EXCLUDED = 1024  # agents a request excludes
 MAX_WEIGHT = 1e6  # so that the sum of the weights is finite
 MAX_VRAM_GB = 1e6
 MAX_LOCALITY_WAIT_S = 86_400.0  # a day: longer than any task is worth waiting for a warm agent
-#: Latest accepted time, seconds since the epoch: the last microsecond of 9999-12-31 (UTC), so
-#: every UTC ``datetime`` fits and sums of two in-range values stay finite.
+#: Latest accepted time, seconds since the epoch: the end of 9999-12-31 UTC (253402300800.0;
+#: ``datetime.max`` rounds to it as a float), so every UTC ``datetime`` fits.
 MAX_TIMESTAMP = datetime.max.replace(tzinfo=UTC).timestamp()
 
 
@@ -116,6 +116,20 @@ def _bounded_text(value: Any, what: str, max_len: int) -> str:
     return text
 
 
+def _lowered_name(value: Any, what: str, max_len: int) -> str:
+    """Valid text, trimmed and lower-cased; its length is measured on the string as sent.
+
+    One character lower-cases to two: ``"İ"`` (U+0130) becomes ``"i̇"`` (``i`` and U+0307, the
+    combining dot above). A sent ``"İ" * 40`` is 40 characters and valid, so its stored form,
+    80 characters long, must validate again (the fleet rebuilds records from stored names, and
+    copies re-validate); the pair ``"i̇"`` therefore counts as one character either way.
+    """
+    text = valid_text(value, what).strip()
+    if len(text) - text.count("i\u0307") > max_len:
+        raise ValueError(f"{what} is longer than {max_len} characters")
+    return text.lower()
+
+
 def real_number(value: Any, what: str) -> float:
     """A finite real number as a float: ints (any size that fits a float), floats and numpy real
     scalars; never a bool, NaN or an infinity. Raises ``ValueError`` naming ``what``."""
@@ -171,14 +185,14 @@ def normalize_region(value: Any) -> str | None:
     """
     if value is None:
         return None
-    return _bounded_text(value, "region", MAX_NAME_LEN).lower() or None
+    return _lowered_name(value, "region", MAX_NAME_LEN) or None
 
 
 def _normalize_label(value: Any, what: str = "label") -> str:
-    label = _bounded_text(value, what, MAX_NAME_LEN)
+    label = _lowered_name(value, what, MAX_NAME_LEN)
     if not label:
         raise ValueError(f"{what} is empty")
-    return label.lower()
+    return label
 
 
 def _name(value: Any, what: str, max_len: int) -> str:
