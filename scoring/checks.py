@@ -46,18 +46,10 @@ _CODE_OF: dict[str, int] = {status.value: code for status, code in STATUS_CODES.
 _STATUSES = ", ".join(s.value for s in AgentStatus)
 # Element types whose lists numpy converts exactly and without surprises (bool is not among them:
 # numpy would silently read True as 1).
-_PLAIN_INTS = (
-    int,
-    np.int8,
-    np.int16,
-    np.int32,
-    np.int64,
-    np.uint8,
-    np.uint16,
-    np.uint32,
-    np.uint64,
+_PLAIN_INTS = frozenset(
+    (int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
 )
-_PLAIN_REALS = (float, np.float16, np.float32, np.float64, *_PLAIN_INTS)
+_PLAIN_REALS = _PLAIN_INTS | {float, np.float16, np.float32, np.float64}
 
 
 # --- single values -----------------------------------------------------------------------------
@@ -156,7 +148,8 @@ def names(
 
 def agent_ids(values: Any, name: str) -> list[str]:
     """The agent ids of a batch call: a sequence or 1-d array of strings, each as
-    :func:`agent_id` requires. Duplicates are allowed (they are the fleet's to resolve).
+    :func:`agent_id` requires. Duplicates are allowed (they are the fleet's to resolve). The
+    result may be the very list given (not copied, for speed).
 
     Raises
     ------
@@ -208,12 +201,14 @@ def timestamps(values: Any, n: int, name: str) -> np.ndarray:
     items = _batch(values, n, name)
     if items is None:  # one value for everyone
         return np.full(n, timestamp(values[()] if _is_0d(values) else values, name))
+    if isinstance(items, np.ndarray) and items.size == 0:
+        return np.empty(0, np.float64)  # an empty batch, whatever its dtype
     if isinstance(items, np.ndarray):
         if items.dtype.kind not in "iuf":
             if items.dtype.kind != "O":
                 raise ValueError(f"{name} must hold numbers or datetimes, not {items.dtype}")
             items = items.tolist()
-    elif set(map(type, items)) <= set(_PLAIN_REALS):
+    elif set(map(type, items)) <= _PLAIN_REALS:
         try:
             items = np.asarray(items, dtype=np.float64)
         except OverflowError:  # an int beyond float range: named one by one below
@@ -273,12 +268,14 @@ def slot_counts(values: Any, n: int, name: str) -> np.ndarray:
     items = _batch(values, n, name)
     if items is None:
         return np.full(n, slot_count(values[()] if _is_0d(values) else values, name), np.uint16)
+    if isinstance(items, np.ndarray) and items.size == 0:
+        return np.empty(0, np.uint16)
     if isinstance(items, np.ndarray):
         if items.dtype.kind not in "iu":
             if items.dtype.kind != "O":
                 raise ValueError(f"{name} must hold integers, not {items.dtype}")
             items = items.tolist()
-    elif set(map(type, items)) <= set(_PLAIN_INTS):
+    elif set(map(type, items)) <= _PLAIN_INTS:
         try:
             items = np.asarray(items, dtype=np.int64)
         except OverflowError:

@@ -207,12 +207,13 @@ def name_set(
 ) -> frozenset[str]:
     """A bounded set of names: ``None`` is empty, a single string is an error.
 
-    At most ``limit`` entries are read (counted as sent, duplicates included), so a hostile
-    collection costs bounded work whatever its size.
+    Any iterable of strings will do (a mapping gives its keys: the simulation passes its LRU
+    cache, an ``OrderedDict``). At most ``limit`` entries are read (counted as sent, duplicates
+    included), so a hostile collection costs bounded work whatever its size.
     """
     if value is None:
         return frozenset()
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise ValueError(f"{what} must be a set of strings, got {type(value).__name__}")
     names = set()
     for i, entry in enumerate(value):

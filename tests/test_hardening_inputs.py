@@ -416,7 +416,8 @@ def test_names_checks():
     assert checks.names([" a ", "B", "a"], "cached_models") == {"a", "B"}  # trimmed, case kept
     assert len(checks.names([f"m{i}" for i in range(MAX_MODELS)], "cached_models")) == MAX_MODELS
     assert checks.names(["x", "y"], "labels", limit=2) == {"x", "y"}
-    for bad in ("model", {"a": 1}, 5, ["a", ""], ["  "], ["\ud800"], [None], ["x" * 1025],
+    assert checks.names({" a ": 1, "b": 2}, "cached_models") == {"a", "b"}  # a mapping's keys
+    for bad in ("model", b"model", 5, ["a", ""], ["  "], ["\ud800"], [None], ["x" * 1025],
                 [f"m{i}" for i in range(MAX_MODELS + 1)]):  # fmt: skip
         _value_error(lambda bad=bad: checks.names(bad, "cached_models"), "cached_models")
     _value_error(lambda: checks.names(["x", "y", "z"], "labels", limit=2), "labels")
@@ -490,7 +491,7 @@ def _valid_text(v: Any) -> bool:
 def _ref_names(value: Any, limit: int, max_len: int) -> frozenset[str] | None:
     if value is None:
         return frozenset()
-    if not isinstance(value, (list, tuple, set, frozenset)) or len(value) > limit:
+    if not isinstance(value, (list, tuple, set, frozenset, dict)) or len(value) > limit:
         return None
     if not all(_valid_text(v) and 0 < len(v.strip()) <= max_len for v in value):
         return None
