@@ -15,7 +15,6 @@ gives back what it took) and only then writes, with nothing left that can fail.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,6 +23,7 @@ from uuid import UUID
 
 import numpy as np
 
+from scoring import checks
 from scoring._kernels import _remap_bits, _scratch
 from scoring.hashing import stable_hash64
 from scoring.intern import Interner
@@ -36,18 +36,20 @@ from scoring.layout import (
     Columns,
 )
 from scoring.models import (
-    MAX_SLOTS,
     STATUS_CODES,
     Agent,
     AgentStatus,
-    normalize_names,
-    to_epoch_seconds,
+    show,
 )
 
 _STATUSES = tuple(AgentStatus)
 _SMALL_INDEX_LIMIT = int(np.iinfo(np.int16).max)  # live regions and GPU models per fleet
 _MIN_ROWS = 16
 _IDLE, _BUSY = STATUS_CODES[AgentStatus.IDLE], STATUS_CODES[AgentStatus.BUSY]
+
+
+class UnknownAgentError(KeyError, ValueError):
+    """An update named an agent the fleet does not hold (a ``KeyError`` and a ``ValueError``)."""
 
 
 class Fleet:
@@ -155,11 +157,11 @@ class Fleet:
     ) -> None:
         """Record a heartbeat at ``at`` (seconds or datetime), maybe with a new status, running
         count or set of cached models (agents report what they have on disk)."""
-        at = _timestamp(at)
-        code = None if status is None else STATUS_CODES[_status(status)]
+        at = checks.timestamp(at, "at")
+        code = None if status is None else checks.status_code(status, "status")
         if running_count is not None:
-            running_count = _slot_count(running_count, "running_count")
-        models = None if cached_models is None else normalize_names(cached_models)
+            running_count = checks.slot_count(running_count, "running_count")
+        models = None if cached_models is None else checks.names(cached_models, "cached_models")
         with self._lock:
             row = self._row(agent_id)
             old: dict[str, list[int]] = {}
@@ -194,29 +196,19 @@ class Fleet:
         ``at``, ``status`` and ``running_count`` are each one value for every agent or one per
         agent. Everything is validated before anything is written, so a bad batch changes nothing.
         """
-        ids = list(agent_ids)
+        ids = checks.agent_ids(agent_ids, "agent_ids")
         n = len(ids)
-        at_arr = np.broadcast_to(np.asarray(at, dtype=np.float64), (n,))
-        if not np.isfinite(at_arr).all():
-            raise ValueError("heartbeat times must be finite")
-        codes = None
-        if status is not None:
-            if isinstance(status, (str, AgentStatus)):
-                codes = np.full(n, STATUS_CODES[_status(status)], np.uint8)
-            else:
-                codes = np.fromiter((STATUS_CODES[_status(s)] for s in status), np.uint8, n)
+        at_arr = checks.timestamps(at, n, "at")
+        codes = None if status is None else checks.status_codes(status, n, "status")
         counts = None
         if running_count is not None:
-            raw = np.broadcast_to(np.asarray(running_count), (n,))
-            if raw.dtype.kind not in "iu" or (n and (raw.min() < 0 or raw.max() > MAX_SLOTS)):
-                raise ValueError(f"running_count must be integers in [0, {MAX_SLOTS}]")
-            counts = raw.astype(np.uint16)
+            counts = checks.slot_counts(running_count, n, "running_count")
         with self._lock:
             rows_of = self._rows
             try:
                 rows = np.fromiter((rows_of[a] for a in ids), np.int64, n)
             except KeyError as e:
-                raise KeyError(f"unknown agent_id {e.args[0]!r}") from None
+                raise UnknownAgentError(f"unknown agent_id {show(e.args[0])}") from None
             self._data["last_heartbeat"][rows] = at_arr
             if codes is not None:
                 self._data["status"][rows] = codes
@@ -597,7 +589,7 @@ class Fleet:
         try:
             return self._rows[agent_id]
         except (KeyError, TypeError):
-            raise KeyError(f"unknown agent_id {agent_id!r}") from None
+            raise UnknownAgentError(f"unknown agent_id {show(agent_id)}") from None
 
     def _agent_at(self, row: int) -> Agent:
         d = self._data
@@ -671,31 +663,3 @@ def _bits(words: np.ndarray) -> list[int]:
 def _check_agent(agent: Any) -> None:
     if not isinstance(agent, Agent):
         raise ValueError(f"expected an Agent, got {type(agent).__name__}")
-
-
-def _timestamp(at: Any) -> float:
-    value = to_epoch_seconds(at)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(
-            f"heartbeat time must be seconds since the epoch or a datetime, got {at!r}"
-        )
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError("heartbeat time must be finite")
-    return value
-
-
-def _status(status: AgentStatus | str) -> AgentStatus:
-    try:
-        return AgentStatus(status)
-    except ValueError:
-        allowed = ", ".join(s.value for s in AgentStatus)
-        raise ValueError(f"unknown status {status!r} (expected one of {allowed})") from None
-
-
-def _slot_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer")
-    if not 0 <= value <= MAX_SLOTS:
-        raise ValueError(f"{name} must be within [0, {MAX_SLOTS}]")
-    return int(value)

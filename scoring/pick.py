@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import heapq
-import math
 import os
 import time
 from typing import Any
@@ -13,6 +12,7 @@ import numba
 import numpy as np
 
 from scoring import _kernels as K
+from scoring import checks
 from scoring._jit import NativeEntry
 from scoring.decision import Decision, RankedAgent, missing_label_names
 from scoring.fleet import Fleet
@@ -23,7 +23,6 @@ from scoring.models import (
     REASONS,
     DispatchRequest,
     ScoringPolicy,
-    to_epoch_seconds,
 )
 from scoring.query import build_query
 
@@ -249,22 +248,19 @@ def check_call(
     """Check a batch call's arguments; the policy (defaults for ``None``) and ``now`` in seconds."""
     for request in requests:
         if not isinstance(request, DispatchRequest):
-            raise TypeError(f"request must be a DispatchRequest, got {type(request).__name__}")
+            raise ValueError(f"request must be a DispatchRequest, got {type(request).__name__}")
     return _check(fleet, None, policy, now)
 
 
 def _check(fleet: Any, request: Any, policy: Any, now: Any) -> tuple[ScoringPolicy, float]:
     if not isinstance(fleet, Fleet):
-        raise TypeError(f"fleet must be a Fleet, got {type(fleet).__name__}")
+        raise ValueError(f"fleet must be a Fleet, got {type(fleet).__name__}")
     if request is not None and not isinstance(request, DispatchRequest):
-        raise TypeError(f"request must be a DispatchRequest, got {type(request).__name__}")
+        raise ValueError(f"request must be a DispatchRequest, got {type(request).__name__}")
     if policy is None:
         policy = DEFAULT_POLICY
     elif not isinstance(policy, ScoringPolicy):
-        raise TypeError(f"policy must be a ScoringPolicy, got {type(policy).__name__}")
+        raise ValueError(f"policy must be a ScoringPolicy, got {type(policy).__name__}")
     if now is None:
         return policy, time.time()
-    now = to_epoch_seconds(now)
-    if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
-        raise ValueError(f"now must be finite seconds since the epoch or a datetime, got {now!r}")
-    return policy, float(now)
+    return policy, checks.timestamp(now, "now")

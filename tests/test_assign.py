@@ -138,5 +138,5 @@ def test_a_freed_slot_goes_to_the_warm_run_before_an_older_cold_one():
 
 @pytest.mark.parametrize("bad", [None, 3, "x"])
 def test_assign_rejects_what_is_not_a_request(bad):
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError):
         assign(_fleet(), [bad], WAIT, now=NOW)

@@ -102,12 +102,14 @@ def test_remove_moves_the_last_row_and_keeps_every_other_record():
 def test_bitsets_widen_past_64_labels_and_models_without_losing_any():
     first = make("first", labels={"comfyui", "gpu"}, cached_models={"m-0"})
     fleet = Fleet.from_agents([first])
-    wide = make("wide", labels={f"l{i}" for i in range(100)} | {"comfyui"},
+    # 64 labels, the most one agent may carry (DESIGN section 3); with "gpu" of the first agent
+    # the fleet knows 65, one more than a bitset word holds.
+    wide = make("wide", labels={f"l{i}" for i in range(63)} | {"comfyui"},
                 cached_models={f"m-{i}" for i in range(130)})  # fmt: skip
     fleet.upsert(wide)
     assert fleet.columns.labels.shape[1] == 2 and fleet.columns.cached_models.shape[1] == 3
     assert fleet.get("first") == first and fleet.get("wide") == wide
-    request = DispatchRequest(team_id=TEAM, required_labels={"l99"}, required_models={"m-129"})
+    request = DispatchRequest(team_id=TEAM, required_labels={"l62"}, required_models={"m-129"})
     decision = pick_agent(fleet, request, now=NOW)
     assert decision.agent_id == "wide" and decision.factors["warm"] == 1.0
 
