@@ -19,7 +19,6 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from functools import cached_property
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -367,15 +366,40 @@ AgentIds = Annotated[frozenset[str], BeforeValidator(_agent_ids_input)]
 OptionalText = Annotated[str | None, BeforeValidator(_text_input)]
 
 
+class cached:  # a decorator, named like functools.cached_property
+    """``functools.cached_property`` without its lock.
+
+    Python 3.11's ``cached_property`` takes a lock on every first read (about 8 us, measured);
+    a record is immutable, so two threads computing the same value at once is harmless. The
+    value is stored in the instance's ``__dict__``, where later reads find it directly.
+    """
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
+
+
 class _Record(BaseModel):
     """Frozen, validated record whose copies are validated too.
 
-    Records cache derived values (``cached_property``) in the instance. Pydantic's own
+    Records cache derived values (:class:`cached`) in the instance. Pydantic's own
     ``model_copy(update=...)`` copies those caches and skips validation, so a copy could carry
     a stale derived value or an invalid field; here a copy is a new, validated record instead.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, ignored_types=(cached,)
+    )
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
         fields = {name: getattr(self, name) for name in type(self).model_fields}
@@ -423,12 +447,12 @@ class DispatchRequest(_Record):
     tie_key: Annotated[str, BeforeValidator(_tie_key)] = ""
     submitted_at: Timestamp | None = None
 
-    @cached_property
+    @cached
     def labels_needed(self) -> frozenset[str]:
         """Required labels plus the tool type, which is itself a required label."""
         return self.required_labels | {self.tool_type}
 
-    @cached_property
+    @cached
     def tie_key_hash(self) -> np.uint64:
         """Stable 64-bit hash of ``tie_key`` (:mod:`scoring.hashing`), as the kernels take it."""
         return np.uint64(stable_hash64(self.tie_key))
@@ -467,7 +491,7 @@ class Weights(_Record):
     def items(self) -> list[tuple[str, float]]:
         return [(f, self[f]) for f in FACTORS]
 
-    @cached_property
+    @cached
     def array(self) -> np.ndarray:
         """float64[7]: the six weights in ``FACTORS`` order, then their sum (read-only)."""
         values = [self[f] for f in FACTORS]
@@ -546,7 +570,7 @@ class ScoringPolicy(_Record):
         BeforeValidator(_float_input),
     ] = 0.0
 
-    @cached_property
+    @cached
     def affinity_map(self) -> Mapping[tuple[str, str], float]:
         """Both orders of every configured pair."""
         table: dict[tuple[str, str], float] = {}
