@@ -20,7 +20,7 @@ from scoring.contract import (
 from scoring.decision import Decision, RankedAgent
 from scoring.fleet import Fleet
 from scoring.models import Agent, AgentStatus, DispatchRequest, ScoringPolicy
-from scoring.pick import pick_agent, rank_agents
+from scoring.pick import eligible_agents, evaluate, pick_agent, rank_agents
 
 __all__ = [
     "Agent",
@@ -44,6 +44,8 @@ __all__ = [
     "Workflow",
     "assign",
     "dispatch_run",
+    "eligible_agents",
+    "evaluate",
     "pick_agent",
     "rank_agents",
     "validate_run",
