@@ -30,10 +30,13 @@ from scoring.layout import COLUMNS, FAILURE_STEPS, QUERY_FIELDS, VRAM_UNKNOWN, C
 from scoring.layout import VRAM_STEPS_PER_GB as VRAM_STEPS
 from scoring.models import FACTORS, LAST_ELIGIBLE_STATUS, REASONS
 
-#: Filters computed per row by :func:`_filters`, in their bit order (``excluded`` is looked up
-#: separately: it names a handful of rows).
+#: Filters computed per row by :func:`_filters` (``excluded`` is looked up separately: it names
+#: a handful of rows). Each reason's bit in a reject mask is its position in REASONS.
 FILTERS = ("stale", "status", "pool", "labels", "capacity", "vram")
-assert REASONS == (*FILTERS, "excluded"), "REASONS and the kernels' filters disagree"
+assert set(REASONS) == {*FILTERS, "excluded"}, "REASONS and the kernels' filters disagree"
+STALE_BIT, STATUS_BIT, POOL_FILTER_BIT, LABELS_BIT, CAPACITY_BIT, VRAM_BIT = (
+    1 << REASONS.index(reason) for reason in FILTERS
+)
 N_REASONS = len(REASONS)
 N_FILTERS = len(FILTERS)
 N_FACTORS = len(FACTORS)
@@ -92,20 +95,21 @@ def _popcount(x):
 
 @jit_row
 def _filters(c, q, i):
-    """Row ``i``'s failed filters, as booleans in :data:`FILTERS` order, without a branch."""
-    stale = q.now - c.last_heartbeat[i] > q.heartbeat_timeout_s
-    status = c.status[i] > LAST_ELIGIBLE_STATUS
-    pool = (c.team[i] != q.team) & (not (q.community & (c.opt_pos[i] >= 0)))
+    """Row ``i``'s failed filters as a bitmask, each filter on its own line under its name."""
     labels = q.labels_unknown
     for w in range(q.labels.shape[0]):
         labels |= (q.labels[w] & ~c.labels[i, w]) != _NONE
-    capacity = c.running_count[i] >= c.gpu_capacity[i]
     # unknown vram_gb fails a minimum; a NaN minimum (none) fails nobody
-    known = c.vram_gb[i] != VRAM_UNKNOWN
-    vram = (not np.isnan(q.min_vram_gb)) & (
-        not (known & (c.vram_gb[i] / VRAM_STEPS >= q.min_vram_gb))
+    vram = c.vram_gb[i]
+    enough = (vram != VRAM_UNKNOWN) & (vram / VRAM_STEPS >= q.min_vram_gb)
+    return (
+        STALE_BIT * (q.now - c.last_heartbeat[i] > q.heartbeat_timeout_s)
+        | STATUS_BIT * (c.status[i] > LAST_ELIGIBLE_STATUS)
+        | POOL_FILTER_BIT * ((c.team[i] != q.team) & (not (q.community & (c.opt_pos[i] >= 0))))
+        | LABELS_BIT * labels
+        | CAPACITY_BIT * (c.running_count[i] >= c.gpu_capacity[i])
+        | VRAM_BIT * ((not np.isnan(q.min_vram_gb)) & (not enough))
     )
-    return stale, status, pool, labels, capacity, vram
 
 
 @jit_row
@@ -140,11 +144,8 @@ def _score(c, q, i):
 def _mask(c, q, i, skip):
     """Row ``i``'s reject mask: every failed filter in the pool, only ``pool`` outside it, only
     :data:`SKIP_BIT` for a community row of the submitting team (``skip``)."""
-    f = _filters(c, q, i)
-    mask = np.uint8(0)
-    for k in range(N_FILTERS):
-        mask |= np.uint8(f[k]) << np.uint8(k)
-    if f[POOL]:
+    mask = np.uint8(_filters(c, q, i))
+    if mask & POOL_BIT:
         mask = POOL_BIT
     if skip and c.team[i] == q.team:
         mask = SKIP_BIT
@@ -191,7 +192,7 @@ def _block_masks(c, q, start, m, masks, counts, all_labels):
         keep = _ALL if (mask & LABEL_BIT) == 0 else _NONE
         for w in range(words):
             all_labels[w] &= c.labels[i, w] | keep
-    for k in range(N_FILTERS):
+    for k in range(N_REASONS):  # the excluded bit is never set here (_count_excluded)
         total = 0
         for j in range(m):
             total += (masks[j] >> k) & 1
