@@ -1,0 +1,138 @@
+"""A real server for the tests: ``python -m scoring.server`` on 127.0.0.1 in a subprocess.
+
+Each test gets its own database, file directory and demo file (so tests never share state),
+and the process is always terminated in teardown. ``ServerProcess.kill()`` sends SIGKILL and
+``start()`` starts it again on the same database and port, for the crash test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG = bytes.fromhex("89504e470d0a1a0a") + b"\0" * 1024  # a PNG signature and some bytes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """One server subprocess and what it wrote: ``demo`` (the --demo JSON), ``url``."""
+
+    def __init__(self, tmp: Path, *extra: str, demo_agents: int = 2) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.db_path = tmp / "db.sqlite"
+        self.database = f"sqlite:///{self.db_path}"
+        self.demo_path = tmp / "demo.json"
+        self.args = [
+            sys.executable, "-m", "scoring.server",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", self.database, "--files", str(tmp / "files"),
+            "--demo", str(self.demo_path), "--demo-agents", str(demo_agents), *extra,
+        ]  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}/api/v1"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "server.log"
+        self.demo: dict[str, Any] = {}
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    self.demo = json.loads(self.demo_path.read_text())
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not answer within {timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def client(self, token: str | None = None, **headers: str) -> httpx.Client:
+        """An HTTP client for the API, authenticated with ``token`` (default: the team key)."""
+        token = self.demo["api_key"] if token is None else token
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers={**auth, **headers}, timeout=30.0)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A running server with the demo (two agent keys) and a 2 s heartbeat timeout."""
+    proc = ServerProcess(tmp_path, "--heartbeat-timeout", "2")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def upload(client: httpx.Client, data: bytes = PNG, name: str = "photo.png",
+           content_type: str = "image/png") -> str:  # fmt: skip
+    """Presign and PUT a file the way a platform client does; returns its file key."""
+    r = client.post(
+        "/r/files/presign",
+        json={"file_name": name, "file_size": len(data), "content_type": content_type},
+    )
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    put = httpx.put(answer["upload_url"], content=data, timeout=30.0)
+    assert put.status_code == 200, put.text
+    return str(answer["file_key"])
+
+
+def example_body(file_key: str) -> dict[str, Any]:
+    """The platform's example request (DESIGN sections 1 and 10), with an uploaded image."""
+    return {
+        "parameters": {"prompt": "sunset over ocean", "width": 1024, "input_image": file_key},
+        "dispatch_target": "agent",
+        "target_pool": "team",
+        "submitter_region": "us-east",
+        "tool_type": "comfyui",
+    }
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, every: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; returns its value or fails the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"condition not met within {timeout} s")
