@@ -38,6 +38,7 @@ class FakeAgent:
     timeout: float = 10.0
     running: dict[str, float] = field(default_factory=dict)  # task id -> finish time
     to_report: dict[str, bool] = field(default_factory=dict)  # finished, not yet acknowledged
+    to_start: set[str] = field(default_factory=set)  # handed out, start not acknowledged
     completed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     started: int = 0
@@ -89,7 +90,7 @@ class FakeAgent:
         heartbeat = {
             "status": "busy" if self.running else "idle",
             "gpu_capacity": self.capacity,
-            "running_count": len(self.running) + len(self.to_report),
+            "running_count": self.busy_slots(),
             "labels": list(self.labels),
             "region": self.region,
             "vram_gb": 24,
@@ -98,16 +99,24 @@ class FakeAgent:
         response = self._post("/agents/heartbeat", heartbeat)
         if response is None or response.status_code != 200:
             return
-        new = [t for t in response.json()["tasks"] if t["task_id"] not in self.running]
-        free = self.capacity - len(self.running) - len(self.to_report)
-        if len(new) > free:
+        held = self.running.keys() | self.to_start
+        new = [t["task_id"] for t in response.json()["tasks"] if t["task_id"] not in held]
+        if len(new) > self.capacity - self.busy_slots():
             self.over_capacity += 1
-        for task in new:
-            started = self._post(f"/agents/tasks/{task['task_id']}/start", {})
-            if started is not None and started.status_code == 200:
+        self.to_start.update(new)
+        self.max_running = max(self.max_running, self.busy_slots())
+        for task_id in sorted(self.to_start):
+            started = self._post(f"/agents/tasks/{task_id}/start", {})
+            if started is None:
+                continue  # unknown whether it started: ask again (start is idempotent)
+            self.to_start.discard(task_id)
+            if started.status_code == 200:
                 self.started += 1
-                self.running[task["task_id"]] = time.time() + self.task_seconds
-        self.max_running = max(self.max_running, len(self.running) + len(self.to_report))
+                self.running[task_id] = time.time() + self.task_seconds
+
+    def busy_slots(self) -> int:
+        """Slots in use: running, finished but unreported, or handed out and being started."""
+        return len(self.running) + len(self.to_report) + len(self.to_start)
 
     def run(self, stop: threading.Event, interval: float = 1.0) -> None:
         """Step until ``stop`` is set, waking early when a task is due to finish."""

@@ -22,6 +22,10 @@ from scoring.server.schemas import HeartbeatBody
 from scoring.server.state import ServerState
 
 REPORTED = frozenset(HeartbeatBody.model_fields)
+#: An unchanged report is written to the database at most this often (the Fleet gets every
+#: one). The database's heartbeat time only decides when a silent agent's tasks are queued
+#: again, which waits for a whole heartbeat timeout anyway.
+PERSIST_EVERY_S = 1.0
 _SERVER_SET = ("agent_id", "team_id", "last_heartbeat")
 
 
@@ -53,12 +57,18 @@ def heartbeat(state: ServerState, principal: Principal, body: Any) -> list[dict[
     if unknown:
         raise ApiError.many(400, unknown)
     record = agent.model_dump(mode="json", exclude={"agent_id", "team_id", "last_heartbeat"})
-    with state.database.begin() as conn:
-        conn.execute(
-            update(db.agents)
-            .where(db.agents.c.id == agent_id)
-            .values(record=record, gpu_capacity=agent.gpu_capacity, last_heartbeat=now)
-        )
+    with state.sync:
+        last = state.persisted.get(agent_id)
+        due = last is None or last[0] != record or now - last[1] >= PERSIST_EVERY_S
+        if due:
+            state.persisted[agent_id] = (record, now)
+    if due:
+        with state.database.begin() as conn:
+            conn.execute(
+                update(db.agents)
+                .where(db.agents.c.id == agent_id)
+                .values(record=record, gpu_capacity=agent.gpu_capacity, last_heartbeat=now)
+            )
     with state.sync:
         # Read under ``sync``: a placement is either still counted in ``pending`` or already in
         # the database, never neither (dispatch.py commits first, then clears ``pending``).

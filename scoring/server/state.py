@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 from uuid import UUID
 
 from sqlalchemy import select
@@ -42,6 +43,8 @@ class ServerState:
     pending: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
     wake: threading.Event = field(default_factory=threading.Event)
+    #: Last heartbeat record written to the database per agent, and when (see heartbeats.py).
+    persisted: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workflows = WorkflowRepository(self.database)
