@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         version="1",
         description="Runs of ComfyUI and Nerfstudio workflows on teams' own GPU agents.",
         lifespan=lifespan,
+        default_response_class=errors.JSONAnswer,
     )
     app.state.server = state
     app.state.dispatcher = dispatcher

@@ -7,6 +7,7 @@ in the OpenAPI schema for each status a route can answer with.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -17,6 +18,20 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("scoring.server")
+
+
+class JSONAnswer(JSONResponse):
+    """JSON with every non-ASCII character escaped.
+
+    Answers echo client strings (keys, parameter values), and JSON may carry lone surrogates
+    (``"\\ud800"``) that cannot be encoded as UTF-8; escaped, they come back as they were sent
+    instead of failing the answer.
+    """
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode()
 
 
 class ErrorItem(BaseModel):
@@ -93,23 +108,23 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(_body(exc.errors), status_code=exc.status, headers=headers)
+        return JSONAnswer(_body(exc.errors), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
         item = {"code": code, "key": None, "message": str(exc.detail)}
-        return JSONResponse(_body([item]), status_code=exc.status_code, headers=exc.headers)
+        return JSONAnswer(_body([item]), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(_body(validation_errors(exc)), status_code=400)
+        return JSONAnswer(_body(validation_errors(exc)), status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         item = {"code": "internal", "key": None, "message": "internal server error"}
-        return JSONResponse(_body([item]), status_code=500)
+        return JSONAnswer(_body([item]), status_code=500)
 
 
 _DESCRIPTIONS = {

@@ -47,9 +47,18 @@ class TaskResult(BaseModel):
 class PresignBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    file_name: str = Field(min_length=1, max_length=255)
+    # A plain name: no separators or control characters, no outer spaces ("." and ".." are
+    # refused by the server: the schema language has no look-ahead).
+    file_name: str = Field(
+        min_length=1,
+        max_length=255,
+        pattern=r"^[^/\\\x00-\x20\x7f](?:[^/\\\x00-\x1f\x7f]*[^/\\\x00-\x20\x7f])?$",
+    )
     file_size: int = Field(ge=0)
-    content_type: str = Field(min_length=3, max_length=255)
+    content_type: str = Field(
+        max_length=255,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$",
+    )
 
 
 class PresignAnswer(BaseModel):
