@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=0, help="exit after this many completions")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     demo = json.loads(Path(a.demo).read_text())
     keys: dict[str, str] = demo["agent_keys"]
     ids = a.agent or list(keys)
