@@ -129,7 +129,10 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     return app
 
 
-def _caller(
+# The dependencies are coroutines so that they run on the event loop: a plain function would
+# cost a hop to the thread pool each. Credentials are cached in memory (auth.py), so they only
+# touch the database on a miss.
+async def _caller(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     request: Request,
     x_team_id: Annotated[str | None, Header(description="Required with session tokens")] = None,
@@ -138,11 +141,11 @@ def _caller(
     return state.auth.resolve(request.headers.get("authorization"), x_team_id)
 
 
-def _client(who: Annotated[Principal, Depends(_caller)]) -> Principal:
+async def _client(who: Annotated[Principal, Depends(_caller)]) -> Principal:
     return require(who, "user", "team_key")
 
 
-def _agent(who: Annotated[Principal, Depends(_caller)]) -> Principal:
+async def _agent(who: Annotated[Principal, Depends(_caller)]) -> Principal:
     return require(who, "agent")
 
 

@@ -36,8 +36,31 @@ def place(
     reserved its slot on the Fleet. Today a loop of ``Fleet.dispatch``, which is what the
     library's ``assign`` returns with ``locality_wait_s == 0`` (DESIGN section 9); ``assign``
     replaces the loop once the library exports it.
+
+    A request that asks for the same agents as one that found none earlier in the loop (same
+    team, pool, labels, tool type, VRAM floor and exclusions: the fields that decide
+    eligibility; the others only score) gets that Decision without another pick: slots are only
+    taken during the loop, so it could not be placed either. With a queue far longer than the
+    free slots this turns most of the loop into dictionary lookups.
     """
-    return [fleet.dispatch(request, policy=policy, now=now) for request in requests]
+    decisions: list[Decision] = []
+    unplaced: dict[tuple[object, ...], Decision] = {}
+    for request in requests:
+        key = (
+            request.team_id,
+            request.target_pool,
+            request.required_labels,
+            request.tool_type,
+            request.min_vram_gb,
+            request.exclude_agents,
+        )
+        decision = unplaced.get(key)
+        if decision is None:
+            decision = fleet.dispatch(request, policy=policy, now=now)
+            if decision.agent_id is None:
+                unplaced[key] = decision
+        decisions.append(decision)
+    return decisions
 
 
 class Dispatcher:
@@ -93,15 +116,20 @@ class Dispatcher:
         for task_id, d in zip(ids, decisions, strict=True):
             if d.agent_id is not None:
                 continue
-            text = d.explain()
             last = self._explained.get(task_id)
-            if last is None or (last[0] != text and now - last[1] >= EXPLAIN_EVERY_S):
+            if last is not None and now - last[1] < EXPLAIN_EVERY_S:
+                continue
+            text = d.explain()
+            self._explained[task_id] = (text, now)
+            if last is None or last[0] != text:
                 explains[task_id] = text
         lost: list[str] = []
         try:
             lost = tasks.commit_placements(state, ids, decisions, explains)
         except Exception:
             lost = placed  # nothing was committed: give every slot back
+            for task_id in explains:
+                self._explained.pop(task_id, None)
             raise
         finally:
             with state.sync:
@@ -109,8 +137,6 @@ class Dispatcher:
                 state.pending += type(state.pending)()  # drop zero counts
                 for agent in set(lost):
                     self._resync(agent)
-        for task_id, text in explains.items():
-            self._explained[task_id] = (text, now)
         for task_id, d in zip(ids, decisions, strict=True):
             if d.agent_id is not None:
                 self._requests.pop(task_id, None)
