@@ -102,6 +102,17 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for a whole module, for tests that only read or add state of their own."""
+    proc = ServerProcess(tmp_path_factory.mktemp("server"), "--heartbeat-timeout", "2")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 def upload(client: httpx.Client, data: bytes = PNG, name: str = "photo.png",
            content_type: str = "image/png") -> str:  # fmt: skip
     """Presign and PUT a file the way a platform client does; returns its file key."""

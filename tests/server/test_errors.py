@@ -24,7 +24,13 @@ def codes(response: Any, status: int = 400) -> list[tuple[str, str | None]]:
     return [(e["code"], e["key"]) for e in errors_of(response, status)]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def server(shared_server: ServerProcess) -> ServerProcess:
+    """These tests only add state of their own (runs, uploads, a second team): one server."""
+    return shared_server
+
+
+@pytest.fixture(scope="module")
 def env(server: ServerProcess) -> dict[str, Any]:
     """The demo plus a second team (with an upload of its own) and a disabled workflow."""
     other = add_team(server, disabled_workflow=True)
