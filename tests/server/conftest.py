@@ -34,11 +34,13 @@ def free_port() -> int:
 class ServerProcess:
     """One server subprocess and what it wrote: ``demo`` (the --demo JSON), ``url``."""
 
-    def __init__(self, tmp: Path, *extra: str, demo_agents: int = 2) -> None:
+    def __init__(
+        self, tmp: Path, *extra: str, demo_agents: int = 2, database: str | None = None
+    ) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.db_path = tmp / "db.sqlite"
-        self.database = f"sqlite:///{self.db_path}"
+        self.database = database or f"sqlite:///{self.db_path}"
         self.demo_path = tmp / "demo.json"
         self.args = [
             sys.executable, "-m", "scoring.server",
@@ -187,3 +189,48 @@ def add_team(
     database.dispose()
     return {"team_id": str(team), "user_id": str(user), "workflow_id": str(workflow),
             "api_key": key, "disabled_workflow_id": disabled, "agent_keys": agent_keys}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server on 127.0.0.1 for the session (run as the ``postgres`` user when the
+    tests run as root, which PostgreSQL refuses); yields a URL template with ``{db}``."""
+    import shutil
+
+    if shutil.which("pg_ctl") is None or shutil.which("initdb") is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    import tempfile
+
+    # Not under pytest's temporary root: that is private to root, and the server runs as
+    # ``postgres``.
+    data = Path(tempfile.mkdtemp(prefix="scoring-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+
+    pg("initdb", "-D", str(data / "db"), "-A", "trust", "-U", "postgres")
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+    pg("pg_ctl", "-D", str(data / "db"), "-o", options, "-l", str(data / "log"), "-w", "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/{{db}}"
+    finally:
+        pg("pg_ctl", "-D", str(data / "db"), "-m", "immediate", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def new_database(url_template: str) -> str:
+    """A fresh, empty database on the test PostgreSQL server; returns its URL."""
+    import uuid as _uuid
+
+    import psycopg
+
+    name = f"t{_uuid.uuid4().hex[:12]}"
+    admin = url_template.format(db="postgres").replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return url_template.format(db=name)
