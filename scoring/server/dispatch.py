@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from scoring import Decision, DispatchRequest, Fleet, ScoringPolicy
 from scoring.server import db, tasks
+from scoring.server.heartbeats import PERSIST_EVERY_S
 from scoring.server.state import ServerState
 
 log = logging.getLogger("scoring.server.dispatch")
@@ -195,9 +196,12 @@ class Dispatcher:
         return [self._requests[task_id][1] for task_id in ids]
 
     def _requeue_silent(self, now: float) -> None:
+        # The database's heartbeat time lags the Fleet's by up to PERSIST_EVERY_S: waiting that
+        # much longer means the Fleet already holds the agent stale, so the task cannot go
+        # straight back to the agent that was silent.
         timeout = self.state.policy.heartbeat_timeout_s
-        cutoff = now - timeout
-        if self.state.started_at > cutoff:
+        cutoff = now - timeout - PERSIST_EVERY_S
+        if self.state.started_at > now - timeout:
             return  # just started: agents have not had a heartbeat's time to report yet
         a, t = db.agents, db.tasks
         with self.state.database.read() as conn:
