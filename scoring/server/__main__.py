@@ -43,13 +43,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="seconds without a heartbeat before an agent is stale",
     )
     p.add_argument("--max-attempts", type=int, default=d.max_attempts)
+    p.add_argument(
+        "--threads", type=int, default=d.threads, help="worker threads for database calls"
+    )
     p.add_argument("--log-level", default="warning")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper())
     return Settings(
         database=a.database, files_dir=a.files, host=a.host, port=a.port, demo=a.demo,
         demo_agents=a.demo_agents, s3_bucket=a.s3_bucket, s3_endpoint=a.s3_endpoint,
-        heartbeat_timeout_s=a.heartbeat_timeout, max_attempts=a.max_attempts,
+        heartbeat_timeout_s=a.heartbeat_timeout, max_attempts=a.max_attempts, threads=a.threads,
     )  # fmt: skip
 
 

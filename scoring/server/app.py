@@ -107,6 +107,11 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        import anyio.to_thread
+
+        # More worker threads than a few only take turns on the GIL and on SQLite's single
+        # writer: anyio's default of 40 served fewer runs per second in the load test than 8.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
         dispatcher.start()
         try:
             yield

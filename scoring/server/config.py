@@ -28,6 +28,7 @@ class Settings:
     max_attempts: int = 3
     dispatch_interval_s: float = 1.0
     max_body_bytes: int = 1024 * 1024
+    threads: int = 8  # worker threads for the blocking (database) part of requests
 
     @property
     def base_url(self) -> str:
