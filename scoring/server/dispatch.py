@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import select
 
-from scoring import Decision, DispatchRequest, Fleet, ScoringPolicy
+from scoring import Decision, DispatchRequest, Fleet, ScoringPolicy, assign
 from scoring.server import db, tasks
 from scoring.server.heartbeats import PERSIST_EVERY_S
 from scoring.server.state import ServerState
@@ -31,37 +31,13 @@ EXPLAIN_EVERY_S = 2.0
 def place(
     fleet: Fleet, requests: Sequence[DispatchRequest], policy: ScoringPolicy, now: float
 ) -> list[Decision]:
-    """Place queued requests, oldest first: one Decision per request, in the order given.
+    """Place queued requests: one Decision per request, in the order given (the library's
+    :func:`scoring.assign`, DESIGN section 9).
 
-    A Decision whose ``agent_id`` is ``None`` leaves its task queued; a placed one has already
-    reserved its slot on the Fleet. Today a loop of ``Fleet.dispatch``, which is what the
-    library's ``assign`` returns with ``locality_wait_s == 0`` (DESIGN section 9); ``assign``
-    replaces the loop once the library exports it.
-
-    A request that asks for the same agents as one that found none earlier in the loop (same
-    team, pool, labels, tool type, VRAM floor and exclusions: the fields that decide
-    eligibility; the others only score) gets that Decision without another pick: slots are only
-    taken during the loop, so it could not be placed either. With a queue far longer than the
-    free slots this turns most of the loop into dictionary lookups.
+    A Decision whose ``agent_id`` is ``None`` leaves its task queued (deferred for a warm agent,
+    or no free eligible agent); a placed one has already reserved its slot on the Fleet.
     """
-    decisions: list[Decision] = []
-    unplaced: dict[tuple[object, ...], Decision] = {}
-    for request in requests:
-        key = (
-            request.team_id,
-            request.target_pool,
-            request.required_labels,
-            request.tool_type,
-            request.min_vram_gb,
-            request.exclude_agents,
-        )
-        decision = unplaced.get(key)
-        if decision is None:
-            decision = fleet.dispatch(request, policy=policy, now=now)
-            if decision.agent_id is None:
-                unplaced[key] = decision
-        decisions.append(decision)
-    return decisions
+    return assign(fleet, requests, policy, now)
 
 
 class Dispatcher:
@@ -186,11 +162,14 @@ class Dispatcher:
             chunk = missing[start : start + 500]
             with self.state.database.read() as conn:
                 rows = conn.execute(
-                    select(t.c.id, t.c.request, t.c.excluded, t.c.attempts).where(t.c.id.in_(chunk))
+                    select(t.c.id, t.c.request, t.c.excluded, t.c.attempts, t.c.created_at).where(
+                        t.c.id.in_(chunk)
+                    )
                 ).all()
             for r in rows:
+                # submitted_at orders the queue and bounds a wait for a warm agent
                 request = DispatchRequest.model_validate(
-                    {**r.request, "exclude_agents": r.excluded}
+                    {**r.request, "exclude_agents": r.excluded, "submitted_at": r.created_at}
                 )
                 self._requests[r.id] = (r.attempts, request)
         return [self._requests[task_id][1] for task_id in ids]

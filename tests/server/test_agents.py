@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import select
 
-from scoring import Decision
 from scoring.server import db
 
 from .conftest import ServerProcess, add_team, example_body, upload, wait_for
@@ -71,12 +69,6 @@ def test_unstarted_task_of_a_silent_agent_is_queued_again(server: ServerProcess)
     ]
 
 
-@pytest.mark.xfail(
-    not hasattr(Decision, "considered"),
-    reason="Decision.explain() speaks only of the request's pool once the engine has "
-    "Decision.considered (DESIGN section 4); until then it counts every agent of the fleet",
-    strict=True,
-)
 def test_explanation_reveals_nothing_about_other_teams(server: ServerProcess) -> None:
     other = add_team(server, agents=3)
     for agent_id, key in other["agent_keys"].items():
