@@ -620,7 +620,7 @@ def _allocate(
     """New columns of ``capacity`` rows holding the first ``n`` rows of ``old``."""
     data = {}
     for c in COLUMNS:
-        shape = (capacity, widths[c.name]) if c.bitset else (capacity,)
+        shape: tuple[int, ...] = (capacity, widths[c.name]) if c.bitset else (capacity,)
         col = np.zeros(shape, c.dtype)
         if c.name in old:
             src = old[c.name][:n]
