@@ -13,9 +13,9 @@ import duckdb
 import numpy as np
 
 from benchmarks.peers.table import fleet_arrays, word_count
+from scoring.fleet import Fleet
 from scoring.layout import Query
 from scoring.models import LAST_ELIGIBLE_STATUS
-from scoring.fleet import Fleet
 from scoring.query import build_query
 
 M32 = "4294967295::UBIGINT"

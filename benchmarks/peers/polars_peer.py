@@ -11,9 +11,9 @@ import numpy as np
 import polars as pl
 
 from benchmarks.peers.table import fleet_frame, word_count
+from scoring.fleet import Fleet
 from scoring.layout import Query
 from scoring.models import LAST_ELIGIBLE_STATUS
-from scoring.fleet import Fleet
 from scoring.query import build_query
 
 M32 = 0xFFFFFFFF
