@@ -56,9 +56,10 @@ def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7
     entry = pick._pick_entry
     with lock:
         queries = [build_query(fleet, r, policy, now) for r in requests]
-        outs = [entry(*fleet.columns, *q, *fleet.scratch()) for q in queries]
-        scratch = fleet.scratch()
-        snapshots = [(q, o) for q, o in zip(queries, outs, strict=True)]
+        snapshots = []  # each request's query, kernel output and tally (copied from the scratch)
+        for q in queries:
+            out = entry(*fleet.columns, *q, *fleet.scratch())
+            snapshots.append((q, out, tuple(a.copy() for a in fleet.scratch())))
     k = len(requests)
 
     def total():
@@ -83,9 +84,8 @@ def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7
             entry(*fleet.columns, *q, *fleet.scratch())
 
     def decision():
-        # the kernel's tally in the scratch is the last request's; the statements are the same
-        for r, (q, o) in zip(requests, snapshots, strict=True):
-            _finish(fleet, r, q, o, scratch)
+        for r, (q, out, scratch) in zip(requests, snapshots, strict=True):
+            _finish(fleet, r, q, out, scratch)
 
     with lock:  # RLock: the steps inside take it again as pick_agent does, uncontended
         total()

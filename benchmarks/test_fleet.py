@@ -3,6 +3,7 @@ speed-up and cold start. Derived rates go to ``extra_info`` for the report."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -33,7 +34,9 @@ def test_heartbeat_many(benchmark, batch, quick):
     at = fleet.columns.last_heartbeat[:batch].copy()
     running = fleet.columns.running_count[:batch].copy()
     benchmark.group = "heartbeat"
-    benchmark.extra_info.update(updates_per_call=batch, fleet=len(fleet))
+    benchmark.extra_info.update(
+        updates_per_call=batch, fleet=len(fleet), load_avg=os.getloadavg()[0]
+    )
     benchmark.pedantic(
         fleet.heartbeat_many, args=(ids, at), kwargs={"running_count": running},
         rounds=1 if quick else 30, warmup_rounds=1,
@@ -143,3 +146,4 @@ def test_cold_start(benchmark):
     benchmark.extra_info.update(
         {f"{kind}_{k}": v for kind, r in result.items() for k, v in r.items() if k != "agent_id"}
     )
+    benchmark.extra_info["load_avg"] = os.getloadavg()[0]
