@@ -14,6 +14,7 @@ import numpy as np
 
 from benchmarks import profile_pick
 from benchmarks.registry import MIXES, build_workload, cached_workload
+from benchmarks.test_fleet import QUICK_PICK_FLEET
 from scoring import Agent, AgentStatus, DispatchRequest, Fleet, ScoringPolicy, assign, pick_agent
 from scoring.synthetic import MODELS, team_ids
 
@@ -91,7 +92,7 @@ def test_assign(benchmark, quick):
     With the default policy (``locality_wait_s == 0``) both must place every request on the same
     agent. Delay scheduling (``locality_wait_s`` 30 s, every request young) is timed too.
     """
-    n = 300 if quick else 10_000
+    n = QUICK_PICK_FLEET if quick else 10_000
     w = build_workload(n, seed=4, keep_agents=False)
     fleet, now = w.fleet, w.now
     requests = queue(fleet, n)
@@ -216,7 +217,7 @@ def test_churn(benchmark, quick):
     The churn runs in two equal halves, so that memory kept after the first half (room the
     fleet allocated) can be told from memory that grows with churn.
     """
-    base = cached_workload(1_000 if quick else 100_000)
+    base = cached_workload(QUICK_PICK_FLEET if quick else 100_000)
     assert base.agents is not None
     churned = Fleet.from_agents(base.agents)
     before = _state(churned)
