@@ -528,17 +528,17 @@ class Fleet:
         interner = self._interner(column)
         words = self._data[column].shape[1]
         needed = max(1, -(-interner.live // 64))
+        if needed >= words:
+            return
         try:
-            if _words(interner) < words:
-                narrow = np.ascontiguousarray(self._data[column][:, : _words(interner)])
+            if _words(interner) == needed:  # the live names already fit: cut the words off
+                narrow = np.ascontiguousarray(self._data[column][:, :needed])
                 self._data[column] = narrow
-            elif needed < words:
+            else:  # also when cutting would leave more words than the live names need
                 out = np.zeros((self._data[column].shape[0], needed), np.uint64)
                 old_to_new = interner.renumber()  # builds first, changes the table last
                 _remap_bits(self._data[column][: self._n], old_to_new, out[: self._n])
                 self._data[column] = out
-            else:
-                return
         except MemoryError:
             return
         self._view = None
