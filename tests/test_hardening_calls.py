@@ -18,6 +18,7 @@ import uuid
 from functools import partial
 from typing import Any
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import event, given, settings
@@ -361,6 +362,22 @@ def test_known_defect_a_fleet_that_is_not_a_fleet_is_a_value_error(call, fleet):
 def test_known_defect_a_queue_that_is_not_iterable_is_a_value_error(queue):
     with pytest.raises(ValueError, match="request"):
         assign(Fleet.from_agents(_base()), queue, now=NOW)
+
+
+@pytest.mark.xfail(
+    numba.config.DISABLE_JIT,
+    strict=True,
+    raises=RuntimeWarning,
+    reason="without numba, _kernels._block_masks sums uint8 masks into a uint8: "
+    "`total = 0` / `skipped = 0` must be np.int64(0) (scoring/_kernels.py)",
+)
+def test_known_defect_counts_past_255_in_one_block_without_jit():
+    """Found here: with NUMBA_DISABLE_JIT=1 (the suite's second CI run) a pool with more than 255
+    agents failing one filter in a block counted them modulo 256 (300 stale agents: "44 stale";
+    a RuntimeWarning, an error under pytest's filterwarnings). Compiled, the count is an int64."""
+    stale = [_foreign(f"s{i}", team_id=TEAMS[0], last_heartbeat=0.0) for i in range(300)]
+    decision = pick_agent(Fleet.from_agents(stale), DispatchRequest(team_id=TEAMS[0]), now=NOW)
+    assert decision.rejected["stale"] == 300 and decision.considered == 300
 
 
 def test_membership_of_an_unhashable_value_is_false():
