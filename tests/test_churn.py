@@ -146,7 +146,7 @@ def test_hostile_churn_gives_back_every_byte_and_word():
                         "team_id": rng.choice([*TEAMS, uuid.UUID(int=5000 + step)]),
                         "community_opt_in": not victim.community_opt_in,
                         "labels": fresh("label", 20) | {"comfyui"},
-                        "cached_models": fresh("model", 100),
+                        "cached_models": fresh("model", 30),
                         "region": fresh("region", 1).pop(),
                     }
                 )
