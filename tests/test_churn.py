@@ -112,9 +112,7 @@ class _Twin:
 
 def test_hostile_churn_gives_back_every_byte_and_word():
     rng = random.Random(9)
-    # 500 agents: each pick's pool stays under 256 rows failing one filter, which the kernels
-    # without numba miscount for now (test_hardening_calls::test_known_defect_counts_past_255...)
-    base = _base(500)
+    base = _base(800)
     twin = _Twin(base)
     fleet = twin.fleet
     start = fleet.nbytes

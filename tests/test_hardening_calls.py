@@ -90,10 +90,7 @@ statuses = st.one_of(st.none(), st.sampled_from([*AgentStatus, "idle", "busy"]),
 counts = st.one_of(st.none(), st.integers(0, 3), hostile_values)
 model_sets = st.one_of(st.none(), st.sets(st.sampled_from(MODELS)), hostile_values)
 new_agents = st.one_of(st.sampled_from([*IDS, "new"]).flatmap(agents), hostile_values)
-# Known defects of scoring.pick/assign (see test_known_defect_*): None as the request and a
-# non-Fleet as the fleet raise AttributeError, a non-iterable queue TypeError. Drop this filter
-# once those are fixed.
-requests_ = st.one_of(requests(IDS), hostile_values.map(_not_none))
+requests_ = st.one_of(requests(IDS), hostile_values)
 policies_ = st.one_of(st.none(), policies(), hostile_values)
 ks = st.one_of(st.integers(0, 6), hostile_values)
 
@@ -322,56 +319,32 @@ def test_fuzzer_reaches_acceptance_and_rejection_of_every_call():
         _check_answer(fleet, records, name, args, _invoke(fleet, name, args))
 
 
-# --- known defects outside scoring/fleet.py (to fix in scoring/pick.py and scoring/assign.py) --
+# --- defects found outside scoring/fleet.py, fixed in scoring/pick.py, assign.py, _kernels.py ---
 
 _PICK_CALLS = [pick_agent, rank_agents, evaluate, eligible_agents]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="pick._check lets request=None "
-    "through (it means 'no request' for check_call): fix in scoring/pick.py",
-)
 @pytest.mark.parametrize("call", [*_PICK_CALLS, lambda f, r, now: f.dispatch(r, now=now)])
-def test_known_defect_a_request_of_none_is_a_value_error(call):
+def test_defect_a_request_of_none_is_a_value_error(call):
     with pytest.raises(ValueError, match="request"):
         call(Fleet.from_agents(_base()), None, now=NOW)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="the pick calls take fleet.lock "
-    "before checking the fleet's type: fix in scoring/pick.py and assign.py",
-)
 @pytest.mark.parametrize("call", [*_PICK_CALLS, assign])
 @pytest.mark.parametrize("fleet", [None, [], "fleet", 3])
-def test_known_defect_a_fleet_that_is_not_a_fleet_is_a_value_error(call, fleet):
+def test_defect_a_fleet_that_is_not_a_fleet_is_a_value_error(call, fleet):
     request = DispatchRequest(team_id=TEAMS[0])
     with pytest.raises(ValueError, match="fleet"):
         call(fleet, [request] if call is assign else request, now=NOW)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="assign() calls list(requests) before any check: fix in scoring/assign.py",
-)
 @pytest.mark.parametrize("queue", [None, 3, 1.5])
-def test_known_defect_a_queue_that_is_not_iterable_is_a_value_error(queue):
+def test_defect_a_queue_that_is_not_iterable_is_a_value_error(queue):
     with pytest.raises(ValueError, match="request"):
         assign(Fleet.from_agents(_base()), queue, now=NOW)
 
 
-@pytest.mark.xfail(
-    numba.config.DISABLE_JIT,
-    strict=True,
-    raises=RuntimeWarning,
-    reason="without numba, _kernels._block_masks sums uint8 masks into a uint8: "
-    "`total = 0` / `skipped = 0` must be np.int64(0) (scoring/_kernels.py)",
-)
-def test_known_defect_counts_past_255_in_one_block_without_jit():
+def test_defect_counts_past_255_in_one_block_without_jit():
     """Found here: with NUMBA_DISABLE_JIT=1 (the suite's second CI run) a pool with more than 255
     agents failing one filter in a block counted them modulo 256 (300 stale agents: "44 stale";
     a RuntimeWarning, an error under pytest's filterwarnings). Compiled, the count is an int64."""
