@@ -207,7 +207,7 @@ def test_a_task_on_an_agent_that_disconnects_is_retried_elsewhere():
 def test_delay_scheduling_by_hand(wait_s, start, end, agent):
     config, workload, agents = _hand_scenario()
     workload = replace(
-        workload, tasks=workload.tasks[:1] + (replace(workload.tasks[1], service_s=4.0),)
+        workload, tasks=(workload.tasks[0], replace(workload.tasks[1], service_s=4.0))
     )
     config = replace(config, locality_wait_s=wait_s)
     result = simulate(config, "delay", workload, agents)
