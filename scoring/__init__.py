@@ -1,5 +1,6 @@
 """Dispatch scoring engine: decides, in microseconds, which GPU agent runs each task."""
 
+from scoring.assign import assign
 from scoring.decision import Decision, RankedAgent
 from scoring.files import FileInfo, FileStore, InMemoryFileStore, S3FileStore
 from scoring.fleet import Fleet
@@ -37,6 +38,7 @@ __all__ = [
     "ScoringPolicy",
     "ValidatedRun",
     "Workflow",
+    "assign",
     "dispatch_run",
     "pick_agent",
     "rank_agents",

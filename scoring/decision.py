@@ -10,31 +10,36 @@ from scoring.models import FACTORS, REASONS
 
 
 class Decision:
-    """The answer to one dispatch request.
+    """The answer to one dispatch request: a snapshot, never changed after it is returned.
 
     Attributes
     ----------
     agent_id : str or None
-        The chosen agent; ``None`` when no agent is eligible (the task waits).
+        The chosen agent; ``None`` when no agent is eligible (the task waits) or when the request
+        was deferred.
     score : float or None
         The chosen agent's weighted score in [0, 1].
     factors : dict[str, float]
         Each factor's value (in [0, 1]) for the chosen agent; empty when none was chosen.
     eligible : int
-        Number of agents that passed every hard filter.
+        Number of agents of the request's pool that passed every hard filter.
     rejected : dict[str, int]
         For each reason code, the number of agents failing that filter. An agent failing several
         filters counts once under each, so the counts can add up to more than the rejected agents.
-    total : int
-        Number of agents in the fleet.
+    considered : int
+        Number of agents in the request's pool (DESIGN section 4).
     missing_labels : tuple[str, ...]
         Required labels that at least one label-rejected agent lacks, sorted.
     row : int
         The chosen agent's row in the fleet when the decision was made (-1 when none).
+    deferred : bool
+        ``assign`` held the request back for an agent that has its models cached.
+    waiting_for : tuple[str, ...]
+        When deferred: the warm agents it waits for (all in its pool), sorted.
     """
 
-    __slots__ = ("_factors", "_missing", "_rejected", "agent_id", "eligible", "row", "score",
-                 "total")  # fmt: skip
+    __slots__ = ("_factors", "_rejected", "agent_id", "considered", "deferred", "eligible",
+                 "missing_labels", "row", "score", "waiting_for")  # fmt: skip
 
     def __init__(
         self,
@@ -43,22 +48,27 @@ class Decision:
         factors: Sequence[float],
         eligible: int,
         rejected: Sequence[int],
-        total: int,
+        considered: int,
         missing_labels: Iterable[str] = (),
         row: int = -1,
+        deferred: bool = False,
+        waiting_for: Iterable[str] = (),
     ) -> None:
         self.agent_id = agent_id
         self.score = score
-        self._factors = factors
+        self._factors = tuple(factors)
         self.eligible = eligible
-        self._rejected = rejected
-        self.total = total
-        self._missing = missing_labels  # resolved lazily: most decisions are never explained
+        self._rejected = tuple(rejected)
+        self.considered = considered
+        self.missing_labels = tuple(missing_labels)
         self.row = row
+        self.deferred = deferred
+        self.waiting_for = tuple(waiting_for)
 
     @property
-    def missing_labels(self) -> tuple[str, ...]:
-        return tuple(self._missing)
+    def total(self) -> int:
+        """Former name of :attr:`considered`."""
+        return self.considered
 
     @property
     def factors(self) -> dict[str, float]:
@@ -71,7 +81,10 @@ class Decision:
         return dict(zip(REASONS, self._rejected, strict=True))
 
     def explain(self) -> str:
-        """One line, e.g. ``0/1200 agents eligible: 800 pool, 310 labels (missing gpu-h100)``."""
+        """One line, e.g. ``0/12 agents eligible: 10 labels (missing gpu-h100), 2 capacity``.
+
+        It speaks only of the request's pool, so it can be shown to the submitting team.
+        """
         reasons = []
         for reason, count in zip(REASONS, self._rejected, strict=True):
             if count:
@@ -79,11 +92,13 @@ class Decision:
                 if reason == "labels" and self.missing_labels:
                     detail = f" (missing {', '.join(self.missing_labels)})"
                 reasons.append(f"{count} {reason}{detail}")
-        head = f"{self.eligible}/{self.total} agents eligible"
-        if self.total == 0:
-            head += " (the fleet is empty)"
+        head = f"{self.eligible}/{self.considered} agents eligible"
+        if self.considered == 0:
+            head += " (no agent in the pool)"
         if reasons:
             head += ": " + ", ".join(reasons)
+        if self.deferred:
+            return f"deferred for a warm agent ({', '.join(self.waiting_for)}); {head}"
         if self.agent_id is None:
             return head
         return f"{self.agent_id} (score {self.score:.3f}); {head}"
@@ -98,9 +113,11 @@ class Decision:
             self.agent_id == other.agent_id
             and _same(self.score, other.score)
             and self.eligible == other.eligible
-            and list(self._rejected) == list(other._rejected)
-            and self.total == other.total
+            and self._rejected == other._rejected
+            and self.considered == other.considered
             and self.missing_labels == other.missing_labels
+            and self.deferred == other.deferred
+            and self.waiting_for == other.waiting_for
         )
 
     __hash__ = None  # type: ignore[assignment]

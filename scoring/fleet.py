@@ -208,7 +208,7 @@ class Fleet:
         with self._lock:
             decision = decide(self, request, policy, now)
             if decision.row >= 0:
-                self._take_slot(decision.row)  # eligible, so it has a free slot
+                self.take_slot(decision.row)  # eligible, so it has a free slot
         return decision
 
     def reserve(self, agent_id: str) -> None:
@@ -221,9 +221,11 @@ class Fleet:
             row = self._row(agent_id)
             if self._data["running_count"][row] >= self._data["gpu_capacity"][row]:
                 raise ValueError(f"agent {agent_id!r} has no free slot")
-            self._take_slot(row)
+            self.take_slot(row)
 
-    def _take_slot(self, row: int) -> None:
+    def take_slot(self, row: int) -> None:
+        """Take one slot of the agent in ``row`` (the caller holds :attr:`lock` and has checked
+        that a slot is free)."""
         self._data["running_count"][row] += 1
         status = self._data["status"]
         if status[row] == STATUS_CODES[AgentStatus.IDLE]:

@@ -199,6 +199,9 @@ class DispatchRequest(_Record):
     required_models: Names = frozenset()
     exclude_agents: Names = frozenset()
     tie_key: str = ""
+    #: When the run was submitted (seconds since the epoch); ``None``: now. ``assign`` places
+    #: the oldest first and never defers a request older than the policy's ``locality_wait_s``.
+    submitted_at: Timestamp | None = None
 
     @cached_property
     def labels_needed(self) -> frozenset[str]:
@@ -291,6 +294,9 @@ class ScoringPolicy(_Record):
     heartbeat_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
     region_affinity: Annotated[AffinityPairs, BeforeValidator(_affinity_pairs)] = ()
     tie_band: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    #: How long ``assign`` may hold a request back for an agent with its models cached
+    #: (delay scheduling); 0 never defers.
+    locality_wait_s: Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)] = 0.0
 
     @cached_property
     def affinity_map(self) -> Mapping[tuple[str, str], float]:

@@ -195,10 +195,20 @@ def _band_order(
     return chosen
 
 
+def check_call(
+    fleet: Any, requests: list[Any], policy: Any, now: Any
+) -> tuple[ScoringPolicy, float]:
+    """Check a batch call's arguments; the policy (defaults for ``None``) and ``now`` in seconds."""
+    for request in requests:
+        if not isinstance(request, DispatchRequest):
+            raise TypeError(f"request must be a DispatchRequest, got {type(request).__name__}")
+    return _check(fleet, None, policy, now)
+
+
 def _check(fleet: Any, request: Any, policy: Any, now: Any) -> tuple[ScoringPolicy, float]:
     if not isinstance(fleet, Fleet):
         raise TypeError(f"fleet must be a Fleet, got {type(fleet).__name__}")
-    if not isinstance(request, DispatchRequest):
+    if request is not None and not isinstance(request, DispatchRequest):
         raise TypeError(f"request must be a DispatchRequest, got {type(request).__name__}")
     if policy is None:
         policy = DEFAULT_POLICY

@@ -194,3 +194,63 @@ def pick_agent(
         tuple(sorted(missing)),
         scores,
     )
+
+
+@dataclass
+class Assignment:
+    """The reference's answer for one request of a queue."""
+
+    agent_id: str | None
+    deferred: bool = False
+    waiting_for: tuple[str, ...] = ()
+
+
+def assign(
+    agents: list[Agent],
+    requests: list[DispatchRequest],
+    policy: ScoringPolicy | None = None,
+    now: float | None = None,
+) -> tuple[list[Assignment], list[Agent]]:
+    """The engine's ``assign`` over agent records (DESIGN section 9), written from the rules.
+
+    Returns one :class:`Assignment` per request (in the order given) and the agents afterwards
+    (each placement takes a slot: one more running, an idle agent turns busy).
+    """
+    policy = policy or ScoringPolicy()
+    now = time.time() if now is None else now
+    fleet = {a.agent_id: a for a in agents}
+
+    def submitted(r: DispatchRequest) -> float:
+        return now if r.submitted_at is None else r.submitted_at
+
+    def place(r: DispatchRequest, candidates: list[Agent]) -> Assignment:
+        chosen = pick_agent(candidates, r, policy, now).agent_id
+        if chosen is not None:
+            a = fleet[chosen]
+            status = "busy" if a.status.value == "idle" else a.status
+            fleet[chosen] = a.model_copy(
+                update={"running_count": a.running_count + 1, "status": status}
+            )
+        return Assignment(chosen)
+
+    order = sorted(range(len(requests)), key=lambda i: (submitted(requests[i]), i))
+    out: list[Assignment | None] = [None] * len(requests)
+    cold = []
+    for i in order:
+        r = requests[i]
+        young = now - submitted(r) < policy.locality_wait_s
+        if not (young and r.required_models):
+            out[i] = place(r, list(fleet.values()))
+            continue
+        warm = [a for a in fleet.values() if r.required_models <= a.cached_models]
+        free = [a for a in warm if not reject_reasons(a, r, policy, now)]
+        full = [a.agent_id for a in warm if reject_reasons(a, r, policy, now) == ["capacity"]]
+        if free:
+            out[i] = place(r, free)
+        elif full:
+            out[i] = Assignment(None, deferred=True, waiting_for=tuple(sorted(full)))
+        else:
+            cold.append(i)
+    for i in cold:
+        out[i] = place(requests[i], list(fleet.values()))
+    return [a for a in out if a is not None], list(fleet.values())

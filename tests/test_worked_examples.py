@@ -224,4 +224,4 @@ def test_community_pool_mixes_own_and_opted_in_agents():
 def test_empty_fleet_is_an_answer_not_an_error():
     decision = pick([], request())
     assert decision.agent_id is None and decision.eligible == 0 and decision.total == 0
-    assert decision.explain() == "0/0 agents eligible (the fleet is empty)"
+    assert decision.explain() == "0/0 agents eligible (no agent in the pool)"

@@ -1,0 +1,142 @@
+"""``assign``: a queue onto free slots (DESIGN section 9), against the reference and by hand."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, assign, pick_agent
+from scoring import reference as R
+from tests.strategies import NOW, agent_lists, policies, requests
+
+waits = st.sampled_from([0.0, 0.0, 1.0, 5.0, 30.0])
+ages = st.one_of(st.none(), st.sampled_from([0.0, 0.5, 1.0, 4.999, 5.0, 29.0, 30.0, 100.0]))
+
+
+@st.composite
+def queues(draw, max_agents: int = 30, max_requests: int = 12):
+    """``(agents, requests, policy)``: a fleet and a queue with mixed ages and a locality wait."""
+    agents = draw(agent_lists(0, max_agents))
+    ids = [a.agent_id for a in agents]
+    queue = []
+    for _ in range(draw(st.integers(0, max_requests))):
+        age = draw(ages)
+        r = draw(requests(ids))
+        queue.append(r.model_copy(update={"submitted_at": None if age is None else NOW - age}))
+    policy = draw(policies())
+    return agents, queue, policy.model_copy(update={"locality_wait_s": draw(waits)})
+
+
+def _outcome(decisions):
+    return [(d.agent_id, d.deferred, d.waiting_for) for d in decisions]
+
+
+@settings(max_examples=200)
+@given(queues())
+def test_assign_equals_reference(queue):
+    agents, reqs, policy = queue
+    fleet = Fleet.from_agents(agents)
+    got = assign(fleet, reqs, policy, now=NOW)
+    expected, after = R.assign(agents, reqs, policy, now=NOW)
+    assert _outcome(got) == [(a.agent_id, a.deferred, a.waiting_for) for a in expected]
+    by_id = lambda a: a.agent_id  # noqa: E731
+    assert sorted(fleet.agents(), key=by_id) == sorted(after, key=by_id)
+
+
+@given(queues())
+def test_without_a_wait_assign_is_a_dispatch_loop(queue):
+    agents, reqs, policy = queue
+    policy = policy.model_copy(update={"locality_wait_s": 0.0})
+    fleet, loop = Fleet.from_agents(agents), Fleet.from_agents(agents)
+    got = assign(fleet, reqs, policy, now=NOW)
+    order = sorted(range(len(reqs)), key=lambda i: (reqs[i].submitted_at or NOW, i))
+    expected = {i: loop.dispatch(reqs[i], policy, now=NOW) for i in order}
+    assert got == [expected[i] for i in range(len(reqs))]
+    assert fleet.agents() == loop.agents()
+
+
+@given(queues())
+def test_assign_invariants(queue):
+    agents, reqs, policy = queue
+    fleet = Fleet.from_agents(agents)
+    before = {a.agent_id: a for a in agents}
+    decisions = assign(fleet, reqs, policy, now=NOW)
+    placed: dict[str, int] = {}
+    for r, d in zip(reqs, decisions, strict=True):
+        age = NOW - (NOW if r.submitted_at is None else r.submitted_at)
+        if d.deferred:
+            assert d.agent_id is None and age < policy.locality_wait_s and r.required_models
+            assert d.waiting_for  # names the warm agents it waits for
+        if d.agent_id is not None:
+            placed[d.agent_id] = placed.get(d.agent_id, 0) + 1
+            # eligible when chosen: in the pool, passing every filter, on the fleet before
+            assert R.reject_reasons(before[d.agent_id], r, policy, NOW) in ([], ["capacity"])
+    for agent in fleet.agents():
+        start = before[agent.agent_id]
+        assert agent.running_count == start.running_count + placed.get(agent.agent_id, 0)
+        if placed.get(agent.agent_id):
+            assert agent.running_count <= agent.gpu_capacity  # never over-filled
+    # A request neither placed nor deferred has no free eligible agent left.
+    for r, d in zip(reqs, decisions, strict=True):
+        if d.agent_id is None and not d.deferred:
+            assert pick_agent(fleet, r, policy, now=NOW).agent_id is None
+
+
+# --- delay scheduling, by hand ----------------------------------------------------------------
+
+TEAM = "11111111-1111-4111-8111-111111111111"
+MODEL = "models/sdxl.safetensors"
+WAIT = ScoringPolicy(locality_wait_s=5.0)
+
+
+def _fleet() -> Fleet:
+    """``warm`` has the model cached but its one slot is taken; ``cold`` is free, cache empty."""
+    base = dict(team_id=TEAM, labels={"comfyui"}, last_heartbeat=NOW, gpu_capacity=1)
+    return Fleet.from_agents([
+        Agent(agent_id="warm", status="busy", running_count=1, cached_models={MODEL}, **base),
+        Agent(agent_id="cold", status="idle", **base),
+    ])  # fmt: skip
+
+
+def _run(submitted_at: float) -> DispatchRequest:
+    return DispatchRequest(team_id=TEAM, required_models={MODEL}, submitted_at=submitted_at,
+                           tie_key="run-1")  # fmt: skip
+
+
+def test_a_run_waits_two_seconds_for_the_warm_agent_instead_of_loading_cold():
+    fleet = _fleet()
+    # t = 0: the warm agent is full; the run is 0 s old (< 5 s), so it waits for it.
+    [d] = assign(fleet, [_run(NOW)], WAIT, now=NOW)
+    assert d.deferred and d.agent_id is None and d.waiting_for == ("warm",)
+    assert d.explain().startswith("deferred for a warm agent (warm); 1/2 agents eligible")
+    assert fleet.get("cold").running_count == 0  # nothing reserved
+    # t = 2: the warm agent's task ends; the run (2 s old) now goes there, not to "cold".
+    fleet.release("warm")
+    [d] = assign(fleet, [_run(NOW)], WAIT, now=NOW + 2.0)
+    assert d.agent_id == "warm" and d.factors["warm"] == 1.0
+    assert fleet.get("warm").running_count == 1
+
+
+def test_a_run_at_the_bound_is_placed_cold():
+    fleet = _fleet()
+    # 5 s old with a 5 s wait: now - submitted_at < wait is false, so it is never deferred.
+    [d] = assign(fleet, [_run(NOW - 5.0)], WAIT, now=NOW)
+    assert not d.deferred and d.agent_id == "cold" and d.factors["warm"] == 0.0
+
+
+def test_a_freed_slot_goes_to_the_warm_run_before_an_older_cold_one():
+    fleet = _fleet()
+    fleet.release("warm")  # both agents free, one slot each
+    other = DispatchRequest(team_id=TEAM, required_models={"models/other.ckpt"},
+                            submitted_at=NOW - 1.0, tie_key="run-0")  # fmt: skip
+    # The older run's model is cached nowhere (cold anywhere); the younger one's is on "warm".
+    cold_run, warm_run = assign(fleet, [other, _run(NOW)], WAIT, now=NOW)
+    assert warm_run.agent_id == "warm"
+    assert cold_run.agent_id == "cold"  # placed elsewhere: a slot remained
+
+
+@pytest.mark.parametrize("bad", [None, 3, "x"])
+def test_assign_rejects_what_is_not_a_request(bad):
+    with pytest.raises(TypeError):
+        assign(_fleet(), [bad], WAIT, now=NOW)
