@@ -116,7 +116,12 @@ class Scorer(Policy):
     ) -> list[Outcome]:
         if _ENGINE_ASSIGN is not None:
             decisions = _ENGINE_ASSIGN(fleet, list(requests), self.policy, now=now)
-            out = [(d.agent_id, bool(getattr(d, "deferred", False))) for d in decisions]
+            # Held back while no agent at all is free for it: to the dispatcher that is "no
+            # room" (its class waits for capacity instead of being offered on every event).
+            out = [
+                (d.agent_id, bool(getattr(d, "deferred", False)) and d.eligible > 0)
+                for d in decisions
+            ]
         else:
             out = dispatch_loop(fleet, requests, keys, self.policy, now)
         for request, (agent_id, _) in zip(requests, out, strict=True):
@@ -433,6 +438,10 @@ def make_policy(
     the waiting budget of ``delay`` (default: ``policy.locality_wait_s``)."""
     if name == "scorer":
         return Scorer(policy, seed)
+    if name.startswith("cold:"):  # experiments on cold placement (scoring.sim.emulate)
+        from scoring.sim.emulate import ColdRule
+
+        return ColdRule(policy, seed, name.removeprefix("cold:"))
     if name == "delay":
         return Delay(policy, seed, wait_s)
     try:

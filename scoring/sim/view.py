@@ -33,6 +33,9 @@ class AgentView:
     #: Models the dispatcher sent this agent to load and not yet reported cached -> when it
     #: expects each to be ready (dispatch time plus :data:`LOAD_ESTIMATE_S`).
     loading: dict[str, float] = field(default_factory=dict)
+    #: When the dispatcher last sent this agent a run of each model (its caches evict the least
+    #: recently used model, so this orders its cache as the agent does).
+    used: dict[str, float] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
@@ -71,6 +74,7 @@ class FleetView:
         agent = self.agents[agent_id]
         agent.running += 1
         for model in models:
+            agent.used[model] = now
             if model not in agent.cached and model not in agent.loading:
                 agent.loading[model] = now + LOAD_ESTIMATE_S
 
@@ -83,6 +87,14 @@ class FleetView:
         agent.cached = frozenset(models)
         for model in agent.cached:
             agent.loading.pop(model, None)
+
+    def victim(self, agent_id: str) -> str | None:
+        """The model ``agent_id`` would evict for one more (the least recently sent of its
+        cache), or ``None`` when its cache has room."""
+        agent = self.agents[agent_id]
+        if len(agent.cached) + len(agent.loading) < agent.cache_size:
+            return None
+        return min(agent.cached, key=lambda m: (agent.used.get(m, -1.0), m), default=None)
 
     def free_slots(self) -> int:
         """Free slots of ready agents: an upper bound on how many tasks could be placed now
