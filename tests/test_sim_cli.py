@@ -28,7 +28,7 @@ def test_cli_writes_table_json_and_plots(tmp_path, capsys):
     assert set(doc["metrics"]) == {"scorer", "random"}
     assert doc["metrics"]["scorer"]["completed"] == 120
     assert doc["config"]["weights"] == {"warm": 3.0, "region": 2.0}
-    for name in ("wait_cdf", "rates", "utilisation"):
+    for name in ("wait_cdf", "rates", "overhead", "utilisation"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
