@@ -43,21 +43,26 @@ BUSY_LIFE = Lifecycle(
     down_s=20.0,
     heartbeat_s=5.0,
 )
-SMALL = SimConfig(n_agents=24, n_tasks=300, n_teams=6, load=0.3, lifecycle=BUSY_LIFE)
+#: A waiting budget, so that the scorer and ``delay`` defer runs (and wake up for them).
+SMALL = SimConfig(
+    n_agents=24, n_tasks=300, n_teams=6, load=0.3, lifecycle=BUSY_LIFE, locality_wait_s=10.0
+)
+#: The anchors and baselines, plus the cold-placement experiments.
+EVERY = (*POLICY_NAMES, "cold:score", "cold:spare")
 #: Metrics that measure the machine rather than the simulation.
 WALL_CLOCK = {"wall_s", "tasks_per_wall_s"}
 
 
 @pytest.fixture(scope="module")
 def small_runs():
-    return compare(SMALL, POLICY_NAMES)
+    return compare(SMALL, EVERY)
 
 
 def _sim_metrics(result):
     return {k: v for k, v in result.metrics.items() if k not in WALL_CLOCK}
 
 
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", EVERY)
 def test_same_seed_same_metrics(small_runs, policy):
     again = simulate(SMALL, policy)
     got, expected = _sim_metrics(again), _sim_metrics(small_runs[policy])
@@ -72,7 +77,7 @@ def test_another_seed_changes_the_run(small_runs):
     assert other.log.placements != small_runs["scorer"].log.placements
 
 
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", EVERY)
 def test_every_task_completes_exactly_once_or_is_reported(small_runs, policy):
     result = small_runs[policy]
     log, m = result.log, result.metrics
@@ -84,6 +89,8 @@ def test_every_task_completes_exactly_once_or_is_reported(small_runs, policy):
     # Every attempt is accounted for: one placement each, and each retry follows a failure.
     assert len(log.placements) == log.attempts.sum()
     assert log.attempts.sum() == m["completed"] + log.lost_attempts + log.failed_attempts
+    if policy in ("scorer", "delay", "cold:score", "cold:spare"):  # the waiting path ran
+        assert m["deferrals"] > 0
 
 
 def test_a_short_drain_reports_waiting_and_running_tasks():
@@ -93,7 +100,7 @@ def test_a_short_drain_reports_waiting_and_running_tasks():
     assert m["completed"] + m["waiting"] + m["in_flight"] == m["tasks"]
 
 
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", EVERY)
 def test_no_policy_runs_a_task_outside_its_pool(small_runs, policy):
     result = small_runs[policy]
     tasks, agents = result.workload.tasks, result.agents
@@ -107,7 +114,7 @@ def test_no_policy_runs_a_task_outside_its_pool(small_runs, policy):
         else:
             assert agent.team == task.team or agent.community_opt_in, (task, agent)
             foreign += agent.team != task.team
-    if policy != "scorer":  # baselines ignore the pool factor, so they do go abroad
+    if policy not in ("scorer", "cold:score", "cold:spare"):  # others ignore the pool factor
         assert foreign > 0
 
 
