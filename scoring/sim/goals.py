@@ -111,15 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(seeds="0,1")
     p.add_argument("--loads", default="0.1,0.2,0.3", help="comma-separated offered loads")
     p.add_argument("--policies", default=",".join(POLICY_NAMES))
-    p.add_argument(
-        "--locality-wait",
-        type=float,
-        default=None,
-        help="locality_wait_s of the scorer and delay (default: the engine's)",
-    )
     p.add_argument("--out", default="out/goals")
     args = p.parse_args(argv)
-    base = replace(scenario(args), locality_wait_s=args.locality_wait)
+    base = scenario(args)
     loads = [float(x) for x in args.loads.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [n for n in args.policies.split(",") if n]

@@ -227,8 +227,9 @@ def scenario(args: argparse.Namespace) -> SimConfig:
         raise SystemExit("no trace beside the repository")
     tasks = args.tasks if args.tasks is not None else (None if trace else 20_000)
     return SimConfig(
-        n_agents=args.agents, n_tasks=tasks, n_teams=args.teams, load=args.load, trace=trace
-    )
+        n_agents=args.agents, n_tasks=tasks, n_teams=args.teams, load=args.load, trace=trace,
+        locality_wait_s=args.locality_wait,
+    )  # fmt: skip
 
 
 def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
@@ -238,6 +239,10 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teams", type=int, default=16)
     p.add_argument("--load", type=float, default=0.1)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument(
+        "--locality-wait", type=float, default=None,
+        help="locality_wait_s of the scorer and the delay anchor (default: the engine's)",
+    )  # fmt: skip
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
     p.add_argument("--serial", action="store_true", help="no Dask: run here, one at a time")
