@@ -255,12 +255,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     add_scenario_arguments(p)
-    p.add_argument("--search", choices=("grid", "optuna", "both"), default="grid")
+    p.add_argument(
+        "--search", choices=("grid", "optuna", "both"), default="optuna",
+        help="Optuna found a better weighting than the fine grid for the same simulations "
+        "(notebooks/WEIGHTS.md); the grids reproduce the earlier tables",
+    )  # fmt: skip
     p.add_argument(
         "--grid", choices=("coarse", "fine", "none"), default="fine",
         help="the built-in grid ('none': only --extra weightings)",
     )  # fmt: skip
-    p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: grid size)")
+    p.add_argument(
+        "--trials", type=int, default=None, help="Optuna trials (default: as many as the grid has)"
+    )
     p.add_argument(
         "--waits", default=None,
         help="comma-separated locality_wait_s values crossed with the grid (default: the engine's)",
