@@ -35,8 +35,6 @@ from scoring.sim.agents import team_uuid
 from scoring.sim.policies import Policy
 from scoring.sim.workload import Task
 
-#: Whether the engine's DispatchRequest has ``submitted_at`` (the queue's order for ``assign``).
-_HAS_SUBMITTED_AT = "submitted_at" in DispatchRequest.model_fields
 #: A deferral expires this long after its bound, so that the policy, reading the clock as
 #: seconds since the epoch, sees the bound passed despite rounding.
 _EXPIRY_SLACK_S = 1e-6
@@ -92,9 +90,6 @@ def make_request(
     task: Task, exclude: Iterable[str] = (), submitted: float | None = None
 ) -> DispatchRequest:
     """The DispatchRequest a ComfyUI run of ``task`` sends."""
-    extra: dict[str, Any] = {}
-    if _HAS_SUBMITTED_AT and submitted is not None:
-        extra["submitted_at"] = submitted
     return DispatchRequest(
         team_id=team_uuid(task.team),
         target_pool=task.pool,
@@ -106,7 +101,7 @@ def make_request(
         required_models={task.model} if task.model else set(),
         exclude_agents=frozenset(exclude),
         tie_key=f"task-{task.task_id}",
-        **extra,
+        submitted_at=submitted,
     )
 
 

@@ -27,7 +27,7 @@ from collections.abc import Hashable, Sequence
 from scoring import DispatchRequest, Fleet, ScoringPolicy, rank_agents
 from scoring.decision import RankedAgent
 from scoring.pick import evaluate
-from scoring.sim.policies import Outcome, Policy, locality_wait
+from scoring.sim.policies import Outcome, Policy
 
 COLD_RULES = ("score", "room", "fewest", "lru", "spare")
 
@@ -40,7 +40,7 @@ class ColdRule(Policy):
         if rule not in COLD_RULES:
             raise ValueError(f"unknown cold rule {rule!r} (expected one of {COLD_RULES})")
         self.rule, self.name = rule, f"cold:{rule}"
-        self.wait_s = locality_wait(policy)
+        self.wait_s = policy.locality_wait_s
         self.last_used: dict[str, float] = {}
 
     def assign(

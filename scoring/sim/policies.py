@@ -4,7 +4,7 @@ anchors that know about model caches (DESIGN section 9).
 Every policy answers one question for a batch of waiting requests, oldest first: "which agent
 runs each of these now, which ones wait for a warm agent, and which find no room?" (see
 :meth:`Policy.assign`). All of them use the engine's own eligibility: the scorer through
-``scoring.assign`` (or, before the engine has it, a loop of :meth:`Fleet.dispatch`), the others
+``scoring.assign``, the others
 through :func:`scoring.pick.eligible_agents`, which returns exactly the agents that pass every
 hard filter (same heartbeat timeout). Only the choice among the eligible differs, so a difference
 in the metrics is a difference in choosing (and, for ``delay`` and the scorer, in waiting), never
@@ -18,12 +18,10 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
 
 import numpy as np
 
-import scoring
-from scoring import DispatchRequest, Fleet, ScoringPolicy
+from scoring import DispatchRequest, Fleet, ScoringPolicy, assign
 from scoring.pick import eligible_agents, evaluate
 from scoring.sim.view import LOAD_ESTIMATE_S, AgentView, FleetView
 
@@ -34,20 +32,11 @@ POLICY_NAMES = (
 )  # fmt: skip
 #: The anchors: what a platform team would otherwise adopt (DESIGN section 9).
 ANCHORS = ("multiplex", "gie", "startup", "delay")
-#: ``locality_wait_s`` when neither the configuration nor the engine's policy gives one.
-DEFAULT_LOCALITY_WAIT_S = 10.0
 
 #: One request's outcome: (agent id or None, deferred).
 Outcome = tuple[str | None, bool]
 _NONE: Outcome = (None, False)
 _DEFERRED: Outcome = (None, True)
-#: The engine's queue assignment, once it has one (``scoring.assign``).
-_ENGINE_ASSIGN: Callable[..., Any] | None = getattr(scoring, "assign", None)
-
-
-def locality_wait(policy: ScoringPolicy) -> float:
-    """The policy's ``locality_wait_s`` (0 on an engine that does not have the field yet)."""
-    return float(getattr(policy, "locality_wait_s", 0.0))
 
 
 class Policy(ABC):
@@ -95,16 +84,14 @@ class Policy(ABC):
 
 class Scorer(Policy):
     """The engine with its policy: ``scoring.assign`` on the batch (warm-first, deferring up to
-    ``policy.locality_wait_s``). Until the engine has ``assign``, a loop of
-    :meth:`Fleet.dispatch` in submission order, which is what ``assign`` equals without waiting.
-    """
+    ``policy.locality_wait_s``)."""
 
     name = "scorer"
 
     def __init__(self, policy: ScoringPolicy, seed: int = 0, name: str = "scorer") -> None:
         super().__init__(policy, seed)
         self.name = name
-        self.wait_s = locality_wait(policy)
+        self.wait_s = policy.locality_wait_s
 
     def assign(
         self,
@@ -114,42 +101,14 @@ class Scorer(Policy):
         submitted: Sequence[float],
         now: float,
     ) -> list[Outcome]:
-        if _ENGINE_ASSIGN is not None:
-            decisions = _ENGINE_ASSIGN(fleet, list(requests), self.policy, now=now)
-            # Held back while no agent at all is free for it: to the dispatcher that is "no
-            # room" (its class waits for capacity instead of being offered on every event).
-            out = [
-                (d.agent_id, bool(getattr(d, "deferred", False)) and d.eligible > 0)
-                for d in decisions
-            ]
-        else:
-            out = dispatch_loop(fleet, requests, keys, self.policy, now)
+        decisions = assign(fleet, list(requests), self.policy, now=now)
+        # Held back while no agent at all is free for it: to the dispatcher that is "no room"
+        # (its class waits for capacity instead of being offered on every event).
+        out = [(d.agent_id, d.deferred and d.eligible > 0) for d in decisions]
         for request, (agent_id, _) in zip(requests, out, strict=True):
             if agent_id is not None:
                 self.view.reserve(agent_id, request.required_models, now)
         return out
-
-
-def dispatch_loop(
-    fleet: Fleet,
-    requests: Sequence[DispatchRequest],
-    keys: Sequence[Hashable],
-    policy: ScoringPolicy,
-    now: float,
-) -> list[Outcome]:
-    """``Fleet.dispatch`` for each request in order (what ``assign`` does with no waiting);
-    a class that found no agent is not asked again."""
-    out: list[Outcome] = []
-    blocked: set[Hashable] = set()
-    for request, key in zip(requests, keys, strict=True):
-        if key in blocked:
-            out.append(_NONE)
-            continue
-        agent_id = fleet.dispatch(request, policy, now=now).agent_id
-        if agent_id is None:
-            blocked.add(key)
-        out.append((agent_id, False))
-    return out
 
 
 class Chooser(Policy):
@@ -367,7 +326,7 @@ class Delay(Chooser):
 
     def __init__(self, policy: ScoringPolicy, seed: int = 0, wait_s: float | None = None) -> None:
         super().__init__(policy, seed)
-        self.wait_s = locality_wait(policy) if wait_s is None else float(wait_s)
+        self.wait_s = policy.locality_wait_s if wait_s is None else float(wait_s)
 
     def assign(
         self,

@@ -24,7 +24,7 @@ from scoring.sim import trace as trace_mod
 from scoring.sim.agents import AgentSpec, Lifecycle, SimAgent, build_agents, lifecycle
 from scoring.sim.dispatcher import Dispatcher, TaskState
 from scoring.sim.metrics import TaskLog, summarize
-from scoring.sim.policies import DEFAULT_LOCALITY_WAIT_S, POLICY_NAMES, Policy, make_policy
+from scoring.sim.policies import POLICY_NAMES, Policy, make_policy
 from scoring.sim.view import FleetView
 from scoring.sim.workload import Workload, continent, same_continent_affinity, synthetic_workload
 from scoring.synthetic import NOW
@@ -92,7 +92,7 @@ class SimConfig:
 
     def scoring_policy(self) -> ScoringPolicy:
         kwargs: dict[str, Any] = {} if self.weights is None else {"weights": dict(self.weights)}
-        if self.locality_wait_s is not None and _ENGINE_WAITS:
+        if self.locality_wait_s is not None:
             kwargs["locality_wait_s"] = self.locality_wait_s
         return ScoringPolicy(
             heartbeat_timeout_s=self.heartbeat_timeout_s,
@@ -103,20 +103,12 @@ class SimConfig:
 
     def wait_budget(self) -> float:
         """Seconds a task may be held back for a warm agent: ``locality_wait_s``, else the
-        engine's default, else (an engine without the field) :data:`DEFAULT_LOCALITY_WAIT_S`."""
-        if self.locality_wait_s is not None:
-            return float(self.locality_wait_s)
-        if _ENGINE_WAITS:
-            return float(ScoringPolicy().locality_wait_s)  # type: ignore[attr-defined]
-        return DEFAULT_LOCALITY_WAIT_S
+        engine's default."""
+        return self.scoring_policy().locality_wait_s
 
     def make_policy(self, name: str) -> Policy:
         """The policy ``name`` configured for this run."""
         return make_policy(name, self.scoring_policy(), self.seed, self.wait_budget())
-
-
-#: Whether the engine's ScoringPolicy has ``locality_wait_s`` (the scorer can defer).
-_ENGINE_WAITS = "locality_wait_s" in ScoringPolicy.model_fields
 
 
 @dataclass
