@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= out/demo
 
-.PHONY: demo test test-jit test-nojit bench lint clean
+.PHONY: demo serve test test-jit test-nojit bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m scoring.sim --out $(OUT)
+
+# The API server on localhost with a demo team, workflow and keys (written to out/serve/demo.json);
+# `python -m scoring.server.agent --demo out/serve/demo.json` runs fake agents against it.
+serve: $(STAMP)
+	$(PY) -m scoring.server --host 127.0.0.1 --port 8000 --database sqlite:///out/serve/scoring.db \
+		--files out/serve/files --demo out/serve/demo.json --log-level info
 
 test: test-jit test-nojit
 

@@ -1,22 +1,26 @@
 """Dispatch scoring engine: decides, in microseconds, which GPU agent runs each task."""
 
 from scoring.assign import assign
-from scoring.decision import Decision, RankedAgent
-from scoring.files import FileInfo, FileStore, InMemoryFileStore, S3FileStore
-from scoring.fleet import Fleet
-from scoring.models import Agent, AgentStatus, DispatchRequest, ScoringPolicy
-from scoring.pick import pick_agent, rank_agents
-from scoring.run import (
+from scoring.contract import (
     DispatchedRun,
     ErrorCode,
+    FileInfo,
+    FileStore,
+    InMemoryFileStore,
+    ParameterDef,
     RunError,
     RunRequest,
     RunValidationError,
+    S3FileStore,
     ValidatedRun,
+    Workflow,
     dispatch_run,
     validate_run,
 )
-from scoring.workflow import ParameterDef, Workflow
+from scoring.decision import Decision, RankedAgent
+from scoring.fleet import Fleet
+from scoring.models import Agent, AgentStatus, DispatchRequest, ScoringPolicy
+from scoring.pick import eligible_agents, evaluate, pick_agent, rank_agents
 
 __all__ = [
     "Agent",
@@ -40,6 +44,8 @@ __all__ = [
     "Workflow",
     "assign",
     "dispatch_run",
+    "eligible_agents",
+    "evaluate",
     "pick_agent",
     "rank_agents",
     "validate_run",

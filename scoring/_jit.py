@@ -7,13 +7,33 @@ infinities keep IEEE semantics and scores are bit-identical to the plain-Python 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from numba import config, njit, typeof
 
 _OPTIONS = {"nogil": True, "cache": True, "fastmath": False}
+
+
+def _fingerprint() -> str:
+    """A hash of the sources whose constants the kernels compile in.
+
+    Numba's on-disk cache is keyed by the kernel file's own timestamp only, so a constant changed
+    in the layout or the models (a column's unit, a reason's bit) would keep running stale machine
+    code. Caching under a directory named by this hash makes any such change a fresh compile.
+    """
+    package = Path(__file__).parent
+    digest = hashlib.blake2b(digest_size=8)
+    for name in ("_jit.py", "_kernels.py", "layout.py", "models.py"):
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):  # a directory the user chose wins
+    config.CACHE_DIR = str(Path(__file__).parent / "__pycache__" / f"numba-{_fingerprint()}")
 
 
 def jit(func):

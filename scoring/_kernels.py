@@ -1,74 +1,53 @@
 """Every jitted function of the package: eligibility, factors, score and the pick.
 
-The kernels read the fleet's columns (a :class:`Columns`) and a request already translated into
-numbers (a :class:`Query`); they never raise, never allocate Python objects, and never see a value
-that the Python layer has not validated. One fused pass per decision computes, for each agent, the
-bitmask of failed filters and, for eligible agents, the weighted score; the best agent and the
-tie-break come out of the same pass.
+The kernels read the fleet's columns (a :class:`~scoring.layout.Columns`) and a request already
+translated into numbers (a :class:`~scoring.layout.Query`); they never raise, never allocate Python
+objects, and never see a value that the Python layer has not validated. One fused pass per decision
+over the request's candidate rows computes, for each row, the bitmask of failed filters and, for
+eligible rows, the weighted score; the best row and the tie-break come out of the same pass.
+
+Candidate rows are ``q.rows`` (the submitting team's rows; every row for the full-scan reference
+path) followed by ``q.shared`` (the community index; rows of the submitting team there are skipped,
+having been read in ``q.rows``). An agent outside the request's pool (only the full scan meets
+one) counts once, under ``pool``, whatever else it fails (DESIGN section 4).
 
 Numba's dispatcher types a namedtuple of arrays about four times slower than the same arrays passed
 flat (3.7 us against 1.0 us for a 13-column fleet, measured), and a pick over 100 agents must take
-a few microseconds end to end. So the hot entry point, :func:`_pick_flat`, takes flat
+about two microseconds end to end. So the hot entry point, :func:`_pick_flat`, takes flat
 arguments and rebuilds the two namedtuples inside compiled code, where that costs nothing; the
 parallel pick (large fleets) and the ranking are called with the namedtuples directly.
 """
 
 from __future__ import annotations
 
-from collections import namedtuple
+import inspect
 
 import numpy as np
 from numba import prange
 
 from scoring._jit import jit, jit_parallel, jit_row
+from scoring.layout import COLUMNS, FAILURE_STEPS, QUERY_FIELDS, VRAM_UNKNOWN, Columns, Query
+from scoring.layout import VRAM_STEPS_PER_GB as VRAM_STEPS
 from scoring.models import FACTORS, LAST_ELIGIBLE_STATUS, REASONS
 
-#: The fleet's columns, one array per ``Agent`` field (shapes ``(n,)``; bitsets ``(n, words)``).
-Columns = namedtuple(
-    "Columns",
-    [
-        "team",  # int32: interned team_id
-        "status",  # uint8: AgentStatus code
-        "community_opt_in",  # bool
-        "region",  # int16: interned region, 0 = unknown
-        "gpu_model",  # int16: interned gpu_model, 0 = unknown
-        "last_heartbeat",  # float64: seconds since the epoch
-        "gpu_capacity",  # uint16
-        "running_count",  # uint16
-        "vram_gb",  # float64: NaN = unknown
-        "failure_rate",  # float64
-        "id_hash",  # uint64: stable hash of agent_id (tie-break)
-        "labels",  # uint64 (n, label_words): bit b set = label b interned by the fleet
-        "cached_models",  # uint64 (n, model_words)
-    ],
+#: Filters computed per row by :func:`_filters` (``excluded`` is looked up separately: it names
+#: a handful of rows). Each reason's bit in a reject mask is its position in REASONS.
+FILTERS = ("stale", "status", "pool", "labels", "capacity", "vram")
+assert set(REASONS) == {*FILTERS, "excluded"}, "REASONS and the kernels' filters disagree"
+STALE_BIT, STATUS_BIT, POOL_FILTER_BIT, LABELS_BIT, CAPACITY_BIT, VRAM_BIT = (
+    1 << REASONS.index(reason) for reason in FILTERS
 )
-
-#: A request translated against one fleet and one policy.
-Query = namedtuple(
-    "Query",
-    [
-        "now",  # float64
-        "heartbeat_timeout_s",  # float64
-        "team",  # int64: interned team of the submitter, -1 if no agent of it is known
-        "community",  # bool: community pool
-        "labels",  # uint64 (label_words,): required labels, tool type included
-        "labels_unknown",  # bool: a required label no agent of the fleet has ever had
-        "min_vram_gb",  # float64: NaN = no minimum
-        "excluded",  # int64 (k,): sorted rows of exclude_agents
-        "models",  # uint64 (model_words,): required models known to the fleet
-        "n_models",  # int64: number of required models (known or not)
-        "region_table",  # float64 (regions,): region factor by interned agent region
-        "gpu_table",  # float64 (gpu_models,): gpu factor by interned agent gpu_model
-        "weights",  # float64 (7,): the six weights in FACTORS order, then their sum
-        "tie_band",  # float64
-        "tie_key_hash",  # uint64
-    ],
-)
-
-# A reject mask has bit r set when the agent fails filter REASONS[r] (see _block_masks).
 N_REASONS = len(REASONS)
-EXCLUDED = 1 << REASONS.index("excluded")
+N_FILTERS = len(FILTERS)
 N_FACTORS = len(FACTORS)
+POOL = REASONS.index("pool")
+LABELS = REASONS.index("labels")
+EXCLUDED = REASONS.index("excluded")
+SKIPPED = N_REASONS  # counts slot (and mask bit) of a community row of the submitting team
+POOL_BIT = np.uint8(1 << POOL)
+LABEL_BIT = np.uint8(1 << LABELS)
+SKIP_BIT = np.uint8(1 << SKIPPED)
+N_COUNTS = N_REASONS + 1
 BLOCK = 1024  # rows whose reject masks are computed together, before their eligible rows score
 
 _M32 = np.uint64(0xFFFFFFFF)
@@ -76,7 +55,6 @@ _S13, _S16, _S32 = np.uint64(13), np.uint64(16), np.uint64(32)
 _C1, _C2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)
 _ONE = np.uint64(1)
 _NONE, _ALL = np.uint64(0), np.uint64(0xFFFFFFFFFFFFFFFF)
-_BLOCK = np.uint64(BLOCK)
 _MAX_HASH = _ALL
 
 
@@ -112,82 +90,31 @@ def _popcount(x):
     return count
 
 
+# --- one row: filters and factors ----------------------------------------------------------------
+
+
 @jit_row
 def _filters(c, q, i):
-    """Agent ``i``'s filters other than labels and ``excluded``, as booleans, without a branch."""
-    stale = q.now - c.last_heartbeat[i] > q.heartbeat_timeout_s
-    status = c.status[i] > LAST_ELIGIBLE_STATUS
-    pool = (c.team[i] != q.team) & (not (q.community & c.community_opt_in[i]))
-    capacity = c.running_count[i] >= c.gpu_capacity[i]
-    # NaN (unknown vram_gb) fails a minimum; a NaN minimum (none) fails nobody
-    vram = (not np.isnan(q.min_vram_gb)) & (not (c.vram_gb[i] >= q.min_vram_gb))
-    return stale, status, pool, capacity, vram
-
-
-@jit_row
-def _block_masks(c, q, start, m, masks, reasons, all_labels):
-    """Phase 1 of a block: the reject masks of rows ``[start, start + m)``, without a branch.
-
-    Writes each row's mask (every filter but ``excluded``, see :func:`_block_eligibility`) into
-    ``masks[:m]`` (uint8), adds the rows failing each filter to ``reasons`` (int64[7]), and ANDs
-    the labels of the label-rejected rows into ``all_labels``: ``required & ~all_labels`` is then
-    the OR over those rows of ``required & ~labels`` (De Morgan), the labels some of them lack.
-    Indices are unsigned, so numba adds no negative-index wrapping and LLVM vectorises the loop
-    (measured: 3.0 ns per agent for a mask-only loop over signed indices, 0.5 ns unsigned). A
-    fleet with at most 64 labels (one word) takes a loop without an inner one, which vectorises.
-    """
-    r0 = r1 = r2 = r3 = r4 = r5 = 0
-    if q.labels.shape[0] == 1:
-        required, unknown, all0 = q.labels[0], q.labels_unknown, all_labels[0]
-        for j in range(m):
-            i = start + j
-            stale, status, pool, capacity, vram = _filters(c, q, i)
-            label = unknown | ((required & ~c.labels[i, 0]) != _NONE)
-            all0 &= c.labels[i, 0] | (_NONE if label else _ALL)
-            r0, r1, r2, r3, r4, r5 = r0 + stale, r1 + status, r2 + pool, r3 + label, \
-                r4 + capacity, r5 + vram  # fmt: skip
-            masks[j] = stale | status << 1 | pool << 2 | label << 3 | capacity << 4 | vram << 5
-        all_labels[0] = all0
-    else:
-        for j in range(m):
-            i = start + j
-            stale, status, pool, capacity, vram = _filters(c, q, i)
-            label = q.labels_unknown
-            for w in range(q.labels.shape[0]):
-                label |= (q.labels[w] & ~c.labels[i, w]) != _NONE
-            keep = _NONE if label else _ALL
-            for w in range(q.labels.shape[0]):
-                all_labels[w] &= c.labels[i, w] | keep
-            r0, r1, r2, r3, r4, r5 = r0 + stale, r1 + status, r2 + pool, r3 + label, \
-                r4 + capacity, r5 + vram  # fmt: skip
-            masks[j] = stale | status << 1 | pool << 2 | label << 3 | capacity << 4 | vram << 5
-    reasons[0] += r0
-    reasons[1] += r1
-    reasons[2] += r2
-    reasons[3] += r3
-    reasons[4] += r4
-    reasons[5] += r5
-
-
-@jit_row
-def _block_eligibility(c, q, start, m, masks, reasons, all_labels, e):
-    """Full reject masks of a block: :func:`_block_masks`, then the ``excluded`` bit.
-
-    ``q.excluded`` holds sorted rows; ``e`` is the position of the first one not before
-    ``start``. Returns the position after the block's excluded rows.
-    """
-    _block_masks(c, q, start, m, masks, reasons, all_labels)
-    excluded, end = q.excluded, start + m
-    while e < excluded.shape[0] and np.uint64(excluded[e]) < end:
-        masks[np.uint64(excluded[e]) - start] |= EXCLUDED
-        reasons[6] += 1
-        e += 1
-    return e
+    """Row ``i``'s failed filters as a bitmask, each filter on its own line under its name."""
+    labels = q.labels_unknown
+    for w in range(q.labels.shape[0]):
+        labels |= (q.labels[w] & ~c.labels[i, w]) != _NONE
+    # unknown vram_gb fails a minimum; a NaN minimum (none) fails nobody
+    vram = c.vram_gb[i]
+    enough = (vram != VRAM_UNKNOWN) & (vram / VRAM_STEPS >= q.min_vram_gb)
+    return (
+        STALE_BIT * (q.now - c.last_heartbeat[i] > q.heartbeat_timeout_s)
+        | STATUS_BIT * (c.status[i] > LAST_ELIGIBLE_STATUS)
+        | POOL_FILTER_BIT * ((c.team[i] != q.team) & (not (q.community & (c.opt_pos[i] >= 0))))
+        | LABELS_BIT * labels
+        | CAPACITY_BIT * (c.running_count[i] >= c.gpu_capacity[i])
+        | VRAM_BIT * ((not np.isnan(q.min_vram_gb)) & (not enough))
+    )
 
 
 @jit_row
 def _factors(c, q, i):
-    """Agent ``i``'s six factors, each in [0, 1], in FACTORS order."""
+    """Row ``i``'s factors, each in [0, 1], in FACTORS order."""
     region = q.region_table[c.region[i]]
     load = max(0.0, 1.0 - c.running_count[i] / c.gpu_capacity[i])
     pool = 1.0 if c.team[i] == q.team else 0.0
@@ -199,41 +126,105 @@ def _factors(c, q, i):
             hits += _popcount(c.cached_models[i, w] & q.models[w])
         warm = hits / q.n_models
     gpu = q.gpu_table[c.gpu_model[i]]
-    reliability = 1.0 - c.failure_rate[i]
+    reliability = 1.0 - c.failure_rate[i] / FAILURE_STEPS
     return region, load, pool, warm, gpu, reliability
 
 
 @jit_row
 def _score(c, q, i):
-    """Weighted mean of agent ``i``'s factors: sum(w_f * x_f) / sum(w_f), in FACTORS order."""
-    w = q.weights
-    region, load, pool, warm, gpu, reliability = _factors(c, q, i)
-    total = w[0] * region + w[1] * load + w[2] * pool + w[3] * warm + w[4] * gpu
-    total += w[5] * reliability
-    return total / w[6]
+    """Weighted mean of row ``i``'s factors: sum(w_f * x_f) / sum(w_f), summed in FACTORS order."""
+    f = _factors(c, q, i)
+    total = 0.0
+    for k in range(N_FACTORS):
+        total += q.weights[k] * f[k]
+    return total / q.weights[N_FACTORS]
 
 
 @jit_row
-def _scan(c, q, lo, hi, cut, scratch, reasons, all_labels):
-    """One fused pass over rows ``[lo, hi)`` (uint64), block by block.
+def _mask(c, q, i, skip):
+    """Row ``i``'s reject mask: every failed filter in the pool, only ``pool`` outside it, only
+    :data:`SKIP_BIT` for a community row of the submitting team (``skip``)."""
+    mask = np.uint8(_filters(c, q, i))
+    if mask & POOL_BIT:
+        mask = POOL_BIT
+    if skip and c.team[i] == q.team:
+        mask = SKIP_BIT
+    return mask
 
-    Each block's reject masks come first (:func:`_block_eligibility`, into the uint8[BLOCK]
-    ``scratch``), then only its eligible rows are scored. With ``cut`` NaN, the best score wins
-    and exact ties go to the lowest tie hash; otherwise (the tie band's second pass) every
-    eligible row scoring at least ``cut`` ranks equal and the lowest tie hash wins. Returns
-    ``(best_row, best_score, best_tie_hash, eligible)``; ``best_row`` is -1 when no agent in the
-    range qualifies.
+
+@jit_row
+def _row_at(q, p, n_rows):
+    """The candidate at position ``p``, and whether it comes from the community index."""
+    if p < n_rows:
+        return q.rows[p], False
+    return q.shared[p - n_rows], True
+
+
+@jit_row
+def _is_excluded(q, i):
+    excluded = q.excluded
+    if excluded.shape[0] == 0:
+        return False
+    k = np.searchsorted(excluded, i)
+    return k < excluded.shape[0] and excluded[k] == i
+
+
+@jit_row
+def _in_pool(c, q, i):
+    return c.team[i] == q.team or (q.community and c.opt_pos[i] >= 0)
+
+
+# --- the scan ----------------------------------------------------------------------------------
+
+
+@jit_row
+def _block_masks(c, q, start, m, masks, counts, all_labels):
+    """Phase 1 of a block: the masks of candidate positions ``[start, start + m)`` into
+    ``masks[:m]``; adds each filter's failures to ``counts`` and ANDs the labels of label-rejected
+    rows into ``all_labels`` (``required & ~all_labels`` is then the OR over those rows of
+    ``required & ~labels``, the labels some of them lack)."""
+    n_rows = q.rows.shape[0]
+    words = q.labels.shape[0]
+    for j in range(m):
+        i, skip = _row_at(q, start + j, n_rows)
+        mask = _mask(c, q, i, skip)
+        masks[j] = mask
+        keep = _ALL if (mask & LABEL_BIT) == 0 else _NONE
+        for w in range(words):
+            all_labels[w] &= c.labels[i, w] | keep
+    for k in range(N_REASONS):  # the excluded bit is never set here (_count_excluded)
+        total = 0
+        for j in range(m):
+            total += (masks[j] >> k) & 1
+        counts[k] += total
+    skipped = 0
+    for j in range(m):
+        skipped += masks[j] >> SKIPPED
+    counts[SKIPPED] += skipped
+
+
+@jit_row
+def _scan(c, q, lo, hi, cut, masks, counts, all_labels):
+    """One fused pass over candidate positions ``[lo, hi)``, block by block.
+
+    Each block's masks come first (:func:`_block_masks`, into the uint8[BLOCK] ``masks``), then
+    only its eligible rows are scored. With ``cut`` NaN the best score wins and exact ties go to
+    the lowest tie hash; otherwise (the tie band's second pass) every eligible row scoring at least
+    ``cut`` ranks equal and the lowest tie hash wins. Returns ``(best_row, best_score,
+    best_tie_hash, eligible)``; ``best_row`` is -1 when no row in the range qualifies.
     """
     banded = not np.isnan(cut)
+    n_rows = q.rows.shape[0]
     best, best_rank, best_score, best_hash, eligible = -1, -np.inf, -np.inf, _MAX_HASH, 0
-    e = np.searchsorted(q.excluded, np.int64(lo))
-    for start in range(lo, hi, _BLOCK):
-        m = min(_BLOCK, hi - start)
-        e = _block_eligibility(c, q, start, m, scratch, reasons, all_labels, e)
+    for start in range(lo, hi, BLOCK):
+        m = min(BLOCK, hi - start)
+        _block_masks(c, q, start, m, masks, counts, all_labels)
         for j in range(m):
-            if scratch[j]:
+            if masks[j]:
                 continue
-            i = start + j
+            i, _ = _row_at(q, start + j, n_rows)
+            if _is_excluded(q, i):
+                continue
             eligible += 1
             s = _score(c, q, i)
             if banded and s < cut:
@@ -247,114 +238,104 @@ def _scan(c, q, lo, hi, cut, scratch, reasons, all_labels):
 
 
 @jit_row
+def _count_excluded(c, q, counts):
+    """Add the excluded rows that are in the request's pool to ``counts[EXCLUDED]``."""
+    for k in range(q.excluded.shape[0]):
+        if _in_pool(c, q, q.excluded[k]):
+            counts[EXCLUDED] += 1
+
+
+@jit_row
 def _pick_rows(c, q, masks, counts, labels):
-    """The serial pick over every row, tallying into scratch (see :func:`_scratch`).
+    """The serial pick over every candidate, tallying into scratch (see :func:`_scratch`).
 
     Returns ``(row, score, eligible, factors)``; ``factors`` are the winner's (NaN if none).
-    ``counts[:7]`` then holds the agents failing each filter and ``labels[:words]`` the AND of
-    the labels of label-rejected agents; the rest is the band pass's throwaway tally.
+    ``counts[:N_COUNTS]`` then holds the rows failing each filter (``pool`` only for rows outside
+    the pool) and, last, the skipped community rows; ``labels[:words]`` the AND of the labels of
+    label-rejected rows; the rest is the band pass's throwaway tally.
     """
     words = q.labels.shape[0]
-    for r in range(2 * N_REASONS):
+    for r in range(2 * N_COUNTS):
         counts[r] = 0
     for w in range(2 * words):
         labels[w] = _ALL
-    n = np.uint64(c.team.shape[0])
-    reasons, all_labels = counts[:N_REASONS], labels[:words]
-    best, best_score, _, eligible = _scan(c, q, _NONE, n, np.nan, masks, reasons, all_labels)
+    n = q.rows.shape[0] + q.shared.shape[0]
+    tally, all_labels = counts[:N_COUNTS], labels[:words]
+    best, best_score, _, eligible = _scan(c, q, 0, n, np.nan, masks, tally, all_labels)
+    _count_excluded(c, q, tally)
     if best >= 0 and q.tie_band > 0.0:
         cut = best_score - q.tie_band
-        best, best_score, _, _ = _scan(
-            c, q, _NONE, n, cut, masks, counts[N_REASONS:], labels[words:]
-        )
+        best, best_score, _, _ = _scan(c, q, 0, n, cut, masks, counts[N_COUNTS:], labels[words:])
     return best, best_score, eligible, _winner_factors(c, q, best)
 
 
 @jit_row
 def _winner_factors(c, q, best):
-    nan = np.nan
     if best < 0:
+        nan = np.nan
         return nan, nan, nan, nan, nan, nan
     return _factors(c, q, best)
 
 
 @jit
 def _scratch(label_words):
-    """Working memory of one serial pick: block masks, reason counts, label ANDs (each twice
-    as long as one pass needs: the tie band's pass tallies into the second half).
+    """Working memory of one serial pick: block masks, counts, label ANDs (each twice as long as
+    one pass needs: the tie band's pass tallies into the second half).
 
     Python callers keep one (the fleet does, used under its lock), so a pick allocates nothing.
     """
     return (
         np.empty(BLOCK, np.uint8),
-        np.zeros(2 * N_REASONS, np.int64),
+        np.zeros(2 * N_COUNTS, np.int64),
         np.full(2 * label_words, _ALL),
     )
 
 
 @jit
-def _rejected(counts):
-    r = counts
-    return r[0], r[1], r[2], r[3], r[4], r[5], r[6]
-
-
-@jit
-def _answer(best, best_score, eligible, factors, reasons, all_labels, required):
-    """The kernels' answer: ``(row, score, eligible, factors, rejected, missing)``.
-
-    ``factors`` (6 floats) and ``rejected`` (7 counts) are tuples, which numba hands back to
-    Python faster than arrays; ``missing`` is the uint64 bitset of the required labels that some
-    label-rejected agent lacks.
-    """
-    missing = required & ~all_labels[: required.shape[0]]
-    return best, best_score, eligible, factors, _rejected(reasons), missing
-
-
-@jit
 def _pick(c, q):
-    """Serial pick; see :func:`_answer` for what it returns."""
+    """Serial pick: ``(row, score, eligible, factors, counts, labels_and)`` (fresh scratch)."""
     masks, counts, labels = _scratch(q.labels.shape[0])
     best, best_score, eligible, factors = _pick_rows(c, q, masks, counts, labels)
-    return _answer(best, best_score, eligible, factors, counts, labels, q.labels)
+    return best, best_score, eligible, factors, counts[:N_COUNTS], labels[: q.labels.shape[0]]
 
 
 @jit_parallel
 def _pick_parallel(c, q, n_chunks):
-    """The same pick as :func:`_pick`, over ``n_chunks`` slabs scanned in parallel."""
+    """The same pick as :func:`_pick`, over ``n_chunks`` slabs of candidates scanned in parallel."""
     # Each chunk owns one row of every slab; the reductions below are serial: no shared writes.
-    n = np.uint64(c.team.shape[0])
-    chunks = np.uint64(n_chunks)
-    step = (n + chunks - _ONE) // chunks
+    n = q.rows.shape[0] + q.shared.shape[0]
+    step = (n + n_chunks - 1) // n_chunks
     words = q.labels.shape[0]
-    scratch = np.empty((n_chunks, BLOCK), np.uint8)
-    reasons = np.zeros((n_chunks, N_REASONS), np.int64)
+    masks = np.empty((n_chunks, BLOCK), np.uint8)
+    counts = np.zeros((n_chunks, N_COUNTS), np.int64)
     all_labels = np.full((n_chunks, words), _ALL)
     rows = np.full(n_chunks, -1, np.int64)
     scores = np.full(n_chunks, -np.inf)
     hashes = np.full(n_chunks, _MAX_HASH, np.uint64)
-    counts = np.zeros(n_chunks, np.int64)
+    eligible = np.zeros(n_chunks, np.int64)
     for k in prange(n_chunks):
-        lo, hi = min(n, np.uint64(k) * step), min(n, np.uint64(k + 1) * step)
-        rows[k], scores[k], hashes[k], counts[k] = _scan(
-            c, q, lo, hi, np.nan, scratch[k], reasons[k], all_labels[k]
+        lo, hi = min(n, k * step), min(n, (k + 1) * step)
+        rows[k], scores[k], hashes[k], eligible[k] = _scan(
+            c, q, lo, hi, np.nan, masks[k], counts[k], all_labels[k]
         )
     k = _best_chunk(rows, scores, hashes)
     if k >= 0 and q.tie_band > 0.0:
         cut = scores[k] - q.tie_band
-        band_reasons = np.zeros((n_chunks, N_REASONS), np.int64)
+        band_counts = np.zeros((n_chunks, N_COUNTS), np.int64)
         band_labels = np.full((n_chunks, words), _ALL)
         for j in prange(n_chunks):
-            lo, hi = min(n, np.uint64(j) * step), min(n, np.uint64(j + 1) * step)
+            lo, hi = min(n, j * step), min(n, (j + 1) * step)
             rows[j], scores[j], hashes[j], _ = _scan(
-                c, q, lo, hi, cut, scratch[j], band_reasons[j], band_labels[j]
+                c, q, lo, hi, cut, masks[j], band_counts[j], band_labels[j]
             )
         k = _best_chunk(rows, np.zeros(n_chunks), hashes)  # every candidate is in the band
     best, best_score = (rows[k], scores[k]) if k >= 0 else (-1, -np.inf)
     combined = np.full(words, _ALL)
     for j in range(n_chunks):
         combined &= all_labels[j]
-    factors = _winner_factors(c, q, best)
-    return _answer(best, best_score, counts.sum(), factors, reasons.sum(axis=0), combined, q.labels)
+    total = counts.sum(axis=0)
+    _count_excluded(c, q, total)
+    return best, best_score, eligible.sum(), _winner_factors(c, q, best), total, combined
 
 
 @jit
@@ -370,24 +351,39 @@ def _best_chunk(rows, scores, hashes):
 
 
 @jit
-def _scores(c, q, out_scores, out_hashes, out_masks):
-    """Every agent's reject mask, score (-inf when ineligible) and tie hash, for ranking."""
-    n = np.uint64(c.team.shape[0])
-    masks, counts, labels = _scratch(q.labels.shape[0])
-    e = 0
-    for start in range(_NONE, n, _BLOCK):
-        m = min(_BLOCK, n - start)
-        e = _block_eligibility(c, q, start, m, masks, counts, labels, e)
-        for j in range(m):
-            i = start + j
-            out_masks[i] = masks[j]
-            out_scores[i] = -np.inf if masks[j] else _score(c, q, i)
-            out_hashes[i] = _tie_hash(c.id_hash[i], q.tie_key_hash)
+def _scores(c, q, out_rows, out_scores, out_hashes, out_masks):
+    """Every candidate's row, reject mask (with the ``excluded`` bit), score (-inf when
+    ineligible) and tie hash, by candidate position, for ranking and explaining."""
+    n_rows = q.rows.shape[0]
+    for p in range(n_rows + q.shared.shape[0]):
+        i, skip = _row_at(q, p, n_rows)
+        mask = _mask(c, q, i, skip)
+        if (mask & (POOL_BIT | SKIP_BIT)) == 0 and _is_excluded(q, i):
+            mask |= np.uint8(1 << EXCLUDED)
+        out_rows[p] = i
+        out_masks[p] = mask
+        out_scores[p] = -np.inf if mask else _score(c, q, i)
+        out_hashes[p] = _tie_hash(c.id_hash[i], q.tie_key_hash)
+
+
+@jit
+def _remap_bits(old, old_to_new, out):
+    """Rewrite bitset rows after renumbering: bit ``b`` of ``old`` becomes ``old_to_new[b]``."""
+    for i in range(old.shape[0]):
+        for w in range(old.shape[1]):
+            word = old[i, w]
+            b = 0
+            while word:
+                if word & _ONE:
+                    new = old_to_new[w * 64 + b]
+                    out[i, new >> 6] |= _ONE << np.uint64(new & 63)
+                word >>= _ONE
+                b += 1
 
 
 @jit
 def _factor_rows(c, q, rows, out):
-    """The six factors of each row in ``rows`` (int64[k]) into ``out`` (float64[k, 6])."""
+    """The factors of each row in ``rows`` (int64[k]) into ``out`` (float64[k, N_FACTORS])."""
     for k in range(rows.shape[0]):
         f = _factors(c, q, rows[k])
         for x in range(N_FACTORS):
@@ -399,22 +395,35 @@ def _factor_rows(c, q, rows, out):
 
 @jit
 def _pick_flat(
-    team, status, opt_in, region, gpu, heartbeat, capacity, running, vram, failure, id_hash,
-    labels, models,
-    now, timeout, q_team, community, q_labels, labels_unknown, min_vram, excluded, q_models,
-    n_models, region_table, gpu_table, weights, tie_band, tie_key_hash,
+    team, status, opt_pos, team_pos, region, gpu_model, last_heartbeat, gpu_capacity,
+    running_count, vram_gb, failure_rate, id_hash, labels, cached_models,
+    q_now, q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown, q_min_vram_gb,
+    q_excluded, q_models, q_n_models, q_region_table, q_gpu_table, q_weights, q_tie_band,
+    q_tie_key_hash, q_rows, q_shared,
     masks, counts, labels_and,
 ):  # fmt: skip
-    """Serial pick over flat arguments (``Columns``, ``Query``, then :func:`_scratch`).
+    """Serial pick over flat arguments: the columns, the query (``q_`` + field), the scratch.
 
-    Returns ``(row, score, eligible, factors, rejected)``: no array, so nothing is allocated or
-    boxed; the required labels that label-rejected agents lack are
+    Returns ``(row, score, eligible, factors)``: no array, so nothing is allocated or boxed; the
+    counts are in ``counts[:N_COUNTS]`` and the required labels that label-rejected rows lack are
     ``q_labels & ~labels_and[:words]``.
     """
-    c = Columns(team, status, opt_in, region, gpu, heartbeat, capacity, running, vram, failure,
-                id_hash, labels, models)  # fmt: skip
-    q = Query(now, timeout, q_team, community, q_labels, labels_unknown, min_vram, excluded,
-              q_models, n_models, region_table, gpu_table, weights, tie_band,
-              tie_key_hash)  # fmt: skip
-    best, best_score, eligible, factors = _pick_rows(c, q, masks, counts, labels_and)
-    return best, best_score, eligible, factors, _rejected(counts)
+    c = Columns(team, status, opt_pos, team_pos, region, gpu_model, last_heartbeat, gpu_capacity,
+                running_count, vram_gb, failure_rate, id_hash, labels, cached_models)  # fmt: skip
+    q = Query(q_now, q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown,
+              q_min_vram_gb, q_excluded, q_models, q_n_models, q_region_table, q_gpu_table,
+              q_weights, q_tie_band, q_tie_key_hash, q_rows, q_shared)  # fmt: skip
+    return _pick_rows(c, q, masks, counts, labels_and)
+
+
+def _check_flat_signature() -> None:
+    """The flat entry point's parameters are the declared columns, then the query's fields."""
+    names = list(inspect.signature(getattr(_pick_flat, "py_func", _pick_flat)).parameters)
+    expected = [c.name for c in COLUMNS] + [f"q_{f.name}" for f in QUERY_FIELDS]
+    if names[: len(expected)] != expected or names[len(expected) :] != [
+        "masks", "counts", "labels_and"
+    ]:  # fmt: skip
+        raise ImportError("_pick_flat's parameters disagree with scoring.layout")
+
+
+_check_flat_signature()

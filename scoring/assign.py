@@ -17,23 +17,27 @@ matching, in two passes over the queue:
 
 So a freed slot goes to a run whose model is cached there before one that would load cold, and a
 cold run still takes a slot that no warm run wanted in the same call.
+
+Requests sharing their pool and requirements are grouped, so the whole queue costs one scan of
+each group's pool plus O(log n) per placement (:mod:`scoring._assign_kernels`), not a scan per
+request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from scoring import _assign_kernels as A
 from scoring import _kernels as K
-from scoring.decision import Decision
+from scoring.decision import Decision, missing_label_names
 from scoring.fleet import Fleet
-from scoring.models import FACTORS, REASONS, DispatchRequest, ScoringPolicy
-from scoring.pick import check_call, decide
+from scoring.layout import Query
+from scoring.models import DispatchRequest, ScoringPolicy
+from scoring.pick import candidates, check_call
 from scoring.query import build_query
-
-_CAPACITY_ONLY = 1 << REASONS.index("capacity")
 
 
 def assign(
@@ -64,22 +68,17 @@ def assign(
     requests = list(requests)
     with fleet.lock:
         policy, now = check_call(fleet, requests, policy, now)
-        decisions: list[Decision | None] = [None] * len(requests)
+        if not requests:
+            return []
         order = sorted(range(len(requests)), key=lambda i: (_submitted(requests[i], now), i))
-        wait = policy.locality_wait_s
-        later = []
-        for i in order:
-            request = requests[i]
-            if wait == 0.0 or not request.required_models or now - _submitted(request, now) >= wait:
-                decisions[i] = _place(fleet, decide(fleet, request, policy, now))
-                continue
-            warm = _warm_choice(fleet, request, policy, now)
-            if warm is None:
-                later.append(i)
-            else:
-                decisions[i] = warm if warm.deferred else _place(fleet, warm)
-        for i in later:
-            decisions[i] = _place(fleet, decide(fleet, requests[i], policy, now))
+        batch = _Batch(fleet, [requests[i] for i in order], policy, now)
+        state = batch.run(np.ones(len(order), bool), second_pass=False)
+        later = state == A.LATER
+        if later.any():
+            batch.run(later, second_pass=True)
+        decisions: list[Decision | None] = [None] * len(requests)
+        for i, decision in zip(order, batch.decisions(), strict=True):
+            decisions[i] = decision
         return decisions  # type: ignore[return-value]
 
 
@@ -87,49 +86,142 @@ def _submitted(request: DispatchRequest, now: float) -> float:
     return now if request.submitted_at is None else request.submitted_at
 
 
-def _place(fleet: Fleet, decision: Decision) -> Decision:
-    if decision.row >= 0:
-        fleet.take_slot(decision.row)  # eligible, so it has a free slot
-    return decision
+def _group_key(r: DispatchRequest) -> tuple[Any, ...]:
+    """Everything but the tie key that decides a request's eligible agents and their scores."""
+    return (r.team_id, r.target_pool, r.labels_needed, r.min_vram_gb, r.required_models,
+            r.exclude_agents, r.submitter_region, r.preferred_gpu)  # fmt: skip
 
 
-def _warm_choice(
-    fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy, now: float
-) -> Decision | None:
-    """The young request's warm placement, its deferral, or ``None`` (cold on every agent)."""
-    q = K.Query(*build_query(fleet, request, policy, now))
-    n = len(fleet)
-    masks, scores, hashes = np.empty(n, np.int64), np.empty(n), np.empty(n, np.uint64)
-    K._scores(fleet.columns, q, scores, hashes, masks)
-    warm = _has_all_models(fleet, q.models, len(request.required_models))
-    free_warm = np.flatnonzero(warm & (masks == 0))
-    busy_warm = np.flatnonzero(warm & (masks == _CAPACITY_ONLY))
-    if free_warm.size == 0 and busy_warm.size == 0:
-        return None
-    pool = decide(fleet, request, policy, now)  # the pool's counts, for the explanation
-    counts = [pool.rejected[r] for r in REASONS]
-    if free_warm.size == 0:
-        waiting = sorted(fleet.agent_id_at(int(r)) for r in busy_warm)
-        return Decision(None, None, (), pool.eligible, counts, pool.considered,
-                        pool.missing_labels, deferred=True, waiting_for=waiting)  # fmt: skip
-    row = _best(free_warm, scores, hashes, policy.tie_band)
-    factors = np.empty((1, len(FACTORS)))
-    K._factor_rows(fleet.columns, q, np.array([row], np.int64), factors)
-    return Decision(fleet.agent_id_at(row), float(scores[row]), factors[0].tolist(),
-                    pool.eligible, counts, pool.considered, pool.missing_labels, row)  # fmt: skip
+class _Group(NamedTuple):
+    query: Query
+    request: DispatchRequest  # the first of the group (any would do)
 
 
-def _best(rows: np.ndarray, scores: np.ndarray, hashes: np.ndarray, band: float) -> int:
-    """The pick's rule over ``rows``: best score (or within ``band`` of it), lowest tie hash."""
-    s = scores[rows]
-    top = s.max()
-    tied = rows[s >= top - band] if band > 0.0 else rows[s == top]
-    return int(tied[np.argmin(hashes[tied])])
+class _Batch:
+    """One ``assign`` call's groups, heaps and outcomes (used under the fleet's lock)."""
 
+    def __init__(
+        self, fleet: Fleet, queue: list[DispatchRequest], policy: ScoringPolicy, now: float
+    ) -> None:
+        self.fleet, self.queue, self.policy, self.now = fleet, queue, policy, now
+        index: dict[tuple[Any, ...], int] = {}
+        groups: list[_Group] = []
+        req_group = np.empty(len(queue), np.int64)
+        for i, r in enumerate(queue):
+            key = _group_key(r)
+            g = index.get(key)
+            if g is None:
+                g = index[key] = len(groups)
+                groups.append(_Group(build_query(fleet, r, policy, now), r))
+            req_group[i] = g
+        self.groups, self.req_group = groups, req_group
+        self.req_hash = np.array([r.tie_key_hash for r in queue], np.uint64)
+        wait = policy.locality_wait_s
+        self.young = np.array(
+            [wait > 0 and bool(r.required_models) and now - _submitted(r, now) < wait
+             for r in queue], bool)  # fmt: skip
+        self._pack()
+        n = len(queue)
+        self.out = (
+            np.zeros(n, np.int64),  # state
+            np.full(n, -1, np.int64),  # row
+            np.full(n, np.nan),  # score
+            np.full((n, K.N_FACTORS), np.nan),  # factors
+            np.zeros(n, np.int64),  # eligible
+            np.zeros((n, K.N_REASONS), np.int64),  # counts
+        )
 
-def _has_all_models(fleet: Fleet, wanted: np.ndarray, n_models: int) -> np.ndarray:
-    """Rows whose cache holds every required model (none when one is unknown to the fleet)."""
-    if sum(int(w).bit_count() for w in wanted.tolist()) != n_models:
-        return np.zeros(len(fleet), bool)
-    cached = fleet.columns.cached_models
-    return ((cached & wanted) == wanted).all(axis=1)
+    def _pack(self) -> None:
+        qs = [g.query for g in self.groups]
+        n_groups = len(qs)
+        q0 = qs[0]
+        self.common = (q0.now, q0.heartbeat_timeout_s, q0.weights, q0.tie_band,
+                       self.fleet.shared_rows())  # fmt: skip
+        ex_off = np.zeros(n_groups + 1, np.int64)
+        ex_off[1:] = np.cumsum([q.excluded.shape[0] for q in qs])
+        rows_off = np.zeros(n_groups + 1, np.int64)
+        rows_off[1:] = np.cumsum([q.rows.shape[0] for q in qs])
+        self.packed = (
+            np.array([q.team for q in qs], np.int64),
+            np.array([q.community for q in qs], bool),
+            np.stack([q.labels for q in qs]),
+            np.array([q.labels_unknown for q in qs], bool),
+            np.array([q.min_vram_gb for q in qs], np.float64),
+            ex_off,
+            np.concatenate([q.excluded for q in qs]).astype(np.int64),
+            np.stack([q.models for q in qs]),
+            np.array([q.n_models for q in qs], np.int64),
+            np.stack([q.region_table for q in qs]),
+            np.stack([q.gpu_table for q in qs]),
+            rows_off,
+            np.concatenate([q.rows for q in qs]).astype(np.int32),
+        )
+        pool = np.array([q.rows.shape[0] + q.shared.shape[0] for q in qs], np.int64)
+        base = np.zeros(n_groups, np.int64)
+        base[1:] = np.cumsum(pool)[:-1]
+        total = int(pool.sum())
+        self.heap = (np.empty(total), np.empty(total, np.int64), base, np.zeros(n_groups, np.int64))
+        self.warm = (np.empty(total), np.empty(total, np.int64), base, np.zeros(n_groups, np.int64),
+                     np.zeros(n_groups, np.int64))  # fmt: skip
+        self.warm_rows = np.empty(total, np.int64)
+        self.counts = np.zeros((n_groups, K.N_REASONS), np.int64)
+        self.labels_and = np.full((n_groups, q0.labels.shape[0]), K._ALL)
+        self.considered = np.zeros(n_groups, np.int64)
+        self.eligible = np.zeros(n_groups, np.int64)
+        width = int(pool.max()) if n_groups else 0
+        self.ties = (np.empty(max(width, 1), np.int64), np.empty(max(width, 1)))
+        A._init_groups(self.fleet.columns, self.common, self.packed, self.heap, self.warm,
+                       self.warm_rows, self.counts, self.labels_and, self.considered,
+                       self.eligible)  # fmt: skip
+        self.missing = [
+            missing_label_names(self.fleet.labels, q.labels & ~self.labels_and[g],
+                                self.groups[g].request.labels_needed)
+            if self.counts[g, K.LABELS] else ()
+            for g, q in enumerate(qs)
+        ]  # fmt: skip
+
+    def run(self, select: np.ndarray, second_pass: bool) -> np.ndarray:
+        """Place the selected requests (in queue order); returns every request's state.
+
+        The second pass places the requests the first left for later, on any free agent.
+        """
+        positions = np.flatnonzero(select)
+        later = np.full(len(positions), second_pass)
+        sub = tuple(np.empty((len(positions), *a.shape[1:]), a.dtype) for a in self.out)
+        A._assign(self.fleet.columns, self.common, self.packed, self.req_group[positions],
+                  self.req_hash[positions], self.young[positions], later, self.heap, self.warm,
+                  self.warm_rows, self.counts, self.eligible, *self.ties, sub)  # fmt: skip
+        for whole, part in zip(self.out, sub, strict=True):
+            whole[positions] = part
+        return self.out[0]
+
+    def decisions(self) -> list[Decision]:
+        """Every request's Decision, in queue order."""
+        state, rows, scores, factors, eligible, counts = (a.tolist() for a in self.out)
+        ids, n = self.fleet.agent_id_at, len(self.fleet)
+        considered = self.considered.tolist()
+        busy: dict[int, list[str]] = {}  # the warm agents deferrals wait for, by group
+        out = []
+        for i, g in enumerate(self.req_group.tolist()):
+            rejected = counts[i]
+            rejected[K.POOL] = n - considered[g]  # each agent outside the pool, once
+            common = (eligible[i], rejected, considered[g], self.missing[g])
+            if state[i] == A.PLACED:
+                row = rows[i]
+                out.append(Decision(ids(row), scores[i], factors[i], *common, row))
+            elif state[i] == A.DEFERRED:
+                if g not in busy:  # the same at the end of the call as when deferred: no
+                    busy[g] = self._busy_warm(g)  # slot frees during a call
+                out.append(Decision(None, None, (), *common, deferred=True, waiting_for=busy[g]))
+            else:
+                out.append(Decision(None, None, (), *common))
+        return out
+
+    def _busy_warm(self, g: int) -> list[str]:
+        """The pool's warm agents that fail only ``capacity`` (what a deferral waits for)."""
+        q = self.groups[g].query
+        rows, masks, _, _ = candidates(self.fleet, q)
+        base, n = int(self.warm[2][g]), int(self.warm[4][g])
+        warm = set(self.warm_rows[base : base + n].tolist())
+        busy = rows[masks == A.CAPACITY_BIT]
+        return sorted(self.fleet.agent_id_at(int(r)) for r in busy if int(r) in warm)

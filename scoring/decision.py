@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from scoring.models import FACTORS, REASONS
 
@@ -87,7 +88,8 @@ class Decision:
         """
         reasons = []
         for reason, count in zip(REASONS, self._rejected, strict=True):
-            if count:
+            # ``pool`` counts only agents outside the pool: never shown
+            if count and reason != "pool":
                 detail = ""
                 if reason == "labels" and self.missing_labels:
                     detail = f" (missing {', '.join(self.missing_labels)})"
@@ -121,6 +123,17 @@ class Decision:
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def missing_label_names(labels: Any, lacking: Any, needed: Iterable[str]) -> tuple[str, ...]:
+    """Sorted names of the required labels some label-rejected agent lacks.
+
+    ``lacking`` is the kernels' bitset of those labels among the names ``labels`` (the fleet's
+    label interner) knows; the ``needed`` labels it does not know are lacked by every agent.
+    """
+    found = set(labels.names_of_bits(lacking))
+    found.update(label for label in needed if labels.get(label) < 0)
+    return tuple(sorted(found))
 
 
 def _same(a: float | None, b: float | None) -> bool:

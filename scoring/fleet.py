@@ -1,51 +1,55 @@
 """The fleet: a struct-of-arrays snapshot of every connected agent, updated in O(1) by agent id.
 
-One numpy column per ``Agent`` field; teams, regions and GPU models are interned to small integers,
-labels and cached models to bit positions of a bitset that widens (one uint64 word at a time) when
-the fleet meets its 65th distinct label or model. Rows are dense: removing an agent moves the last
-row into its place, so a pick always scans exactly ``len(fleet)`` rows.
+One numpy column per field of :data:`scoring.layout.COLUMNS`; teams, regions and GPU models are
+interned to small integers, labels and cached models to bit positions of a bitset that widens (one
+uint64 word at a time) as names arrive and narrows again when they go. Rows are dense: removing an
+agent moves the last row into its place.
+
+Two indexes let a pick read only the rows a request may use: each team's rows, and the rows of
+agents opted in to the community pool. Each row knows its place in both (``team_pos``,
+``opt_pos``), so every update keeps them in O(1).
+
+Every update is all or nothing: it takes its names and memory first (which may fail, and then
+gives back what it took) and only then writes, with nothing left that can fail.
 """
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 from uuid import UUID
 
 import numpy as np
 
-from scoring._kernels import Columns, _scratch
+from scoring import checks
+from scoring._kernels import _remap_bits, _scratch
 from scoring.hashing import stable_hash64
 from scoring.intern import Interner
+from scoring.layout import (
+    BITSETS,
+    COLUMNS,
+    FAILURE_STEPS,
+    VRAM_STEPS_PER_GB,
+    VRAM_UNKNOWN,
+    Columns,
+)
 from scoring.models import (
-    MAX_SLOTS,
     STATUS_CODES,
     Agent,
     AgentStatus,
-    normalize_names,
-    to_epoch_seconds,
+    show,
 )
 
 _STATUSES = tuple(AgentStatus)
-_SMALL_INDEX_LIMIT = int(np.iinfo(np.int16).max)  # regions and GPU models per fleet
+_SMALL_INDEX_LIMIT = int(np.iinfo(np.int16).max)  # live regions and GPU models per fleet
+_MIN_ROWS = 16
+_IDLE, _BUSY = STATUS_CODES[AgentStatus.IDLE], STATUS_CODES[AgentStatus.BUSY]
 
-#: dtype of each scalar column (``labels`` and ``cached_models`` are uint64 bitsets).
-COLUMN_DTYPES: dict[str, Any] = {
-    "team": np.int32,
-    "status": np.uint8,
-    "community_opt_in": np.bool_,
-    "region": np.int16,
-    "gpu_model": np.int16,
-    "last_heartbeat": np.float64,
-    "gpu_capacity": np.uint16,
-    "running_count": np.uint16,
-    "vram_gb": np.float64,
-    "failure_rate": np.float64,
-    "id_hash": np.uint64,
-}
-_BITSETS = ("labels", "cached_models")
+
+class UnknownAgentError(KeyError, ValueError):
+    """An update named an agent the fleet does not hold (a ``KeyError`` and a ``ValueError``)."""
 
 
 class Fleet:
@@ -54,11 +58,14 @@ class Fleet:
     Build it with :meth:`from_agents` (or ``Fleet()`` and :meth:`upsert`), keep it current with
     :meth:`heartbeat` / :meth:`heartbeat_many`, and pick with :func:`scoring.pick_agent` or
     reserve with :meth:`dispatch`. Every method is thread-safe; picks and updates are serialised
-    by one lock, so a pick always reads a consistent fleet.
+    by one re-entrant lock, so a pick always reads a consistent fleet.
     """
 
+    #: Set by :mod:`scoring.pick`, which sits above the fleet: pick and reserve under the lock.
+    _dispatcher: Callable[..., Any] | None = None
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._rows: dict[str, int] = {}
         self._ids: list[str] = []
         self._teams = Interner()
@@ -66,11 +73,15 @@ class Fleet:
         self._gpus = Interner(first=1, limit=_SMALL_INDEX_LIMIT)  # 0 = unknown
         self._labels = Interner()
         self._models = Interner()
-        self._data: dict[str, np.ndarray] = {}
-        self._allocate(16, label_words=1, model_words=1)
         self._n = 0
+        self._data = _allocate({}, 0, _MIN_ROWS, dict.fromkeys(BITSETS, 1))
+        self._team_rows: list[np.ndarray] = []  # by interned team: its rows, then free space
+        self._team_len: list[int] = []
+        self._shared = np.empty(_MIN_ROWS, np.int32)  # rows of opted-in agents
+        self._shared_len = 0
         self._view: Columns | None = None
-        # Translations of request parts into kernel arrays, valid until the interners grow.
+        # Translations of request parts into kernel arrays (scoring.query), valid while the
+        # interned names stay as they are (see names_version).
         self.query_cache: dict[Any, Any] = {}
         self._scratch: tuple[np.ndarray, ...] = ()
 
@@ -83,33 +94,47 @@ class Fleet:
         agents = list(agents)
         seen: set[str] = set()
         for agent in agents:
-            if not isinstance(agent, Agent):
-                raise TypeError(f"expected Agent, got {type(agent).__name__}")
+            _check_agent(agent)
             if agent.agent_id in seen:
                 raise ValueError(f"duplicate agent_id {agent.agent_id!r}")
             seen.add(agent.agent_id)
         with fleet._lock:
-            fleet._reserve(len(agents))
-            rows = [fleet._append(agent.agent_id) for agent in agents]
-            fleet._write(rows, agents)
+            fleet._insert(agents)
         return fleet
 
     def upsert(self, agent: Agent) -> None:
         """Insert ``agent``, or replace the record of the agent with its id."""
-        if not isinstance(agent, Agent):
-            raise TypeError(f"expected Agent, got {type(agent).__name__}")
+        _check_agent(agent)
         with self._lock:
             row = self._rows.get(agent.agent_id)
-            self._write([self._append(agent.agent_id) if row is None else row], [agent])
+            if row is None:
+                self._insert([agent])
+                return
+            names = self._acquire([agent])
+            try:
+                self._prepare(0, names, [agent])
+            except BaseException:
+                self._release(names)
+                raise
+            old = self._names_at(row)
+            self._unlink(row)
+            self._store(np.array([row]), [agent], names)
+            self._link(row)
+            self._release(old)
+            self._shrink(old["team"][0])
 
     def remove(self, agent_id: str) -> None:
         """Drop an agent (O(1): the last row moves into its place)."""
         with self._lock:
             row = self._row(agent_id)
+            old = self._names_at(row)
+            team = old["team"][0]
+            self._unlink(row)
             last = self._n - 1
             if row != last:
                 for column in self._data.values():
                     column[row] = column[last]
+                self._relink(row)
                 moved = self._ids[last]
                 self._ids[row] = moved
                 self._rows[moved] = row
@@ -117,6 +142,8 @@ class Fleet:
             del self._rows[agent_id]
             self._n = last
             self._view = None
+            self._release(old)
+            self._shrink(team)
 
     # --- updates ----------------------------------------------------------------------------
 
@@ -130,21 +157,32 @@ class Fleet:
     ) -> None:
         """Record a heartbeat at ``at`` (seconds or datetime), maybe with a new status, running
         count or set of cached models (agents report what they have on disk)."""
-        at = _timestamp(at)
-        code = None if status is None else STATUS_CODES[_status(status)]
+        at = checks.timestamp(at, "at")
+        code = None if status is None else checks.status_code(status, "status")
         if running_count is not None:
-            running_count = _slot_count(running_count, "running_count")
-        models = None if cached_models is None else normalize_names(cached_models)
+            running_count = checks.slot_count(running_count, "running_count")
+        models = None if cached_models is None else checks.names(cached_models, "cached_models")
         with self._lock:
             row = self._row(agent_id)
-            self._data["last_heartbeat"][row] = at
-            if code is not None:
-                self._data["status"][row] = code
-            if running_count is not None:
-                self._data["running_count"][row] = running_count
+            old: dict[str, list[int]] = {}
             if models is not None:
-                words = self._bitsets(self._models, [models], "cached_models")
-                self._data["cached_models"][row] = words[0]  # after any widening
+                taken = {"cached_models": self._models.acquire(models)}
+                try:
+                    self._prepare(0, taken)
+                except BaseException:
+                    self._release(taken)
+                    raise
+                old = {"cached_models": _bits(self._data["cached_models"][row])}
+                self._data["cached_models"][row] = self._bitset_rows(
+                    "cached_models", [taken["cached_models"]]
+                )[0]
+            d = self._data
+            d["last_heartbeat"][row] = at
+            if code is not None:
+                d["status"][row] = code
+            if running_count is not None:
+                d["running_count"][row] = running_count
+            self._release(old)
 
     def heartbeat_many(
         self,
@@ -158,29 +196,19 @@ class Fleet:
         ``at``, ``status`` and ``running_count`` are each one value for every agent or one per
         agent. Everything is validated before anything is written, so a bad batch changes nothing.
         """
-        ids = list(agent_ids)
+        ids = checks.agent_ids(agent_ids, "agent_ids")
         n = len(ids)
-        at_arr = np.broadcast_to(np.asarray(at, dtype=np.float64), (n,))
-        if not np.isfinite(at_arr).all():
-            raise ValueError("heartbeat times must be finite")
-        codes = None
-        if status is not None:
-            if isinstance(status, (str, AgentStatus)):
-                codes = np.full(n, STATUS_CODES[_status(status)], np.uint8)
-            else:
-                codes = np.fromiter((STATUS_CODES[_status(s)] for s in status), np.uint8, n)
+        at_arr = checks.timestamps(at, n, "at")
+        codes = None if status is None else checks.status_codes(status, n, "status")
         counts = None
         if running_count is not None:
-            raw = np.broadcast_to(np.asarray(running_count), (n,))
-            if raw.dtype.kind not in "iu" or (n and (raw.min() < 0 or raw.max() > MAX_SLOTS)):
-                raise ValueError(f"running_count must be integers in [0, {MAX_SLOTS}]")
-            counts = raw.astype(np.uint16)
+            counts = checks.slot_counts(running_count, n, "running_count")
         with self._lock:
             rows_of = self._rows
             try:
                 rows = np.fromiter((rows_of[a] for a in ids), np.int64, n)
             except KeyError as e:
-                raise KeyError(f"unknown agent_id {e.args[0]!r}") from None
+                raise UnknownAgentError(f"unknown agent_id {show(e.args[0])}") from None
             self._data["last_heartbeat"][rows] = at_arr
             if codes is not None:
                 self._data["status"][rows] = codes
@@ -194,8 +222,8 @@ class Fleet:
             running = self._data["running_count"]
             if running[row] > 0:
                 running[row] -= 1
-            if running[row] == 0 and self._data["status"][row] == STATUS_CODES[AgentStatus.BUSY]:
-                self._data["status"][row] = STATUS_CODES[AgentStatus.IDLE]
+            if running[row] == 0 and self._data["status"][row] == _BUSY:
+                self._data["status"][row] = _IDLE
 
     def dispatch(self, request: Any, policy: Any = None, now: Any = None) -> Any:
         """Pick an agent and reserve one of its slots, atomically (see :func:`scoring.pick_agent`).
@@ -203,13 +231,8 @@ class Fleet:
         The chosen agent's ``running_count`` goes up by one and an ``idle`` agent turns ``busy``;
         the returned ``Decision`` describes the fleet as it was just before the reservation.
         """
-        from scoring.pick import decide  # pick.py builds on this module
-
-        with self._lock:
-            decision = decide(self, request, policy, now)
-            if decision.row >= 0:
-                self.take_slot(decision.row)  # eligible, so it has a free slot
-        return decision
+        assert Fleet._dispatcher is not None, "scoring.pick registers the dispatcher on import"
+        return Fleet._dispatcher(self, request, policy, now)
 
     def reserve(self, agent_id: str) -> None:
         """Take one slot of an agent the caller chose, as :meth:`dispatch` does for its pick.
@@ -228,8 +251,8 @@ class Fleet:
         that a slot is free)."""
         self._data["running_count"][row] += 1
         status = self._data["status"]
-        if status[row] == STATUS_CODES[AgentStatus.IDLE]:
-            status[row] = STATUS_CODES[AgentStatus.BUSY]
+        if status[row] == _IDLE:
+            status[row] = _BUSY
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -240,7 +263,8 @@ class Fleet:
         return agent_id in self._rows
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._ids))
+        with self._lock:
+            return iter(list(self._ids))
 
     def get(self, agent_id: str) -> Agent:
         """The agent's current record, rebuilt from the columns."""
@@ -253,8 +277,9 @@ class Fleet:
             return [self._agent_at(row) for row in range(self._n)]
 
     @property
-    def lock(self) -> threading.Lock:
-        """The lock that serialises picks and updates (hold it to read several columns at once)."""
+    def lock(self) -> threading.RLock:
+        """The re-entrant lock that serialises picks and updates (hold it to read several columns
+        at once; fleet calls inside it are fine)."""
         return self._lock
 
     @property
@@ -262,8 +287,18 @@ class Fleet:
         """The live columns (views of ``len(self)`` rows). Read them under :attr:`lock`."""
         if self._view is None:
             n = self._n
-            self._view = Columns(**{name: col[:n] for name, col in self._data.items()})
+            self._view = Columns(*(self._data[c.name][:n] for c in COLUMNS))
         return self._view
+
+    def team_rows(self, team: int) -> np.ndarray:
+        """Rows of the agents of interned ``team`` (int32; empty for -1). Under :attr:`lock`."""
+        if team < 0 or team >= len(self._team_len):
+            return _NO_ROWS
+        return self._team_rows[team][: self._team_len[team]]
+
+    def shared_rows(self) -> np.ndarray:
+        """Rows of the agents opted in to the community pool (int32). Under :attr:`lock`."""
+        return self._shared[: self._shared_len]
 
     def scratch(self) -> tuple[np.ndarray, ...]:
         """The serial pick's working memory (see ``_kernels._scratch``). Use under :attr:`lock`."""
@@ -272,9 +307,22 @@ class Fleet:
             self._scratch = _scratch(words)
         return self._scratch
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the fleet's columns and pool indexes (allocated, free space included)."""
+        columns = sum(col.nbytes for col in self._data.values())
+        teams = sum(rows.nbytes for rows in self._team_rows)
+        return columns + teams + self._shared.nbytes
+
     def nbytes_per_agent(self) -> float:
-        """Bytes of column data per agent (live rows only)."""
-        return sum(col[: self._n].nbytes for col in self._data.values()) / max(self._n, 1)
+        """:attr:`nbytes` per agent."""
+        return self.nbytes / max(self._n, 1)
+
+    @property
+    def names_version(self) -> tuple[int, ...]:
+        """Changes whenever a label, model, region or GPU model gains or loses its index."""
+        return (self._labels.version, self._models.version, self._regions.version,
+                self._gpus.version)  # fmt: skip
 
     def agent_id_at(self, row: int) -> str:
         return self._ids[row]
@@ -305,102 +353,247 @@ class Fleet:
         rows = self._rows
         return np.array(sorted(rows[a] for a in agent_ids if a in rows), dtype=np.int64)
 
+    # --- writing records: take names and memory, then write -----------------------------------
+
+    def _insert(self, agents: list[Agent]) -> None:
+        names = self._acquire(agents)
+        try:
+            self._prepare(len(agents), names, agents)
+        except BaseException:
+            self._release(names)
+            raise
+        start = self._n
+        rows = np.arange(start, start + len(agents))
+        for agent in agents:
+            self._rows[agent.agent_id] = len(self._ids)
+            self._ids.append(agent.agent_id)
+        self._n += len(agents)
+        self._view = None
+        self._store(rows, agents, names)
+        self._link_many(rows)
+
+    def _acquire(self, agents: list[Agent]) -> dict[str, list[Any]]:
+        """Take every name the records use (all or nothing)."""
+        taken: dict[str, list[Any]] = {}
+        steps: list[tuple[str, Interner, Callable[[Agent], Iterable[Any]]]] = [
+            ("team", self._teams, lambda a: (a.team_id.int,)),
+            ("region", self._regions, lambda a: () if a.region is None else (a.region,)),
+            ("gpu_model", self._gpus, lambda a: () if a.gpu_model is None else (a.gpu_model,)),
+            ("labels", self._labels, lambda a: a.labels),
+            ("cached_models", self._models, lambda a: a.cached_models),
+        ]
+        try:
+            for column, interner, names_of in steps:
+                per_agent = [list(names_of(a)) for a in agents]
+                flat = interner.acquire(n for names in per_agent for n in names)
+                it = iter(flat)
+                taken[column] = [[next(it) for _ in names] for names in per_agent]
+        except BaseException:
+            self._release({k: [i for ids in v for i in ids] for k, v in taken.items()})
+            raise
+        return taken
+
+    def _prepare(
+        self, extra: int, names: dict[str, list[Any]], agents: Sequence[Agent] = ()
+    ) -> None:
+        """Make room for ``extra`` more rows, wider bitsets and the indexes of ``agents``.
+
+        Allocates first and swaps the new arrays in only when every allocation has succeeded.
+        """
+        capacity = self._data["team"].shape[0]
+        need = self._n + extra
+        widths = {c: max(self._data[c].shape[1], _words(self._interner(c))) for c in BITSETS}
+        grow_rows = need > capacity
+        grow_bits = any(widths[c] > self._data[c].shape[1] for c in BITSETS)
+        data = self._data
+        if grow_rows or grow_bits:
+            rows = max(need, 2 * capacity) if grow_rows else capacity
+            data = _allocate(self._data, self._n, rows, widths)
+        teams = len(self._teams)
+        team_rows = self._team_rows + [_NO_ROWS] * (teams - len(self._team_rows))
+        team_len = self._team_len + [0] * (teams - len(self._team_len))
+        grown = {}
+        for team, adds in Counter(ids[0] for ids in names.get("team", [])).items():
+            if team_len[team] + adds > team_rows[team].shape[0]:
+                grown[team] = _grown(team_rows[team], team_len[team], team_len[team] + adds)
+        shared = self._shared
+        opting = sum(1 for a in agents if a.community_opt_in)
+        if self._shared_len + opting > shared.shape[0]:
+            shared = _grown(shared, self._shared_len, self._shared_len + opting)
+        # Nothing below can fail: swap the new arrays in.
+        for team, rows in grown.items():
+            team_rows[team] = rows
+        self._data, self._team_rows, self._team_len, self._shared = (
+            data,
+            team_rows,
+            team_len,
+            shared,
+        )
+        self._view = None
+
+    def _store(self, rows: np.ndarray, agents: list[Agent], names: dict[str, list[Any]]) -> None:
+        """Write whole records into ``rows`` (one vectorised assignment per column)."""
+        d = self._data
+        d["labels"][rows] = self._bitset_rows("labels", names["labels"])
+        d["cached_models"][rows] = self._bitset_rows("cached_models", names["cached_models"])
+        d["team"][rows] = [ids[0] for ids in names["team"]]
+        d["status"][rows] = [STATUS_CODES[a.status] for a in agents]
+        d["opt_pos"][rows] = [0 if a.community_opt_in else -1 for a in agents]  # set by _link
+        d["region"][rows] = [ids[0] if ids else 0 for ids in names["region"]]
+        d["gpu_model"][rows] = [ids[0] if ids else 0 for ids in names["gpu_model"]]
+        d["last_heartbeat"][rows] = [a.last_heartbeat for a in agents]
+        d["gpu_capacity"][rows] = [a.gpu_capacity for a in agents]
+        d["running_count"][rows] = [a.running_count for a in agents]
+        d["vram_gb"][rows] = [_vram_code(a.vram_gb) for a in agents]
+        d["failure_rate"][rows] = [round(a.failure_rate * FAILURE_STEPS) for a in agents]
+        d["id_hash"][rows] = np.array([stable_hash64(a.agent_id) for a in agents], np.uint64)
+        self._view = None
+
+    def _bitset_rows(self, column: str, bits: list[list[int]]) -> np.ndarray:
+        """One bitset row per list of bit positions, in the column's current width."""
+        out = np.zeros((len(bits), self._data[column].shape[1]), np.uint64)
+        owner = np.repeat(np.arange(len(bits)), [len(b) for b in bits])
+        flat = np.array([b for bs in bits for b in bs], np.int64)
+        np.bitwise_or.at(out, (owner, flat >> 6), np.left_shift(1, flat & 63).astype(np.uint64))
+        return out
+
+    def _names_at(self, row: int) -> dict[str, list[Any]]:
+        d = self._data
+        region, gpu = int(d["region"][row]), int(d["gpu_model"][row])
+        return {
+            "team": [int(d["team"][row])],
+            "region": [region] if region else [],
+            "gpu_model": [gpu] if gpu else [],
+            "labels": _bits(d["labels"][row]),
+            "cached_models": _bits(d["cached_models"][row]),
+        }
+
+    def _release(self, names: dict[str, list[Any]]) -> None:
+        """Give back names (flat index lists or per-agent lists) and narrow what they widened."""
+        for column, ids in names.items():
+            flat = [i for x in ids for i in (x if isinstance(x, list) else [x])]
+            self._interner(column).release(flat)
+        for column in BITSETS:
+            if column in names:
+                self._narrow(column)
+
+    def _narrow(self, column: str) -> None:
+        """Drop bitset words no live name needs; renumber names that churn left scattered.
+
+        Called after an update has been written; it replaces the column only once its new copy
+        is complete, so even a failure here leaves a consistent (wider) fleet.
+        """
+        interner = self._interner(column)
+        words = self._data[column].shape[1]
+        if _words(interner) < words:
+            self._data[column] = np.ascontiguousarray(self._data[column][:, : _words(interner)])
+        elif max(1, -(-interner.live // 64)) < words:
+            old_to_new = interner.renumber()
+            out = np.zeros((self._data[column].shape[0], _words(interner)), np.uint64)
+            _remap_bits(self._data[column][: self._n], old_to_new, out[: self._n])
+            self._data[column] = out
+        else:
+            return
+        self._view = None
+        self._scratch = ()
+
+    def _interner(self, column: str) -> Interner:
+        return {"team": self._teams, "region": self._regions, "gpu_model": self._gpus,
+                "labels": self._labels, "cached_models": self._models}[column]  # fmt: skip
+
+    # --- the pool indexes -------------------------------------------------------------------
+
+    def _link(self, row: int) -> None:
+        """Add ``row`` to its team's index and, when opted in, to the community index."""
+        d = self._data
+        team = int(d["team"][row])
+        length = self._team_len[team]
+        rows = self._team_rows[team]
+        rows[length] = row  # _prepare made room
+        d["team_pos"][row] = length
+        self._team_len[team] = length + 1
+        if d["opt_pos"][row] >= 0:
+            d["opt_pos"][row] = self._shared_len
+            self._shared[self._shared_len] = row
+            self._shared_len += 1
+
+    def _link_many(self, rows: np.ndarray) -> None:
+        """:meth:`_link` for many new rows at once (grouped by team)."""
+        d = self._data
+        teams = d["team"][rows]
+        order = np.argsort(teams, kind="stable")
+        sorted_rows, sorted_teams = rows[order], teams[order]
+        bounds = np.flatnonzero(np.diff(sorted_teams)) + 1
+        for chunk in np.split(np.arange(len(rows)), bounds):
+            if not len(chunk):
+                continue
+            team = int(sorted_teams[chunk[0]])
+            start = self._team_len[team]
+            members = sorted_rows[chunk]
+            self._team_rows[team][start : start + len(chunk)] = members
+            d["team_pos"][members] = np.arange(start, start + len(chunk))
+            self._team_len[team] = start + len(chunk)
+        opted = rows[d["opt_pos"][rows] >= 0]
+        start = self._shared_len
+        self._shared[start : start + len(opted)] = opted
+        d["opt_pos"][opted] = np.arange(start, start + len(opted))
+        self._shared_len = start + len(opted)
+
+    def _unlink(self, row: int) -> None:
+        """Take ``row`` out of both indexes (the last entry of each moves into its place)."""
+        d = self._data
+        team, pos = int(d["team"][row]), int(d["team_pos"][row])
+        last = self._team_len[team] - 1
+        rows = self._team_rows[team]
+        moved = rows[last]
+        rows[pos] = moved
+        d["team_pos"][moved] = pos
+        self._team_len[team] = last
+        opt = int(d["opt_pos"][row])
+        if opt >= 0:
+            last = self._shared_len - 1
+            moved = self._shared[last]
+            self._shared[opt] = moved
+            d["opt_pos"][moved] = opt
+            self._shared_len = last
+
+    def _relink(self, row: int) -> None:
+        """The record now in ``row`` moved there: point its index entries at ``row``."""
+        d = self._data
+        self._team_rows[int(d["team"][row])][int(d["team_pos"][row])] = row
+        opt = int(d["opt_pos"][row])
+        if opt >= 0:
+            self._shared[opt] = row
+
+    def _shrink(self, team: int) -> None:
+        """Give memory back after many removals (columns, the community index, ``team``'s)."""
+        capacity = self._data["team"].shape[0]
+        if capacity > _MIN_ROWS and self._n < capacity // 4:
+            widths = {c: self._data[c].shape[1] for c in BITSETS}
+            self._data = _allocate(self._data, self._n, max(_MIN_ROWS, 2 * self._n), widths)
+            self._view = None
+        if self._shared.shape[0] > _MIN_ROWS and self._shared_len < self._shared.shape[0] // 4:
+            self._shared = _grown(
+                self._shared, self._shared_len, max(_MIN_ROWS, 2 * self._shared_len)
+            )
+        teams = len(self._teams)
+        del self._team_rows[teams:], self._team_len[teams:]
+        if team < teams:
+            rows, length = self._team_rows[team], self._team_len[team]
+            if rows.shape[0] > 4 and length < rows.shape[0] // 4:
+                self._team_rows[team] = _grown(rows, length, 2 * length) if length else _NO_ROWS
+
     # --- internals --------------------------------------------------------------------------
 
     def _row(self, agent_id: str) -> int:
         try:
             return self._rows[agent_id]
-        except KeyError:
-            raise KeyError(f"unknown agent_id {agent_id!r}") from None
-
-    def _allocate(self, capacity: int, label_words: int, model_words: int) -> None:
-        old, n = self._data, getattr(self, "_n", 0)
-        shapes: dict[str, tuple[int, ...]] = {name: (capacity,) for name in COLUMN_DTYPES}
-        shapes["labels"] = (capacity, label_words)
-        shapes["cached_models"] = (capacity, model_words)
-        data = {}
-        for name, shape in shapes.items():
-            col = np.zeros(shape, COLUMN_DTYPES.get(name, np.uint64))
-            if name in old:
-                src = old[name][:n]
-                if col.ndim == 2:
-                    col[:n, : src.shape[1]] = src
-                else:
-                    col[:n] = src
-            data[name] = col
-        self._data = data
-        self._view = None
-
-    def _reserve(self, extra: int) -> None:
-        need = self._n + extra
-        capacity = self._data["team"].shape[0]
-        if need > capacity:
-            self._allocate(
-                max(need, 2 * capacity),
-                self._data["labels"].shape[1],
-                self._data["cached_models"].shape[1],
-            )
-
-    def _append(self, agent_id: str) -> int:
-        self._reserve(1)
-        row = self._n
-        self._rows[agent_id] = row
-        self._ids.append(agent_id)
-        self._n += 1
-        self._view = None
-        return row
-
-    def _intern_all(self, interner: Interner, names: Iterable[Any]) -> list[int]:
-        before = len(interner)
-        indices = [interner.add(name) for name in names]
-        if len(interner) != before:
-            self.query_cache.clear()  # translations hold tables sized to the old names
-        return indices
-
-    def _optional_indices(self, interner: Interner, names: list[str | None]) -> list[int]:
-        """Interned indices, with 0 (the reserved "unknown") for ``None``."""
-        known = self._intern_all(interner, (n for n in names if n is not None))
-        it = iter(known)
-        return [0 if n is None else next(it) for n in names]
-
-    def _bitsets(self, interner: Interner, sets: list[frozenset[str]], column: str) -> np.ndarray:
-        """One bitset row per set (``len(sets)`` x words), widening the column when needed."""
-        counts = [len(names) for names in sets]
-        bits = np.array(self._intern_all(interner, (n for names in sets for n in names)), np.int64)
-        words = max(1, (len(interner) + 63) // 64)
-        if words > self._data[column].shape[1]:
-            widths = {c: self._data[c].shape[1] for c in _BITSETS}
-            widths[column] = words
-            self._allocate(self._data["team"].shape[0], widths["labels"], widths["cached_models"])
-        out = np.zeros((len(sets), self._data[column].shape[1]), np.uint64)
-        owner = np.repeat(np.arange(len(sets)), counts)
-        np.bitwise_or.at(out, (owner, bits >> 6), np.left_shift(1, bits & 63).astype(np.uint64))
-        return out
-
-    def _write(self, rows: list[int], agents: list[Agent]) -> None:
-        """Write whole records into ``rows`` (one vectorised assignment per column)."""
-        d, idx = self._data, np.array(rows, np.int64)
-        labels = self._bitsets(self._labels, [a.labels for a in agents], "labels")
-        models = self._bitsets(self._models, [a.cached_models for a in agents], "cached_models")
-        d = self._data  # _bitsets may have reallocated the columns
-        d["labels"][idx] = labels
-        d["cached_models"][idx] = models
-        d["team"][idx] = self._intern_all(self._teams, (a.team_id.int for a in agents))
-        d["status"][idx] = [STATUS_CODES[a.status] for a in agents]
-        d["community_opt_in"][idx] = [a.community_opt_in for a in agents]
-        d["region"][idx] = self._optional_indices(self._regions, [a.region for a in agents])
-        d["gpu_model"][idx] = self._optional_indices(self._gpus, [a.gpu_model for a in agents])
-        d["last_heartbeat"][idx] = [a.last_heartbeat for a in agents]
-        d["gpu_capacity"][idx] = [a.gpu_capacity for a in agents]
-        d["running_count"][idx] = [a.running_count for a in agents]
-        d["vram_gb"][idx] = [math.nan if a.vram_gb is None else a.vram_gb for a in agents]
-        d["failure_rate"][idx] = [a.failure_rate for a in agents]
-        d["id_hash"][idx] = np.array([stable_hash64(a.agent_id) for a in agents], np.uint64)
-        self._view = None
+        except (KeyError, TypeError):
+            raise UnknownAgentError(f"unknown agent_id {show(agent_id)}") from None
 
     def _agent_at(self, row: int) -> Agent:
         d = self._data
-        vram = float(d["vram_gb"][row])
+        vram = int(d["vram_gb"][row])
         return Agent.model_construct(
             agent_id=self._ids[row],
             team_id=UUID(int=self._teams.name(int(d["team"][row]))),
@@ -410,35 +603,63 @@ class Fleet:
             gpu_capacity=int(d["gpu_capacity"][row]),
             running_count=int(d["running_count"][row]),
             region=self._regions.name(int(d["region"][row])),
-            community_opt_in=bool(d["community_opt_in"][row]),
-            vram_gb=None if math.isnan(vram) else vram,
+            community_opt_in=bool(d["opt_pos"][row] >= 0),
+            vram_gb=None if vram == VRAM_UNKNOWN else vram / VRAM_STEPS_PER_GB,
             gpu_model=self._gpus.name(int(d["gpu_model"][row])),
             cached_models=frozenset(self._models.names_of_bits(d["cached_models"][row])),
-            failure_rate=float(d["failure_rate"][row]),
+            failure_rate=int(d["failure_rate"][row]) / FAILURE_STEPS,
         )
 
 
-def _timestamp(at: Any) -> float:
-    value = to_epoch_seconds(at)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"heartbeat time must be seconds since the epoch or a datetime, got {at!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError("heartbeat time must be finite")
-    return value
+_NO_ROWS = np.zeros(0, np.int32)
 
 
-def _status(status: AgentStatus | str) -> AgentStatus:
-    try:
-        return AgentStatus(status)
-    except ValueError:
-        allowed = ", ".join(s.value for s in AgentStatus)
-        raise ValueError(f"unknown status {status!r} (expected one of {allowed})") from None
+def _allocate(
+    old: dict[str, np.ndarray], n: int, capacity: int, widths: dict[str, int]
+) -> dict[str, np.ndarray]:
+    """New columns of ``capacity`` rows holding the first ``n`` rows of ``old``."""
+    data = {}
+    for c in COLUMNS:
+        shape = (capacity, widths[c.name]) if c.bitset else (capacity,)
+        col = np.zeros(shape, c.dtype)
+        if c.name in old:
+            src = old[c.name][:n]
+            if c.bitset:
+                keep = min(src.shape[1], shape[1])
+                col[:n, :keep] = src[:, :keep]
+            else:
+                col[:n] = src
+        data[c.name] = col
+    return data
 
 
-def _slot_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer")
-    if not 0 <= value <= MAX_SLOTS:
-        raise ValueError(f"{name} must be within [0, {MAX_SLOTS}]")
-    return int(value)
+def _grown(rows: np.ndarray, length: int, need: int) -> np.ndarray:
+    """A copy of ``rows[:length]`` with room for ``need`` entries (at least double, or exact
+    when shrinking)."""
+    size = max(need, 2 * rows.shape[0], 4) if need > rows.shape[0] else need
+    out = np.empty(size, np.int32)
+    out[:length] = rows[:length]
+    return out
+
+
+def _vram_code(vram_gb: float | None) -> int:
+    return VRAM_UNKNOWN if vram_gb is None else round(vram_gb * VRAM_STEPS_PER_GB)
+
+
+def _words(interner: Interner) -> int:
+    return max(1, -(-len(interner) // 64))
+
+
+def _bits(words: np.ndarray) -> list[int]:
+    out = []
+    for w, word in enumerate(words.tolist()):
+        while word:
+            low = word & -word
+            out.append(w * 64 + low.bit_length() - 1)
+            word ^= low
+    return out
+
+
+def _check_agent(agent: Any) -> None:
+    if not isinstance(agent, Agent):
+        raise ValueError(f"expected an Agent, got {type(agent).__name__}")

@@ -1,48 +1,111 @@
-"""Interning: the fleet stores small integers (or bit positions) in place of repeated strings."""
+"""Interning: the fleet stores small integers (or bit positions) in place of repeated strings.
+
+Names are counted: every agent that uses a name holds one reference, and a name whose last user
+goes away is forgotten and its index reused (lowest first), so churn never grows the tables and
+there is no lifetime limit on how many names a fleet has seen, only on how many are alive at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+import heapq
+from collections.abc import Hashable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 
 class Interner:
-    """Append-only mapping between names and consecutive indices.
+    """Counted mapping between names and small indices.
 
-    Indices below ``first`` are reserved (the fleet keeps 0 for "unknown"); ``len()`` counts them,
-    so ``len()`` is the size a lookup table indexed by these indices needs. Names are never
-    forgotten, so an index, once given, means the same name for the life of the fleet.
+    Indices below ``first`` are reserved (the fleet keeps 0 for "unknown"). ``len()`` is one past
+    the highest index in use, so it is the size a lookup table indexed by these indices needs.
+    ``limit`` bounds the number of live names (indices up to ``limit``).
     """
 
     def __init__(self, first: int = 0, limit: int | None = None) -> None:
+        self._first = first
         self._index: dict[Hashable, int] = {}
         self._names: list[Any] = [None] * first
+        self._counts: list[int] = [0] * first
+        self._free: list[int] = []  # a heap of released indices
         self._limit = limit
+        #: Bumped whenever a name gains or loses its index (translations cached on it go stale).
+        self.version = 0
 
-    def add(self, name: Hashable) -> int:
-        index = self._index.get(name)
-        if index is None:
-            index = len(self._names)
-            if self._limit is not None and index > self._limit:
-                raise ValueError(f"a fleet holds at most {self._limit} distinct values here")
-            self._index[name] = index
-            self._names.append(name)
-        return index
+    # --- counting ------------------------------------------------------------------------------
+
+    def acquire(self, names: Iterable[Hashable]) -> list[int]:
+        """Indices of ``names`` (one reference each), all or nothing.
+
+        Raises ``ValueError`` (taking nothing) when new names would exceed ``limit``.
+        """
+        names = list(names)
+        new = {n for n in names if n not in self._index}
+        if self._limit is not None and new:
+            free_slots = len(self._free) + (self._limit + 1 - len(self._names))
+            if len(new) > free_slots:
+                raise ValueError(f"a fleet holds at most {self._limit - self._first + 1} "
+                                 "distinct values here at once")  # fmt: skip
+        out = []
+        for name in names:
+            index = self._index.get(name)
+            if index is None:
+                index = self._new_index()
+                self._index[name] = index
+                self._names[index] = name
+                self.version += 1
+            self._counts[index] += 1
+            out.append(index)
+        return out
+
+    def release(self, indices: Iterable[int]) -> None:
+        """Drop one reference per index; a name with none left is forgotten."""
+        for index in indices:
+            self._counts[index] -= 1
+            if self._counts[index] == 0:
+                del self._index[self._names[index]]
+                self._names[index] = None
+                heapq.heappush(self._free, index)
+                self.version += 1
+        while self._names and len(self._names) > self._first and self._names[-1] is None:
+            self._drop_last()
+
+    def _new_index(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        self._names.append(None)
+        self._counts.append(0)
+        return len(self._names) - 1
+
+    def _drop_last(self) -> None:
+        last = len(self._names) - 1
+        self._names.pop()
+        self._counts.pop()
+        self._free.remove(last)
+        heapq.heapify(self._free)
+
+    # --- reading -------------------------------------------------------------------------------
 
     def get(self, name: Hashable, default: int = -1) -> int:
         return self._index.get(name, default)
 
     def name(self, index: int) -> Any:
-        """The name at ``index`` (``None`` for a reserved index)."""
+        """The name at ``index`` (``None`` for a reserved or free index)."""
         return self._names[index]
+
+    def count(self, index: int) -> int:
+        return self._counts[index]
+
+    @property
+    def live(self) -> int:
+        """Number of names in use."""
+        return len(self._index)
 
     def __len__(self) -> int:
         return len(self._names)
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
-        """``(index, name)`` of every interned name."""
+        """``(index, name)`` of every live name."""
         return ((i, n) for i, n in enumerate(self._names) if n is not None)
 
     def names_of_bits(self, words: np.ndarray) -> list[Any]:
@@ -54,3 +117,22 @@ class Interner:
                 names.append(self._names[w * 64 + low.bit_length() - 1])
                 word ^= low
         return names
+
+    def renumber(self) -> np.ndarray:
+        """Give the live names the indices ``first, first + 1, ...`` in their current order.
+
+        Returns ``old_to_new`` (int64, -1 for indices that were free); used to compact bitsets
+        after churn left a few live names at high bit positions.
+        """
+        old_to_new = np.full(len(self._names), -1, np.int64)
+        live = [(i, n) for i, n in enumerate(self._names) if n is not None]
+        names: list[Any] = [None] * self._first
+        counts = [0] * self._first
+        for new, (old, name) in enumerate(live, start=self._first):
+            old_to_new[old] = new
+            names.append(name)
+            counts.append(self._counts[old])
+            self._index[name] = new
+        self._names, self._counts, self._free = names, counts, []
+        self.version += 1
+        return old_to_new

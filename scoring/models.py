@@ -2,25 +2,35 @@
 
 Everything that reaches a kernel passes through here first, so the kernels never see a bad value.
 Strings that the platform compares loosely (regions, labels) are normalised once, on the way in.
+
+Inputs are strict because agents and clients are not trusted (DESIGN section 3): a bool is not a
+number, a string is valid Unicode (no lone surrogates), a length is measured on the string as sent
+(after trimming, before lower-casing), every number is finite and within its field's range, and
+every set has a bound. Each bad value is a pydantic ``ValidationError`` whose location is the field.
+The primitives below (:func:`valid_text`, :func:`real_number`, :func:`epoch_seconds`, the
+normalisers) raise ``ValueError`` and are shared with :mod:`scoring.checks`, which checks the
+arguments of the fleet's and the pick's calls the same way.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from functools import cached_property
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    field_validator,
+    Strict,
+    ValidationInfo,
     model_validator,
 )
 
@@ -32,7 +42,18 @@ FACTORS: tuple[str, ...] = ("region", "load", "pool", "warm", "gpu", "reliabilit
 REASONS: tuple[str, ...] = ("stale", "status", "pool", "labels", "capacity", "vram", "excluded")
 
 MAX_NAME_LEN = 64  # regions and labels
+MAX_ID_LEN = 256  # agent ids, tie keys, GPU names
+MAX_PATH_LEN = 1024  # model paths
 MAX_SLOTS = 2**16 - 1
+MAX_LABELS = 64  # labels of an agent, required labels of a request
+MAX_MODELS = 256  # cached models of an agent, required models of a request
+MAX_EXCLUDED = 1024  # agents a request excludes
+MAX_WEIGHT = 1e6  # so that the sum of the weights is finite
+MAX_VRAM_GB = 16_383.75  # quarter GB in a uint16, one code kept for unknown
+MAX_LOCALITY_WAIT_S = 86_400.0  # a day: longer than any task is worth waiting for a warm agent
+#: Latest accepted time, seconds since the epoch: the end of 9999-12-31 UTC (253402300800.0;
+#: ``datetime.max`` rounds to it as a float), so every UTC ``datetime`` fits.
+MAX_TIMESTAMP = datetime.max.replace(tzinfo=UTC).timestamp()
 
 
 class AgentStatus(StrEnum):
@@ -51,60 +72,168 @@ STATUS_CODES: dict[AgentStatus, int] = {s: i for i, s in enumerate(AgentStatus)}
 LAST_ELIGIBLE_STATUS = STATUS_CODES[AgentStatus.BUSY]
 
 
-# --- normalisers -------------------------------------------------------------------------------
+# --- primitives shared with scoring.checks -------------------------------------------------------
+
+# Python strings hold surrogate code points only unpaired (a pair is never combined), and no
+# valid Unicode text contains one: such a string cannot be encoded, hashed or stored.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def show(value: Any) -> str:
+    """A short, always printable description of a rejected value, for error messages.
+
+    ``repr`` of a huge integer raises (Python limits int-to-text conversion) and ``repr`` of a long
+    string would flood a log, so neither is used as is.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ must not replace the validation error
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def valid_text(value: Any, what: str) -> str:
+    """``value`` as a plain ``str`` if it is a string of valid Unicode, else ``ValueError``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    text = str.__str__(value)  # a plain str: a subclass cannot override strip() or lower()
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise ValueError(
+            f"{what} is not valid Unicode (lone surrogate U+{ord(bad.group()):04X} at index "
+            f"{bad.start()})"
+        )
+    return text
+
+
+def _bounded_text(value: Any, what: str, max_len: int) -> str:
+    """Valid text, trimmed; its length is measured here, before any lower-casing."""
+    text = valid_text(value, what).strip()
+    if len(text) > max_len:
+        raise ValueError(f"{what} is longer than {max_len} characters")
+    return text
+
+
+def _lowered_name(value: Any, what: str, max_len: int) -> str:
+    """Valid text, trimmed and lower-cased; its length is measured on the string as sent.
+
+    One character lower-cases to two: ``"İ"`` (U+0130) becomes ``"i̇"`` (``i`` and U+0307, the
+    combining dot above). A sent ``"İ" * 40`` is 40 characters and valid, so its stored form,
+    80 characters long, must validate again (the fleet rebuilds records from stored names, and
+    copies re-validate); the pair ``"i̇"`` therefore counts as one character either way.
+    """
+    text = valid_text(value, what).strip()
+    if len(text) - text.count("i\u0307") > max_len:
+        raise ValueError(f"{what} is longer than {max_len} characters")
+    return text.lower()
+
+
+def real_number(value: Any, what: str) -> float:
+    """A finite real number as a float: ints (any size that fits a float), floats and numpy real
+    scalars; never a bool, NaN or an infinity. Raises ``ValueError`` naming ``what``."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{what} must be a number, not a bool")
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{what} is too large ({show(value)})") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be finite, got {show(value)}")
+    return number
+
+
+def epoch_seconds(value: Any, what: str) -> float:
+    """Seconds since the epoch from a number or a ``datetime`` (naive means UTC), checked to lie
+    within ``[0, MAX_TIMESTAMP]``. Raises ``ValueError`` naming ``what``."""
+    if isinstance(value, datetime):
+        try:
+            seconds = (value.replace(tzinfo=UTC) if value.tzinfo is None else value).timestamp()
+        except (ArithmeticError, ValueError, TypeError):  # a tzinfo giving a bad offset
+            raise ValueError(f"{what} is not a usable datetime ({show(value)})") from None
+    else:
+        seconds = real_number(value, what)
+    if not 0.0 <= seconds <= MAX_TIMESTAMP:
+        raise ValueError(
+            f"{what} must be seconds since the epoch between 0 and {MAX_TIMESTAMP:.0f} "
+            f"(year 9999), got {show(value)}"
+        )
+    return seconds
+
+
+def to_epoch_seconds(value: Any) -> Any:
+    """Accept a ``datetime`` (naive means UTC) wherever seconds since the epoch are expected.
+
+    Anything else is returned as is, for the caller's own checks; :func:`epoch_seconds` is the
+    strict form.
+    """
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.timestamp()
+    return value
 
 
 def normalize_region(value: Any) -> str | None:
-    """Trim and lower-case a region; empty or ``None`` means unknown (``None``)."""
+    """Trim and lower-case a region; empty or ``None`` means unknown (``None``).
+
+    The length limit applies to the trimmed string as sent: lower-casing may lengthen it
+    (``"İ".lower()`` has two characters), which must not turn a valid region into a too long one.
+    """
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise ValueError("region must be a string")
-    region = value.strip().lower()
-    if len(region) > MAX_NAME_LEN:
-        raise ValueError(f"region is longer than {MAX_NAME_LEN} characters")
-    return region or None
+    return _lowered_name(value, "region", MAX_NAME_LEN) or None
 
 
-def _normalize_label(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("label must be a string")
-    label = value.strip().lower()
+def _normalize_label(value: Any, what: str = "label") -> str:
+    label = _lowered_name(value, what, MAX_NAME_LEN)
     if not label:
-        raise ValueError("label is empty")
-    if len(label) > MAX_NAME_LEN:
-        raise ValueError(f"label {label[:16]!r}... is longer than {MAX_NAME_LEN} characters")
+        raise ValueError(f"{what} is empty")
     return label
 
 
-def _normalize_labels(value: Any) -> frozenset[str]:
-    if value is None:
-        return frozenset()
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise ValueError("labels must be a set of strings")
-    return frozenset(_normalize_label(v) for v in value)
+def _name(value: Any, what: str, max_len: int) -> str:
+    name = _bounded_text(value, what, max_len)
+    if not name:
+        raise ValueError(f"{what} is empty")
+    return name
 
 
-def normalize_names(value: Any) -> frozenset[str]:
-    """Model paths and agent ids: trimmed, case kept, never empty."""
+def name_set(
+    value: Any, what: str, limit: int, normalize: Callable[[Any, str], str]
+) -> frozenset[str]:
+    """A bounded set of names: ``None`` is empty, a single string is an error.
+
+    Any iterable of strings will do (a mapping gives its keys: the simulation passes its LRU
+    cache, an ``OrderedDict``). At most ``limit`` entries are read (counted as sent, duplicates
+    included), so a hostile collection costs bounded work whatever its size.
+    """
     if value is None:
         return frozenset()
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise ValueError("must be a set of strings")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{what} must be a set of strings, got {type(value).__name__}")
     names = set()
-    for v in value:
-        if not isinstance(v, str) or not v.strip():
-            raise ValueError("every entry must be a non-empty string")
-        names.add(v.strip())
+    for i, entry in enumerate(value):
+        if i >= limit:
+            raise ValueError(f"{what} has more than {limit} entries")
+        names.add(normalize(entry, f"{what} entry"))
     return frozenset(names)
 
 
-def _optional_text(value: Any) -> str | None:
+def normalize_names(
+    value: Any, what: str = "names", limit: int = MAX_MODELS, max_len: int = MAX_PATH_LEN
+) -> frozenset[str]:
+    """Model paths and agent ids: trimmed, case kept, never empty, at most ``limit`` of them."""
+    return name_set(value, what, limit, lambda v, w: _name(v, w, max_len))
+
+
+def _optional_text(value: Any, what: str = "text") -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    return value.strip() or None
+    return _bounded_text(value, what, MAX_ID_LEN) or None
 
 
 _GPU_TOKEN = re.compile(r"[a-z]+|[0-9]+")
@@ -120,37 +249,157 @@ def gpu_tokens(name: str) -> frozenset[str]:
 
 
 def _preferred_gpu(value: Any) -> str | None:
-    text = _optional_text(value)
+    text = _optional_text(value, "preferred_gpu")
     if text is not None and not gpu_tokens(text):
         raise ValueError("preferred_gpu must contain a letter or a digit")
     return text
 
 
-def to_epoch_seconds(value: Any) -> Any:
-    """Accept a ``datetime`` (naive means UTC) wherever seconds since the epoch are expected."""
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value.timestamp()
+def _agent_id(value: Any) -> str:
+    text = valid_text(value, "agent_id")
+    if not text:
+        raise ValueError("agent_id is empty")
+    if text != text.strip():
+        raise ValueError("agent_id must not start or end with whitespace")
+    if len(text) > MAX_ID_LEN:
+        raise ValueError(f"agent_id is longer than {MAX_ID_LEN} characters")
+    return text
+
+
+def _tie_key(value: Any) -> str:
+    text = valid_text(value, "tie_key")  # hashed as UTF-8: must be valid Unicode
+    if len(text) > MAX_ID_LEN:
+        raise ValueError(f"tie_key is longer than {MAX_ID_LEN} characters")
+    return text
+
+
+# --- field types -------------------------------------------------------------------------------
+# Each number field is pydantic-strict (no strings, no bools) after a before-validator that turns
+# numpy scalars into Python numbers and rejects bools (numpy's too) and ints too large for a float
+# with a ValueError, so pydantic reports them as errors of the field.
+
+
+def _field(info: ValidationInfo) -> str:
+    return info.field_name or "value"
+
+
+def _float_input(value: Any, info: ValidationInfo) -> Any:
+    if value is None or isinstance(value, float):
+        return value
+    if isinstance(value, (bool, np.bool_, int, np.integer, np.floating)):
+        return real_number(value, _field(info))
+    return value  # pydantic's strict float reports anything else
+
+
+def _int_input(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{_field(info)} must be an integer, not a bool")
+    if isinstance(value, np.integer):
+        return int(value)
     return value
 
 
+def _quarter_gb(value: float | None) -> float | None:
+    """VRAM down to the quarter GB, as the fleet stores it (never more than the agent has)."""
+    return None if value is None else math.floor(value * 4) / 4
+
+
+def _failure_steps(value: float) -> float:
+    """A failure rate to the nearest 1/32768, as the fleet stores it."""
+    return round(value * 32768) / 32768
+
+
+def _bool_input(value: Any) -> Any:
+    return bool(value) if isinstance(value, np.bool_) else value
+
+
+def _timestamp_input(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, datetime):
+        return epoch_seconds(value, _field(info))
+    return _float_input(value, info)
+
+
+def _labels_input(value: Any, info: ValidationInfo) -> frozenset[str]:
+    return name_set(value, _field(info), MAX_LABELS, _normalize_label)
+
+
+def _models_input(value: Any, info: ValidationInfo) -> frozenset[str]:
+    return normalize_names(value, _field(info), MAX_MODELS, MAX_PATH_LEN)
+
+
+def _agent_ids_input(value: Any, info: ValidationInfo) -> frozenset[str]:
+    return normalize_names(value, _field(info), MAX_EXCLUDED, MAX_ID_LEN)
+
+
+def _text_input(value: Any, info: ValidationInfo) -> str | None:
+    return _optional_text(value, _field(info))
+
+
+Slots = Annotated[int, Strict(), Field(ge=0, le=MAX_SLOTS), BeforeValidator(_int_input)]
+Capacity = Annotated[int, Strict(), Field(ge=1, le=MAX_SLOTS), BeforeValidator(_int_input)]
+StrictFlag = Annotated[bool, Strict(), BeforeValidator(_bool_input)]
+Fraction = Annotated[
+    float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False), BeforeValidator(_float_input)
+]
+Gigabytes = Annotated[
+    float,
+    Strict(),
+    Field(ge=0.0, le=MAX_VRAM_GB, allow_inf_nan=False),
+    BeforeValidator(_float_input),
+]
+Weight = Annotated[
+    float,
+    Strict(),
+    Field(ge=0.0, le=MAX_WEIGHT, allow_inf_nan=False),
+    BeforeValidator(_float_input),
+]
+Timestamp = Annotated[
+    float,
+    Strict(),
+    Field(ge=0.0, le=MAX_TIMESTAMP, allow_inf_nan=False),
+    BeforeValidator(_timestamp_input),
+]
 Region = Annotated[str | None, BeforeValidator(normalize_region)]
-Labels = Annotated[frozenset[str], BeforeValidator(_normalize_labels)]
-Names = Annotated[frozenset[str], BeforeValidator(normalize_names)]
-OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
-Timestamp = Annotated[float, BeforeValidator(to_epoch_seconds), Field(allow_inf_nan=False)]
+Labels = Annotated[frozenset[str], BeforeValidator(_labels_input)]
+Names = Annotated[frozenset[str], BeforeValidator(_models_input)]
+AgentIds = Annotated[frozenset[str], BeforeValidator(_agent_ids_input)]
+OptionalText = Annotated[str | None, BeforeValidator(_text_input)]
+
+
+class cached:  # a decorator, named like functools.cached_property
+    """``functools.cached_property`` without its lock.
+
+    Python 3.11's ``cached_property`` takes a lock on every first read (about 8 us, measured);
+    a record is immutable, so two threads computing the same value at once is harmless. The
+    value is stored in the instance's ``__dict__``, where later reads find it directly.
+    """
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
 
 
 class _Record(BaseModel):
     """Frozen, validated record whose copies are validated too.
 
-    Records cache derived values (``cached_property``) in the instance. Pydantic's own
+    Records cache derived values (:class:`cached`) in the instance. Pydantic's own
     ``model_copy(update=...)`` copies those caches and skips validation, so a copy could carry
     a stale derived value or an invalid field; here a copy is a new, validated record instead.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, ignored_types=(cached,)
+    )
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
         fields = {name: getattr(self, name) for name in type(self).model_fields}
@@ -161,71 +410,69 @@ class Agent(_Record):
     """What the platform knows about one connected agent.
 
     ``gpu_capacity`` and ``running_count`` are at most 65,535 (the fleet stores them as uint16 to
-    stay within 64 bytes per agent).
+    stay within 64 bytes per agent). An agent carries at most 64 labels and 256 cached models.
     """
 
-    agent_id: Annotated[str, Field(min_length=1, max_length=256)]
+    agent_id: Annotated[str, BeforeValidator(_agent_id)]
     team_id: UUID
     status: AgentStatus
     labels: Labels = frozenset()
     last_heartbeat: Timestamp
-    gpu_capacity: Annotated[int, Field(ge=1, le=MAX_SLOTS)]
-    running_count: Annotated[int, Field(ge=0, le=MAX_SLOTS)] = 0
+    gpu_capacity: Capacity
+    running_count: Slots = 0
     region: Region = None
-    community_opt_in: bool = False
-    vram_gb: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
+    community_opt_in: StrictFlag = False
+    vram_gb: Annotated[Gigabytes | None, AfterValidator(_quarter_gb)] = None
     gpu_model: OptionalText = None
     cached_models: Names = frozenset()
-    failure_rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
-
-    @field_validator("agent_id")
-    @classmethod
-    def _agent_id_trimmed(cls, value: str) -> str:
-        if value != value.strip():
-            raise ValueError("agent_id must not start or end with whitespace")
-        return value
+    failure_rate: Annotated[Fraction, AfterValidator(_failure_steps)] = 0.0
 
 
 class DispatchRequest(_Record):
-    """One task asking for an agent: who submits it, from where, and what it needs."""
+    """One task asking for an agent: who submits it, from where, and what it needs.
+
+    ``submitted_at`` (seconds since the epoch or a ``datetime``; ``None`` means now) orders a queue
+    in :func:`scoring.assign` and bounds how long a request may wait for a warm agent.
+    """
 
     team_id: UUID
     target_pool: Literal["team", "community"] = "team"
     submitter_region: Region = None
     tool_type: Literal["comfyui", "nerfstudio"] = "comfyui"
     required_labels: Labels = frozenset()
-    min_vram_gb: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
+    min_vram_gb: Gigabytes | None = None
     preferred_gpu: Annotated[str | None, BeforeValidator(_preferred_gpu)] = None
     required_models: Names = frozenset()
-    exclude_agents: Names = frozenset()
-    tie_key: str = ""
-    #: When the run was submitted (seconds since the epoch); ``None``: now. ``assign`` places
-    #: the oldest first and never defers a request older than the policy's ``locality_wait_s``.
+    exclude_agents: AgentIds = frozenset()
+    tie_key: Annotated[str, BeforeValidator(_tie_key)] = ""
     submitted_at: Timestamp | None = None
 
-    @cached_property
+    @cached
     def labels_needed(self) -> frozenset[str]:
         """Required labels plus the tool type, which is itself a required label."""
         return self.required_labels | {self.tool_type}
 
-    @cached_property
+    @cached
     def tie_key_hash(self) -> np.uint64:
         """Stable 64-bit hash of ``tie_key`` (:mod:`scoring.hashing`), as the kernels take it."""
         return np.uint64(stable_hash64(self.tie_key))
 
 
 class Weights(_Record):
-    """Non-negative weight of each scoring factor; reads like a mapping (``weights["load"]``)."""
+    """Non-negative weight of each scoring factor; reads like a mapping (``weights["load"]``).
+
+    Each weight is at most ``MAX_WEIGHT`` (1e6), so their sum, the score's denominator, is finite.
+    """
 
     # Defaults chosen by replaying a production Stable Diffusion trace through the fleet
     # simulation (evidence: notebooks/WEIGHTS.md): warm models matter twice as much as the rest;
     # preferring the team's own agent costs latency, so it stays small but positive.
-    region: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
-    load: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
-    pool: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.5
-    warm: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 2.0
-    gpu: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
-    reliability: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    region: Weight = 1.0
+    load: Weight = 1.0
+    pool: Weight = 0.5
+    warm: Weight = 2.0
+    gpu: Weight = 1.0
+    reliability: Weight = 1.0
 
     @model_validator(mode="after")
     def _not_all_zero(self) -> Weights:
@@ -244,7 +491,7 @@ class Weights(_Record):
     def items(self) -> list[tuple[str, float]]:
         return [(f, self[f]) for f in FACTORS]
 
-    @cached_property
+    @cached
     def array(self) -> np.ndarray:
         """float64[7]: the six weights in ``FACTORS`` order, then their sum (read-only)."""
         values = [self[f] for f in FACTORS]
@@ -257,48 +504,73 @@ AffinityPairs = tuple[tuple[tuple[str, str], float], ...]
 
 
 def _affinity_pairs(value: Any) -> Any:
-    """Accept ``{("us-east", "us-west"): 0.6}`` (or its pairs) and store it canonically."""
+    """Accept ``{("us-east", "us-west"): 0.6}`` (or its pairs) and store it canonically.
+
+    A pair's key must be a tuple or list of two region strings: a plain string such as ``"ab"``
+    would otherwise unpack into the regions ``"a"`` and ``"b"``.
+    """
     if value is None:
         return ()
-    items = value.items() if isinstance(value, Mapping) else value
+    if isinstance(value, Mapping):
+        items: Iterable[Any] = value.items()
+    elif isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"must map (region_a, region_b) pairs to affinities, got {type(value).__name__}"
+        )
+    else:
+        items = value
     canonical: dict[tuple[str, str], float] = {}
     for item in items:
-        try:
-            (a, b), affinity = item
-        except (TypeError, ValueError):
-            raise ValueError("each entry must be ((region_a, region_b), affinity)") from None
-        ra, rb = normalize_region(a), normalize_region(b)
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError("each entry must be ((region_a, region_b), affinity)")
+        pair, affinity = item
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(
+                f"each key must be a pair of two regions such as ('us-east', 'us-west'), "
+                f"got {show(pair)}"
+            )
+        ra, rb = normalize_region(pair[0]), normalize_region(pair[1])
         if ra is None or rb is None:
             raise ValueError("affinity regions must be non-empty")
         if ra == rb:
             raise ValueError(f"pair ({ra!r}, {rb!r}) names one region; same region is always 1.0")
-        if not isinstance(affinity, (int, float)) or isinstance(affinity, bool):
-            raise ValueError(f"affinity of ({ra!r}, {rb!r}) must be a number")
-        if not (0.0 <= affinity <= 1.0):  # also rejects NaN
+        value_of = real_number(affinity, f"affinity of ({ra!r}, {rb!r})")
+        if not 0.0 <= value_of <= 1.0:
             raise ValueError(f"affinity of ({ra!r}, {rb!r}) must be within [0, 1]")
         key = (min(ra, rb), max(ra, rb))
-        if key in canonical and canonical[key] != affinity:
+        if key in canonical and canonical[key] != value_of:
             raise ValueError(f"pair {key} is given twice with different affinities")
-        canonical[key] = float(affinity)
+        canonical[key] = value_of
     return tuple(sorted(canonical.items()))
 
 
 class ScoringPolicy(_Record):
-    """Weights, staleness timeout, region affinities and tie band: validated once, then immutable.
+    """Weights, staleness timeout, region affinities, tie band and locality wait: validated once,
+    then immutable.
 
     ``region_affinity`` is stored as sorted ``((a, b), affinity)`` pairs with ``a < b``; read it
-    with :meth:`affinity`.
+    with :meth:`affinity`. ``tie_band`` is at most 1 (scores lie in [0, 1], so a wider band
+    changes nothing). ``locality_wait_s`` is how long :func:`scoring.assign` may hold a request
+    back for a warm agent (0, the default for now, never defers; at most a day).
     """
 
     weights: Weights = Weights()
-    heartbeat_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
+    heartbeat_timeout_s: Annotated[
+        float,
+        Strict(),
+        Field(gt=0.0, le=MAX_TIMESTAMP, allow_inf_nan=False),
+        BeforeValidator(_float_input),
+    ] = 30.0
     region_affinity: Annotated[AffinityPairs, BeforeValidator(_affinity_pairs)] = ()
-    tie_band: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    #: How long ``assign`` may hold a request back for an agent with its models cached
-    #: (delay scheduling); 0 never defers.
-    locality_wait_s: Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)] = 0.0
+    tie_band: Fraction = 0.0
+    locality_wait_s: Annotated[
+        float,
+        Strict(),
+        Field(ge=0.0, le=MAX_LOCALITY_WAIT_S, allow_inf_nan=False),
+        BeforeValidator(_float_input),
+    ] = 0.0
 
-    @cached_property
+    @cached
     def affinity_map(self) -> Mapping[tuple[str, str], float]:
         """Both orders of every configured pair."""
         table: dict[tuple[str, str], float] = {}

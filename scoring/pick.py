@@ -1,8 +1,9 @@
-"""The pure API: ``pick_agent`` (one decision) and ``rank_agents`` (the best k)."""
+"""The pure API: ``pick_agent`` (one decision), ``rank_agents`` (the best k), ``evaluate`` and
+``eligible_agents`` (why not, who could); and the pick behind :meth:`Fleet.dispatch`."""
 
 from __future__ import annotations
 
-import math
+import heapq
 import os
 import time
 from typing import Any
@@ -11,18 +12,19 @@ import numba
 import numpy as np
 
 from scoring import _kernels as K
+from scoring import checks
 from scoring._jit import NativeEntry
-from scoring.decision import Decision, RankedAgent
+from scoring.decision import Decision, RankedAgent, missing_label_names
 from scoring.fleet import Fleet
+from scoring.layout import Query
 from scoring.models import (
     DEFAULT_POLICY,
     FACTORS,
     REASONS,
     DispatchRequest,
     ScoringPolicy,
-    to_epoch_seconds,
 )
-from scoring.query import MissingLabels, build_query
+from scoring.query import build_query
 
 #: Fleets at least this large are scanned by the parallel kernel, when numba has more than one
 #: thread and the machine has idle cores (:func:`cores_idle`). Measured on 2 idle cores (OpenMP
@@ -45,7 +47,8 @@ def pick_agent(
     Parameters
     ----------
     fleet : Fleet
-        The agents; read under the fleet's lock and never modified.
+        The agents; read under the fleet's lock and never modified. Only the request's pool is
+        read: its team's rows, plus the community index for a community request.
     request : DispatchRequest
     policy : ScoringPolicy, optional
         ``None`` means ``ScoringPolicy()``.
@@ -62,28 +65,55 @@ def pick_agent(
         return decide(fleet, request, policy, now)
 
 
-def decide(fleet: Fleet, request: DispatchRequest, policy: Any, now: Any) -> Decision:
-    """:func:`pick_agent` without taking the lock (the caller holds ``fleet.lock``)."""
+def decide(
+    fleet: Fleet, request: DispatchRequest, policy: Any, now: Any, full_scan: bool = False
+) -> Decision:
+    """:func:`pick_agent` under ``fleet.lock`` (held by the caller).
+
+    ``full_scan`` reads every row instead of the pool's (the reference path the tests compare
+    the indexed pick with); the decision is the same.
+    """
     policy, now = _check(fleet, request, policy, now)
-    q = build_query(fleet, request, policy, now)
-    c = fleet.columns
-    n = len(fleet)
+    q = build_query(fleet, request, policy, now, full_scan)
+    n = q.rows.shape[0] + q.shared.shape[0]
     if n >= PARALLEL_THRESHOLD and (threads := numba.get_num_threads()) > 1 and cores_idle(threads):
-        out = K._pick_parallel(c, K.Query(*q), threads * CHUNKS_PER_THREAD)
-        row, score, eligible, factors, rejected, missing = out
+        out = K._pick_parallel(fleet.columns, q, threads * CHUNKS_PER_THREAD)
+        row, score, eligible, factors, counts, labels_and = out
     else:
         masks, counts, labels_and = fleet.scratch()
-        row, score, eligible, factors, rejected = _pick_entry(*c, *q, masks, counts, labels_and)
-        if rejected[3]:
-            required = q[4]  # Query.labels
-            missing = required & ~labels_and[: required.shape[0]]
-    # Label names are looked up only if someone reads them (the interner never forgets a bit).
-    missing_labels = MissingLabels(fleet.labels, missing, request) if rejected[3] else ()
+        row, score, eligible, factors = _pick_entry(*fleet.columns, *q, masks, counts, labels_and)
+    tally = counts[: K.N_COUNTS].tolist()
+    considered = n - tally[K.SKIPPED] - tally[K.POOL]  # a full scan counts outsiders under pool
+    rejected = tally[: K.N_REASONS]
+    rejected[K.POOL] = len(fleet) - considered  # each agent outside the pool, once
+    missing = _missing_labels(fleet, request, q, labels_and) if rejected[K.LABELS] else ()
     if row < 0:
-        return Decision(None, None, (), eligible, rejected, n, missing_labels)
+        return Decision(None, None, (), eligible, rejected, considered, missing)
     return Decision(
-        fleet.agent_id_at(row), score, factors, eligible, rejected, n, missing_labels, row
+        fleet.agent_id_at(row), score, factors, eligible, rejected, considered, missing, row
     )
+
+
+def _missing_labels(
+    fleet: Fleet, request: DispatchRequest, q: Query, labels_and: np.ndarray
+) -> tuple[str, ...]:
+    """Required labels that some label-rejected agent of the pool lacks, resolved now (the
+    decision is a snapshot)."""
+    words = q.labels.shape[0]
+    lacking = q.labels & ~labels_and[:words]
+    return missing_label_names(fleet.labels, lacking, request.labels_needed)
+
+
+def _dispatch(fleet: Fleet, request: DispatchRequest, policy: Any, now: Any) -> Decision:
+    """:meth:`Fleet.dispatch`: pick and reserve under the fleet's lock."""
+    with fleet.lock:
+        decision = decide(fleet, request, policy, now)
+        if decision.row >= 0:
+            fleet.take_slot(decision.row)  # eligible, so it has a free slot
+    return decision
+
+
+Fleet._dispatcher = _dispatch
 
 
 def cores_idle(threads: int) -> bool:
@@ -114,23 +144,24 @@ def rank_agents(
     """The best ``k`` eligible agents, best first, each with its score and factors.
 
     The order is the order in which :func:`pick_agent` would choose them if each chosen agent
-    were then removed: the first entry is always ``pick_agent``'s choice.
+    were then removed: the first entry is always ``pick_agent``'s choice. O(n log n) in the
+    pool's size, tie band or not.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError("k must be a non-negative integer")
     with fleet.lock:
         policy, now = _check(fleet, request, policy, now)
-        c = fleet.columns
-        q = K.Query(*build_query(fleet, request, policy, now))
-        masks, scores, hashes = _evaluate(c, q, len(fleet))
-        rows = np.flatnonzero(masks == 0)
-        rows = rows[np.lexsort((hashes[rows], -scores[rows]))]  # score desc, then tie hash
-        chosen = _band_order(rows, scores, hashes, policy.tie_band, k)
+        q = build_query(fleet, request, policy, now)
+        rows, masks, scores, hashes = candidates(fleet, q)
+        ok = masks == 0
+        rows, scores, hashes = rows[ok], scores[ok], hashes[ok]
+        order = np.lexsort((hashes, -scores))  # score desc, then tie hash
+        chosen = order[band_order(scores[order], hashes[order], policy.tie_band, k)]
         factors = np.empty((len(chosen), len(FACTORS)))
-        K._factor_rows(c, q, np.array(chosen, np.int64), factors)
+        K._factor_rows(fleet.columns, q, rows[chosen].astype(np.int64), factors)
         return [
-            RankedAgent(fleet.agent_id_at(r), float(scores[r]), dict(zip(FACTORS, f, strict=True)))
-            for r, f in zip(chosen, factors.tolist(), strict=True)
+            RankedAgent(fleet.agent_id_at(int(r)), float(s), dict(zip(FACTORS, f, strict=True)))
+            for r, s, f in zip(rows[chosen], scores[chosen], factors.tolist(), strict=True)
         ]
 
 
@@ -146,9 +177,8 @@ def eligible_agents(
     """
     with fleet.lock:
         policy, now = _check(fleet, request, policy, now)
-        q = K.Query(*build_query(fleet, request, policy, now))
-        masks, _, _ = _evaluate(fleet.columns, q, len(fleet))
-        return [fleet.agent_id_at(row) for row in np.flatnonzero(masks == 0).tolist()]
+        rows, masks, _, _ = candidates(fleet, build_query(fleet, request, policy, now))
+        return [fleet.agent_id_at(row) for row in np.sort(rows[masks == 0]).tolist()]
 
 
 def evaluate(
@@ -159,40 +189,57 @@ def evaluate(
 ) -> dict[str, tuple[list[str], float | None]]:
     """Every agent's failed filters and, when eligible, its score: ``{agent_id: (reasons, score)}``.
 
-    For looking into one decision ("why not gpu-node-07?"); a pick never builds this.
+    For looking into one decision ("why not gpu-node-07?"); a pick never builds this. As in a
+    decision's counts, an agent outside the request's pool shows only ``pool``.
     """
     with fleet.lock:
         policy, now = _check(fleet, request, policy, now)
-        q = K.Query(*build_query(fleet, request, policy, now))
-        masks, scores, _ = _evaluate(fleet.columns, q, len(fleet))
+        q = build_query(fleet, request, policy, now, full_scan=True)
+        rows, masks, scores, _ = candidates(fleet, q)
         out = {}
-        for row, (mask, score) in enumerate(zip(masks.tolist(), scores.tolist(), strict=True)):
+        for row, mask, score in zip(rows.tolist(), masks.tolist(), scores.tolist(), strict=True):
             reasons = [r for bit, r in enumerate(REASONS) if mask >> bit & 1]
             out[fleet.agent_id_at(row)] = (reasons, None if mask else score)
         return out
 
 
-def _evaluate(c: K.Columns, q: K.Query, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    masks, scores, hashes = np.empty(n, np.int64), np.empty(n), np.empty(n, np.uint64)
-    K._scores(c, q, scores, hashes, masks)
-    return masks, scores, hashes
+def candidates(fleet: Fleet, q: Query) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every candidate's row, mask, score and tie hash (community rows of the team dropped)."""
+    n = q.rows.shape[0] + q.shared.shape[0]
+    rows, masks = np.empty(n, np.int64), np.empty(n, np.uint8)
+    scores, hashes = np.empty(n), np.empty(n, np.uint64)
+    K._scores(fleet.columns, q, rows, scores, hashes, masks)
+    keep = (masks & K.SKIP_BIT) == 0
+    return rows[keep], masks[keep], scores[keep], hashes[keep]
 
 
-def _band_order(
-    rows: np.ndarray, scores: np.ndarray, hashes: np.ndarray, band: float, k: int
-) -> list[int]:
-    """Repeated picks from ``rows`` (sorted by score desc, hash asc) with a tie band."""
+def band_order(scores: np.ndarray, hashes: np.ndarray, band: float, k: int) -> np.ndarray:
+    """Repeated picks with a tie band over candidates sorted by (score desc, hash asc).
+
+    Each pick takes, among the remaining candidates within ``band`` of the best remaining score,
+    the lowest hash. The best remaining score never rises, so the band only ever takes in more
+    candidates: one pointer walks the sorted scores and a heap keyed by hash holds the band,
+    O(n log n) in all. Returns the positions chosen, in order.
+    """
+    n = len(scores)
     if band == 0.0:
-        return rows[:k].tolist()
-    remaining = rows.tolist()
+        return np.arange(min(k, n))
+    heap: list[tuple[int, int]] = []
+    taken = np.zeros(n, bool)
+    top = nxt = 0
     chosen: list[int] = []
-    while remaining and len(chosen) < k:
-        cut = scores[remaining[0]] - band
-        in_band = [r for r in remaining if scores[r] >= cut]
-        best = min(in_band, key=lambda r: hashes[r])
-        chosen.append(best)
-        remaining.remove(best)
-    return chosen
+    score_list, hash_list = scores.tolist(), hashes.tolist()
+    while len(chosen) < min(k, n):
+        while taken[top]:
+            top += 1
+        cut = score_list[top] - band
+        while nxt < n and score_list[nxt] >= cut:
+            heapq.heappush(heap, (hash_list[nxt], nxt))
+            nxt += 1
+        _, pos = heapq.heappop(heap)
+        taken[pos] = True
+        chosen.append(pos)
+    return np.array(chosen, np.int64)
 
 
 def check_call(
@@ -201,22 +248,19 @@ def check_call(
     """Check a batch call's arguments; the policy (defaults for ``None``) and ``now`` in seconds."""
     for request in requests:
         if not isinstance(request, DispatchRequest):
-            raise TypeError(f"request must be a DispatchRequest, got {type(request).__name__}")
+            raise ValueError(f"request must be a DispatchRequest, got {type(request).__name__}")
     return _check(fleet, None, policy, now)
 
 
 def _check(fleet: Any, request: Any, policy: Any, now: Any) -> tuple[ScoringPolicy, float]:
     if not isinstance(fleet, Fleet):
-        raise TypeError(f"fleet must be a Fleet, got {type(fleet).__name__}")
+        raise ValueError(f"fleet must be a Fleet, got {type(fleet).__name__}")
     if request is not None and not isinstance(request, DispatchRequest):
-        raise TypeError(f"request must be a DispatchRequest, got {type(request).__name__}")
+        raise ValueError(f"request must be a DispatchRequest, got {type(request).__name__}")
     if policy is None:
         policy = DEFAULT_POLICY
     elif not isinstance(policy, ScoringPolicy):
-        raise TypeError(f"policy must be a ScoringPolicy, got {type(policy).__name__}")
+        raise ValueError(f"policy must be a ScoringPolicy, got {type(policy).__name__}")
     if now is None:
         return policy, time.time()
-    now = to_epoch_seconds(now)
-    if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
-        raise ValueError(f"now must be finite seconds since the epoch or a datetime, got {now!r}")
-    return policy, float(now)
+    return policy, checks.timestamp(now, "now")

@@ -1,29 +1,43 @@
 """Translate a validated request, against one fleet and one policy, into the kernels' numbers.
 
 The translated parts (label mask, model mask, region and GPU tables) depend only on a few fields
-of the request, the policy and the fleet's interned names, which only ever grow. So they are
-memoised in ``fleet.query_cache``, which the fleet clears whenever it interns a new name; a
-dispatcher sees a small variety of (labels, models, region, GPU) combinations, so nearly every pick
-is a cache hit.
+of the request, the policy and the fleet's interned names. So they are memoised in
+``fleet.query_cache``, which is dropped whenever a name gains or loses its index; a dispatcher sees
+a small variety of (labels, models, region, GPU) combinations, so nearly every pick is a cache hit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
 
 from scoring.fleet import Fleet
-from scoring.intern import Interner
+from scoring.layout import Query
 from scoring.models import DispatchRequest, ScoringPolicy, gpu_tokens
 
 _NO_ROWS = np.zeros(0, np.int64)
+_NO_SHARED = np.zeros(0, np.int32)
 _CACHE_LIMIT = 4096  # entries; a long-lived fleet sees a bounded variety of requests in practice
 
 
-def build_query(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy, now: float) -> tuple:
-    """Arguments of :class:`scoring._kernels.Query`, in order. Call with ``fleet.lock`` held."""
+def build_query(
+    fleet: Fleet,
+    request: DispatchRequest,
+    policy: ScoringPolicy,
+    now: float,
+    full_scan: bool = False,
+) -> Query:
+    """The request as the kernels read it. Call with ``fleet.lock`` held.
+
+    The candidates are the request's pool (its team's rows, plus the community index for a
+    community request); with ``full_scan`` every row of the fleet (the reference path).
+    """
+    cache = fleet.query_cache
+    version = fleet.names_version
+    if cache.get("version") != version:
+        cache.clear()
+        cache["version"] = version
     key = (
         request.labels_needed,
         request.required_models,
@@ -31,22 +45,28 @@ def build_query(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy, n
         request.preferred_gpu,
         id(policy),
     )
-    cache = fleet.query_cache
     parts = cache.get(key)
     if parts is None or parts.policy is not policy:  # holding the policy keeps its id unique
         if len(cache) >= _CACHE_LIMIT:
             cache.clear()
+            cache["version"] = version
         parts = cache[key] = _translate(fleet, request, policy)
-    excluded = fleet.rows_of(request.exclude_agents) if request.exclude_agents else _NO_ROWS
-    return (
+    team = fleet.teams.get(request.team_id.int, -1)
+    community = request.target_pool == "community"
+    if full_scan:
+        rows, shared = np.arange(len(fleet), dtype=np.int32), _NO_SHARED
+    else:
+        rows = fleet.team_rows(team)
+        shared = fleet.shared_rows() if community else _NO_SHARED
+    return Query(
         now,
         policy.heartbeat_timeout_s,
-        fleet.teams.get(request.team_id.int, -1),
-        request.target_pool == "community",
+        team,
+        community,
         parts.labels,
         parts.labels_unknown,
         np.nan if request.min_vram_gb is None else request.min_vram_gb,
-        excluded,
+        fleet.rows_of(request.exclude_agents) if request.exclude_agents else _NO_ROWS,
         parts.models,
         len(request.required_models),
         parts.region_table,
@@ -54,6 +74,8 @@ def build_query(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy, n
         policy.weights.array,
         policy.tie_band,
         request.tie_key_hash,
+        rows,
+        shared,
     )
 
 
@@ -77,33 +99,6 @@ def _translate(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) ->
         _region_table(fleet, policy, request),
         _gpu_table(fleet, request.preferred_gpu),
     )
-
-
-class MissingLabels:
-    """Required labels that label-rejected agents lack, resolved to names when first read.
-
-    Holds the kernel's ``missing`` bitset; labels that no agent has ever had are not in the
-    bitset and are added from the request. Iterating gives the names, sorted.
-    """
-
-    __slots__ = ("_labels", "_names", "_needed", "_words")
-
-    def __init__(self, labels: Interner, words: np.ndarray, request: DispatchRequest) -> None:
-        self._labels, self._words, self._needed = labels, words, request.labels_needed
-        self._names: tuple[str, ...] | None = None
-
-    def names(self) -> tuple[str, ...]:
-        if self._names is None:
-            found = set(self._labels.names_of_bits(self._words))
-            found.update(label for label in self._needed if self._labels.get(label) < 0)
-            self._names = tuple(sorted(found))
-        return self._names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
-
-    def __len__(self) -> int:
-        return len(self.names())
 
 
 def _bitset(fleet: Fleet, column: str, names: frozenset[str]) -> tuple[np.ndarray, bool]:

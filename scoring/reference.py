@@ -28,7 +28,7 @@ class Decision:
     factors: dict[str, float]
     eligible: int
     rejected: dict[str, int]
-    total: int
+    considered: int
     missing_labels: tuple[str, ...] = ()
     scores: dict[str, float] = field(default_factory=dict)  # every eligible agent's score
 
@@ -58,6 +58,15 @@ def reject_reasons(
     if agent.agent_id in request.exclude_agents:
         reasons.append("excluded")
     return reasons
+
+
+def pool_reasons(
+    agent: Agent, request: DispatchRequest, policy: ScoringPolicy, now: float
+) -> list[str]:
+    """What a decision counts for ``agent`` (DESIGN section 4): every failed filter when it is in
+    the request's pool, only ``pool`` when it is not."""
+    reasons = reject_reasons(agent, request, policy, now)
+    return ["pool"] if "pool" in reasons else reasons
 
 
 def _tokens(name: str) -> set[str]:
@@ -172,8 +181,10 @@ def pick_agent(
     needed = set(request.required_labels) | {request.tool_type}
     scores = {}
     by_id = {}
+    considered = 0
     for agent in agents:
-        reasons = reject_reasons(agent, request, policy, now)
+        reasons = pool_reasons(agent, request, policy, now)
+        considered += reasons != ["pool"]
         for reason in reasons:
             rejected[reason] += 1
         if "labels" in reasons:
@@ -182,7 +193,7 @@ def pick_agent(
             scores[agent.agent_id] = score(agent, request, policy)
             by_id[agent.agent_id] = agent
     if not scores:
-        return Decision(None, None, {}, 0, rejected, len(agents), tuple(sorted(missing)))
+        return Decision(None, None, {}, 0, rejected, considered, tuple(sorted(missing)))
     chosen = _choose(scores, request, policy)
     return Decision(
         chosen,
@@ -190,7 +201,7 @@ def pick_agent(
         factors(by_id[chosen], request, policy),
         len(scores),
         rejected,
-        len(agents),
+        considered,
         tuple(sorted(missing)),
         scores,
     )

@@ -7,9 +7,12 @@ the submitting team, shared regions, exact score ties, heartbeats right at the t
 
 from __future__ import annotations
 
+import math
 import random
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 
+import numpy as np
 from hypothesis import strategies as st
 
 from scoring.models import FACTORS, Agent, AgentStatus, DispatchRequest, ScoringPolicy
@@ -160,3 +163,64 @@ def scenarios(draw, min_agents: int = 0, max_agents: int = 60):
         fleet = draw(agent_lists(min_agents, max_agents))
     request = draw(requests([a.agent_id for a in fleet]))
     return fleet, request, draw(policies())
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+# Hostile values for the validation fuzzers: what an untrusted agent or client could send, plus what
+# a careless Python caller could pass (numpy scalars, datetimes, nested containers).
+
+lone_surrogates = st.integers(0xD800, 0xDFFF).map(chr)
+#: Strings that are sometimes invalid Unicode (a lone surrogate somewhere), padded or overlong.
+hostile_texts = st.one_of(
+    st.text(max_size=8),
+    st.builds(lambda a, s, b: a + s + b, st.text(max_size=4), lone_surrogates, st.text(max_size=4)),
+    st.sampled_from(["", "   ", " gpu ", "İ" * 40, "İ" * 65, "x" * 65, "x" * 257, "\x00", "ab"]),
+)
+huge_ints = st.one_of(
+    st.sampled_from([2**53 + 1, 2**63, 2**64, 10**308, 10**309, 10**400, -(10**400), 10**4000]),
+    st.integers(-(2**1100), 2**1100),
+)
+#: Numbers of every awkward kind: bools (Python and numpy), NaN, infinities, huge ints, numpy
+#: scalars of several widths, negatives, values just past the ranges the fields allow.
+hostile_numbers = st.one_of(
+    st.booleans(),
+    st.booleans().map(np.bool_),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 1e300, 1e6, 1e6 + 1, 86_400.5, 65_536]),
+    huge_ints,
+    st.integers(-5, 70_000),
+    st.floats(-2.0, 2.0),
+    st.integers(-(2**63), 2**63 - 1).map(np.int64),
+    st.integers(0, 2**64 - 1).map(np.uint64),
+    st.floats(width=32, allow_nan=True, allow_infinity=True).map(np.float32),
+    st.floats(allow_nan=True, allow_infinity=True).map(np.float64),
+)
+fixed_offsets = st.integers(-(23 * 60 + 59), 23 * 60 + 59).map(
+    lambda m: timezone(timedelta(minutes=m))
+)
+#: Datetimes over the whole representable range, naive or with any fixed offset.
+hostile_datetimes = st.one_of(
+    st.datetimes(),
+    st.datetimes(timezones=st.one_of(st.just(UTC), fixed_offsets)),
+    st.sampled_from([datetime.max, datetime.min, datetime(1969, 12, 31, 23, 59, 59)]),
+)
+hostile_scalars = st.one_of(
+    st.none(),
+    hostile_numbers,
+    hostile_texts,
+    hostile_datetimes,
+    st.binary(max_size=4),
+    st.complex_numbers(max_magnitude=10),
+    st.just(object()),
+)
+#: Scalars, and containers of them nested a few levels (lists, tuples, sets, dicts).
+hostile_values = st.recursive(
+    hostile_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=4).map(tuple),
+        st.sets(st.one_of(hostile_texts, st.integers(), st.booleans()), max_size=4),
+        st.dictionaries(hostile_texts, inner, max_size=3),
+    ),
+    max_leaves=8,
+)

@@ -20,10 +20,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from hypothesis import reject
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from scoring.files import FileInfo, InMemoryFileStore
-from scoring.workflow import ParameterDef, Workflow
+from scoring.contract import FileInfo, InMemoryFileStore, ParameterDef, Workflow
 
 TEAM = uuid.UUID("7f9c2a52-0d1e-4b7a-9a43-5a1f0c3b2d10")
 OTHER_TEAM = uuid.UUID("0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f")
@@ -118,8 +119,72 @@ def content_type_for(accept: tuple[str, ...] | None) -> str:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn, active: bool | None = None) -> Scenario:
-    """A workflow (active or not, unless ``active`` says) with its file store."""
+def mostly(draw: st.DrawFn, good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> Any:
+    """``good`` four times in five, else ``bad`` (``|`` would split them evenly)."""
+    return draw(bad if draw(st.integers(0, 4)) == 2 else good)
+
+
+# --- what a workflow asks of agents, tame and hostile -------------------------------------------
+
+# Strings a workflow's author might store where a run copies them into its DispatchRequest:
+# punctuation only, blanks, a non-breaking space, exactly and just over 64 characters, a letter
+# whose lower case is longer than itself ("İ"), a lone surrogate, and ordinary names.
+EDGE_TEXT = ("---", "", "   ", "\u00a0", "_", "RTX_4090", " GPU ", "İ" * 33, "İ" * 64, "x" * 64,
+             "x" * 65, "\ud800", "m/sdxl base.safetensors")  # fmt: skip
+hostile_text = (
+    st.sampled_from(EDGE_TEXT) | st.text(max_size=70) | st.text("İ -_aZ9\t.", max_size=70)
+)
+hostile_sets = mostly(
+    st.sets(hostile_text, max_size=3),
+    st.lists(st.none() | st.integers() | hostile_text, min_size=1, max_size=2)
+    | hostile_text
+    | st.integers()
+    | st.none(),
+)
+hostile_numbers = (
+    st.floats()  # NaN, infinities and negatives included
+    | st.integers(-(10**400), 10**400)
+    | st.booleans()
+    | st.sampled_from(["8", "", "nan", "-1", "1e400"])
+)
+
+
+#: For each Workflow field that flows into the DispatchRequest, values of any kind.
+HOSTILE_NEEDS: dict[str, st.SearchStrategy[Any]] = {
+    "required_labels": hostile_sets,
+    "preferred_gpu": mostly(hostile_text, st.integers() | st.booleans() | st.lists(hostile_text)),
+    "min_vram_gb": hostile_numbers,
+    "required_models": hostile_sets,
+    "tool_type": st.sampled_from(["comfyui", "nerfstudio", "ComfyUI", " comfyui", "a1111", None])
+    | hostile_text,
+}
+
+
+TAME_NEEDS: dict[str, st.SearchStrategy[Any]] = {
+    "required_labels": st.sets(st.sampled_from(["gpu", "sdxl", "a100"]), max_size=2),
+    "preferred_gpu": st.sampled_from([None, "RTX_4090"]),
+    "min_vram_gb": st.sampled_from([None, 8, 24.5]),
+    "required_models": st.sets(st.sampled_from(["m/a.safetensors", "m/b.ckpt"])),
+}
+
+
+def builds_with(name: str, value: Any) -> bool:
+    """Whether a workflow accepts ``value`` for its field ``name``."""
+    try:
+        Workflow(id=TEAM, slug="wf", team_id=TEAM, **{name: value})
+    except ValidationError:
+        return False
+    return True
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, active: bool | None = None, hostile: bool = False) -> Scenario:
+    """A workflow (active or not, unless ``active`` says) with its file store.
+
+    With ``hostile``, each thing the workflow asks of agents is a value drawn from
+    :data:`HOSTILE_NEEDS` when a workflow accepts it (tried on its own first, so that no draw is
+    wasted), else a tame one: "any workflow that builds", not only the tame ones.
+    """
     keys = draw(st.lists(param_keys, max_size=6, unique=True))
     params = [draw(parameter_defs(k)) for k in keys]
     tool_type = draw(st.sampled_from(["comfyui", "nerfstudio"]))
@@ -128,19 +193,26 @@ def scenarios(draw: st.DrawFn, active: bool | None = None) -> Scenario:
         status = draw(st.sampled_from(["active"] * 7 + ["disabled"]))
     else:
         status = "active" if active else "disabled"
-    workflow = Workflow(
-        id=uuid.UUID(int=draw(st.integers(0, 2**128 - 1))),
-        slug="wf",
-        team_id=TEAM,
-        tool_type=tool_type,
-        required_labels=draw(st.sets(st.sampled_from(["gpu", "sdxl", "a100"]), max_size=2)),
-        default_dispatch_target=draw(st.sampled_from(targets)),
-        status=status,
-        preferred_gpu=draw(st.sampled_from([None, "RTX_4090"])),
-        min_vram_gb=draw(st.sampled_from([None, 8, 24.5])),
-        required_models=draw(st.sets(st.sampled_from(["m/a.safetensors", "m/b.ckpt"]))),
-        parameters=params,
-    )
+    needs = {name: draw(values) for name, values in TAME_NEEDS.items()}
+    for name in TAME_NEEDS if hostile else ():
+        value = draw(HOSTILE_NEEDS[name])
+        if builds_with(name, value):
+            needs[name] = value
+    try:
+        workflow = Workflow(
+            id=uuid.UUID(int=draw(st.integers(0, 2**128 - 1))),
+            slug="wf",
+            team_id=TEAM,
+            tool_type=tool_type,
+            default_dispatch_target=draw(st.sampled_from(targets)),
+            status=status,
+            parameters=params,
+            **needs,
+        )
+    except ValidationError:
+        if hostile:
+            reject()  # values fine one by one but refused together: not a workflow that builds
+        raise
     files, good = [], {}
     for p in params:
         if p.type == "file":
@@ -233,12 +305,6 @@ def valid_bodies(draw: st.DrawFn, scenario: Scenario) -> dict[str, Any]:
         if draw(st.booleans()):
             body[name] = draw(st.none() | values)
     return body
-
-
-@st.composite
-def mostly(draw: st.DrawFn, good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> Any:
-    """``good`` four times in five, else ``bad`` (``|`` would split them evenly)."""
-    return draw(bad if draw(st.integers(0, 4)) == 2 else good)
 
 
 @st.composite

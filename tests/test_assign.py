@@ -138,5 +138,15 @@ def test_a_freed_slot_goes_to_the_warm_run_before_an_older_cold_one():
 
 @pytest.mark.parametrize("bad", [None, 3, "x"])
 def test_assign_rejects_what_is_not_a_request(bad):
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError):
         assign(_fleet(), [bad], WAIT, now=NOW)
+
+
+def test_when_every_run_is_cold_they_are_all_placed_in_the_second_pass():
+    fleet = _fleet()
+    fleet.release("warm")
+    # both runs are young and their models are cached nowhere: neither is warm anywhere
+    runs = [DispatchRequest(team_id=TEAM, required_models={f"models/new-{i}.ckpt"},
+                            submitted_at=NOW, tie_key=f"run-{i}") for i in range(2)]  # fmt: skip
+    decisions = assign(fleet, runs, WAIT, now=NOW)
+    assert sorted(d.agent_id for d in decisions) == ["cold", "warm"]

@@ -25,7 +25,7 @@ def _assert_same_decision(got, expected):
     assert got.agent_id == expected.agent_id
     assert got.eligible == expected.eligible
     assert got.rejected == expected.rejected
-    assert got.total == expected.total
+    assert got.considered == expected.considered
     assert got.missing_labels == expected.missing_labels
     if expected.agent_id is None:
         assert got.score is None and got.factors == {}
@@ -58,8 +58,9 @@ def test_fleets_of_several_blocks_equal_reference(scenario, n_chunks):
     expected = R.pick_agent(agents, request, policy, now=NOW)
     _assert_same_decision(pick_agent(fleet, request, policy, now=NOW), expected)
     with fleet.lock:
-        q = K.Query(*pick_module.build_query(fleet, request, policy, NOW))
+        q = pick_module.build_query(fleet, request, policy, NOW, full_scan=True)
         parallel = K._pick_parallel(fleet.columns, q, n_chunks)
+        _assert_same_decision(pick_module.decide(fleet, request, policy, NOW, True), expected)
     row, eligible = parallel[0], parallel[2]
     assert (None if row < 0 else fleet.agent_id_at(row)) == expected.agent_id
     assert eligible == expected.eligible
@@ -71,7 +72,7 @@ def test_every_reject_mask_and_score_equals_reference(scenario):
     got = evaluate(Fleet.from_agents(agents), request, policy, now=NOW)
     for agent in agents:
         reasons, score = got[agent.agent_id]
-        assert reasons == R.reject_reasons(agent, request, policy, NOW), agent.agent_id
+        assert reasons == R.pool_reasons(agent, request, policy, NOW), agent.agent_id
         if reasons:
             assert score is None
         else:
@@ -89,22 +90,36 @@ def test_rank_equals_reference(scenario, k):
         assert entry.factors == R.factors(agent, request, policy)
 
 
-@given(scenarios(), st.integers(1, 7))
-def test_parallel_kernel_equals_serial(scenario, n_chunks):
+@given(scenarios(), st.integers(1, 7), st.booleans())
+def test_parallel_kernel_equals_serial(scenario, n_chunks, full_scan):
     """The parallel kernel's slabs and reduction give the serial kernel's answer, bit for bit."""
     agents, request, policy = scenario
     fleet = Fleet.from_agents(agents)
     with fleet.lock:
-        q = pick_module.build_query(fleet, request, policy, NOW)
-        serial = K._pick(fleet.columns, K.Query(*q))
-        flat = K._pick_flat(*fleet.columns, *q, *fleet.scratch())
-        parallel = K._pick_parallel(fleet.columns, K.Query(*q), n_chunks)
-    np.testing.assert_equal(flat, serial[:5])  # the flat entry point with the fleet's scratch
-    row, score, eligible, factors, rejected, missing = serial
-    assert parallel[0] == row and parallel[2] == eligible and parallel[4] == rejected
-    assert np.array_equal(parallel[5], missing)
+        q = pick_module.build_query(fleet, request, policy, NOW, full_scan)
+        serial = K._pick(fleet.columns, q)
+        scratch = fleet.scratch()
+        flat = K._pick_flat(*fleet.columns, *q, *scratch)
+        flat_counts = scratch[1][: K.N_COUNTS].copy()
+        parallel = K._pick_parallel(fleet.columns, q, n_chunks)
+    np.testing.assert_equal(flat, serial[:4])  # the flat entry point with the fleet's scratch
+    row, score, eligible, factors, counts, labels_and = serial
+    assert np.array_equal(flat_counts, counts)
+    assert parallel[0] == row and parallel[2] == eligible
+    assert np.array_equal(parallel[4], counts) and np.array_equal(parallel[5], labels_and)
     if row >= 0:
         assert parallel[1] == score and parallel[3] == factors
+
+
+@given(scenarios())
+def test_indexed_pick_equals_full_scan(scenario):
+    """Reading only the pool's rows decides exactly as reading every row (the reference path)."""
+    agents, request, policy = scenario
+    fleet = Fleet.from_agents(agents)
+    with fleet.lock:
+        indexed = pick_module.decide(fleet, request, policy, NOW)
+        full = pick_module.decide(fleet, request, policy, NOW, full_scan=True)
+    assert indexed == full and indexed.factors == full.factors
 
 
 @pytest.mark.parametrize("threshold", [0, 10**9], ids=["parallel", "serial"])

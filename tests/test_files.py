@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from scoring.files import (
+from scoring.contract.files import (
     FileInfo,
     FileStore,
     InMemoryFileStore,
@@ -259,5 +259,5 @@ def test_s3_put_rejects_ownerless_file() -> None:
 
 def test_core_does_not_import_boto3() -> None:
     """boto3 is the optional ``s3`` extra: validating runs must not need it."""
-    code = "import sys, scoring.run, scoring.files; sys.exit('boto3' in sys.modules)"
+    code = "import sys, scoring.contract; sys.exit('boto3' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

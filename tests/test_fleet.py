@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from scoring import Agent, AgentStatus, DispatchRequest, Fleet, pick_agent
 from scoring import reference as R
+from scoring.layout import COLUMNS
 from tests.strategies import NOW, agent_lists, agents, requests
 
 TEAM = "11111111-1111-4111-8111-111111111111"
@@ -62,9 +63,9 @@ def test_heartbeat_updates_time_status_and_count_in_place():
 
 @pytest.mark.parametrize(
     ("kwargs", "error"),
-    [({"at": float("nan")}, ValueError), ({"at": "soon"}, TypeError),
+    [({"at": float("nan")}, ValueError), ({"at": "soon"}, ValueError),
      ({"at": NOW, "status": "asleep"}, ValueError), ({"at": NOW, "running_count": -1}, ValueError),
-     ({"at": NOW, "running_count": 1.5}, TypeError)],
+     ({"at": NOW, "running_count": 1.5}, ValueError)],
     ids=["nan-time", "text-time", "bad-status", "negative-count", "float-count"],
 )  # fmt: skip
 def test_bad_heartbeat_is_rejected_and_changes_nothing(kwargs, error):
@@ -101,12 +102,14 @@ def test_remove_moves_the_last_row_and_keeps_every_other_record():
 def test_bitsets_widen_past_64_labels_and_models_without_losing_any():
     first = make("first", labels={"comfyui", "gpu"}, cached_models={"m-0"})
     fleet = Fleet.from_agents([first])
-    wide = make("wide", labels={f"l{i}" for i in range(100)} | {"comfyui"},
+    # 64 labels, the most one agent may carry (DESIGN section 3); with "gpu" of the first agent
+    # the fleet knows 65, one more than a bitset word holds.
+    wide = make("wide", labels={f"l{i}" for i in range(63)} | {"comfyui"},
                 cached_models={f"m-{i}" for i in range(130)})  # fmt: skip
     fleet.upsert(wide)
     assert fleet.columns.labels.shape[1] == 2 and fleet.columns.cached_models.shape[1] == 3
     assert fleet.get("first") == first and fleet.get("wide") == wide
-    request = DispatchRequest(team_id=TEAM, required_labels={"l99"}, required_models={"m-129"})
+    request = DispatchRequest(team_id=TEAM, required_labels={"l62"}, required_models={"m-129"})
     decision = pick_agent(fleet, request, now=NOW)
     assert decision.agent_id == "wide" and decision.factors["warm"] == 1.0
 
@@ -201,8 +204,18 @@ def test_updates_match_a_plain_model_of_the_fleet(scenario, data):
 
 def test_columns_have_the_documented_dtypes():
     columns = Fleet.from_agents([make("a")]).columns
+    for column in COLUMNS:
+        assert getattr(columns, column.name).dtype == column.dtype, column.name
     assert columns.team.dtype == np.int32 and columns.labels.dtype == np.uint64
-    assert columns.gpu_capacity.dtype == np.uint16 and columns.vram_gb.dtype == np.float64
+    # VRAM in quarter GB and failure rates in 1/32768 steps keep an agent within 64 bytes
+    assert columns.gpu_capacity.dtype == np.uint16 and columns.vram_gb.dtype == np.uint16
+
+
+def test_vram_and_failure_rate_keep_the_precision_the_fleet_stores():
+    # 23.9 GB is kept as 23.75 (down to the quarter GB: never more than the agent has)
+    agent = make("a", vram_gb=23.9, failure_rate=0.1)
+    assert agent.vram_gb == 23.75 and agent.failure_rate == 3277 / 32768  # 0.1 * 32768 = 3276.8
+    assert Fleet.from_agents([agent]).get("a") == agent
 
 
 def test_reserve_takes_a_slot_of_a_chosen_agent_and_refuses_a_full_one():

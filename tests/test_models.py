@@ -72,8 +72,20 @@ def test_naive_datetime_means_utc():
         ({"preferred_gpu": "---"}, "preferred_gpu"),
         ({"required_labels": {"ok", ""}}, "required_labels"),
         ({"unknown_field": 1}, "unknown_field"),
+        ({"submitted_at": math.nan}, "submitted_at"),
+        ({"submitted_at": -1.0}, "submitted_at"),
     ],
-    ids=["pool", "tool", "region", "vram", "gpu", "label", "extra"],
+    ids=[
+        "pool",
+        "tool",
+        "region",
+        "vram",
+        "gpu",
+        "label",
+        "extra",
+        "submitted-nan",
+        "submitted-negative",
+    ],
 )
 def test_bad_request_field_is_named(fields, bad):
     with pytest.raises(ValidationError) as info:
@@ -99,9 +111,11 @@ def test_request_adds_the_tool_type_to_required_labels():
         ({"region_affinity": {("us-east", "us-east"): 0.5}}, "region_affinity"),
         ({"region_affinity": {("us-east", "us-west"): 1.5}}, "region_affinity"),
         ({"region_affinity": {("a", "b"): 0.2, ("B", "A"): 0.3}}, "region_affinity"),
+        ({"locality_wait_s": -1.0}, "locality_wait_s"),
+        ({"locality_wait_s": math.inf}, "locality_wait_s"),
     ],
     ids=["negative", "nan", "unknown-factor", "all-zero", "timeout", "band", "same-region",
-         "affinity-range", "conflicting-pair"],
+         "affinity-range", "conflicting-pair", "wait-negative", "wait-inf"],
 )  # fmt: skip
 def test_bad_policy_field_is_named(fields, bad):
     with pytest.raises(ValidationError) as info:
@@ -123,6 +137,7 @@ def test_policy_merges_weights_and_is_immutable():
 def test_default_policy_weights_are_all_positive():
     assert all(w > 0 for _, w in ScoringPolicy().weights.items())
     assert ScoringPolicy().heartbeat_timeout_s == 30.0 and ScoringPolicy().tie_band == 0.0
+    assert ScoringPolicy().locality_wait_s == 0.0  # never defers until the evidence says otherwise
 
 
 def test_copies_are_validated_and_recompute_cached_values():

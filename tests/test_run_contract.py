@@ -12,20 +12,23 @@ import uuid
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator
 
-from scoring.files import InMemoryFileStore
-from scoring.models import DispatchRequest
-from scoring.run import (
+from scoring.contract import (
     DispatchedRun,
     ErrorCode,
+    InMemoryFileStore,
+    ParameterDef,
     RunRequest,
     RunValidationError,
     ValidatedRun,
+    Workflow,
     dispatch_run,
     validate_run,
 )
-from scoring.workflow import MAX_PARAMETER_KEYS, ParameterDef, Workflow
+from scoring.contract import workflow as workflow_module
+from scoring.contract.workflow import MAX_PARAMETER_KEYS
+from scoring.models import DispatchRequest
 
 TEAM = uuid.UUID("7f9c2a52-0d1e-4b7a-9a43-5a1f0c3b2d10")
 OTHER_TEAM = uuid.UUID("0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f")
@@ -547,6 +550,82 @@ def test_workflow_limits() -> None:
         make_workflow(tool_type="nerfstudio", default_dispatch_target="comfy_cloud")
 
 
+def test_punctuation_only_preferred_gpu_is_refused_when_the_workflow_is_built() -> None:
+    """Issue 9 defect 4: ``preferred_gpu="---"`` used to build, then every run of the workflow
+    raised DispatchRequest's pydantic error (a 500 for the API server). It has no letter or digit
+    to match a GPU name by, so the workflow itself is refused, naming the field."""
+    with pytest.raises(ValidationError, match="letter or a digit") as info:
+        make_workflow(PROMPT, preferred_gpu="---")
+    assert [e["loc"] for e in info.value.errors()] == [("preferred_gpu",)]
+
+
+# What a workflow asks of agents, refused when built with the DispatchRequest's own words.
+BAD_NEEDS = [
+    ("preferred_gpu", "---"),
+    ("preferred_gpu", "_"),
+    ("preferred_gpu", 4090),
+    ("required_labels", {"gpu", ""}),
+    ("required_labels", {"x" * 65}),
+    ("required_labels", "gpu"),  # a string is not a set of labels
+    ("min_vram_gb", -1),
+    ("min_vram_gb", math.nan),
+    ("min_vram_gb", math.inf),
+    ("required_models", {" "}),
+    ("tool_type", "a1111"),
+    ("tool_type", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    BAD_NEEDS,
+    ids=[
+        "gpu-punctuation-only",
+        "gpu-underscore-only",
+        "gpu-not-a-string",
+        "empty-label",
+        "label-over-64-chars",
+        "labels-as-a-string",
+        "negative-vram",
+        "nan-vram",
+        "infinite-vram",
+        "blank-model",
+        "unknown-tool-type",
+        "null-tool-type",
+    ],
+)
+def test_workflow_needs_follow_the_dispatch_request_rules(name: str, value: Any) -> None:
+    with pytest.raises(ValidationError) as request_error:
+        DispatchRequest(team_id=TEAM, **{name: value})
+    with pytest.raises(ValidationError) as workflow_error:
+        make_workflow(PROMPT, **{name: value})
+    got = [(e["loc"], e["msg"]) for e in workflow_error.value.errors()]
+    assert got == [(e["loc"], e["msg"]) for e in request_error.value.errors()]
+    assert got[0][0] == (name,)
+
+
+def test_workflow_is_refused_when_its_stored_values_make_a_bad_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rule of DispatchRequest that its fields' annotated types do not carry (here a
+    validator declared on the model, standing in for a cross-field rule or a normaliser that is
+    not idempotent) still refuses the workflow when it is built, not its runs later."""
+
+    class AtMostTwoLabels(DispatchRequest):
+        @field_validator("required_labels")
+        @classmethod
+        def _few(cls, labels: frozenset[str]) -> frozenset[str]:
+            if len(labels) > 2:
+                raise ValueError("at most 2 labels")
+            return labels
+
+    monkeypatch.setattr(workflow_module, "DispatchRequest", AtMostTwoLabels)
+    message = "would carry an invalid request: required_labels: Value error, at most 2 labels"
+    with pytest.raises(ValidationError, match=message):
+        make_workflow(PROMPT, required_labels={"gpu", "comfyui", "sdxl"})
+    assert make_workflow(PROMPT, required_labels={"gpu", "sdxl"}).required_labels == {"gpu", "sdxl"}
+
+
 def test_accept_patterns_are_normalised() -> None:
     p = ParameterDef(key="f", type="file", accept=("Image/*", "video/MP4; codecs=avc1"))
     assert p.accept == ("image/*", "video/mp4")
@@ -632,6 +711,21 @@ def test_design_public_names() -> None:
 
     assert scoring.validate_run is validate_run
     assert {"dispatch_run", "S3FileStore", "ValidatedRun", "ErrorCode"} <= set(scoring.__all__)
+    # The contract package exports the same objects, and every one of them is also in scoring.
+    import scoring.contract
+
+    assert set(scoring.contract.__all__) <= set(scoring.__all__)
+    for name in scoring.contract.__all__:
+        assert getattr(scoring.contract, name) is getattr(scoring, name)
+
+
+def test_old_module_paths_are_gone() -> None:
+    """The contract moved into scoring.contract without shims: one place to import from."""
+    import importlib
+
+    for old in ("scoring.run", "scoring.workflow", "scoring.files"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
 
 
 def test_copies_are_validated_and_fresh() -> None:

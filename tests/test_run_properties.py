@@ -1,6 +1,6 @@
 """Properties of the run contract, checked against an independent oracle written from DESIGN §2.
 
-The oracle below shares no code with :mod:`scoring.run` or :mod:`scoring.workflow`: it restates
+The oracle below shares no code with :mod:`scoring.contract`: it restates
 each rule directly (types, bounds, options, file ownership and MIME patterns, top-level enums,
 region length) and predicts which fields of a body must be flagged.
 """
@@ -14,16 +14,27 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from scoring.files import InMemoryFileStore
-from scoring.run import ErrorCode, RunRequest, RunValidationError, ValidatedRun, validate_run
-from scoring.workflow import ParameterDef, Workflow
+from scoring.contract import (
+    ErrorCode,
+    InMemoryFileStore,
+    ParameterDef,
+    RunRequest,
+    RunValidationError,
+    ValidatedRun,
+    Workflow,
+    validate_run,
+)
+from scoring.models import DispatchRequest, normalize_region
 from tests.strategies_run import (
+    HOSTILE_NEEDS,
     OTHER_TEAM,
     TEAM,
     TOP_LEVEL,
     Scenario,
     json_bodies,
+    mostly,
     near_valid_bodies,
     scenarios,
     valid_bodies,
@@ -89,7 +100,8 @@ def expected_flags(s: Scenario, body: Any) -> set[tuple[str, str | None]]:
     if target == "comfy_cloud" and wf.tool_type != "comfyui":
         flags.add(("body", "dispatch_target"))
     region = body.get("submitter_region")
-    if region is not None and (not isinstance(region, str) or len(region.strip().lower()) > 64):
+    # DESIGN section 3: lengths are measured after trimming, before lower-casing.
+    if region is not None and (not isinstance(region, str) or len(region.strip()) > 64):
         flags.add(("body", "submitter_region"))
     params = body.get("parameters")
     params = {} if params is None else params
@@ -179,6 +191,74 @@ def test_any_json_body_is_a_run_or_a_400(s: Scenario, body: Any) -> None:
 @given(data=st.data(), s=scenarios())
 def test_near_valid_bodies_match_the_oracle(data: st.DataObject, s: Scenario) -> None:
     check_against_oracle(s, data.draw(near_valid_bodies(s)))
+
+
+@given(data=st.data(), s=scenarios(hostile=True))
+def test_any_workflow_that_builds_gives_a_run_or_a_400(data: st.DataObject, s: Scenario) -> None:
+    """Issue 9: whatever a workflow that builds asks of agents, a run of it is accepted or is a
+    RunValidationError (``outcome`` lets any other exception, e.g. pydantic's, fail the test)."""
+    # Mostly valid bodies: only an accepted agent run builds a DispatchRequest.
+    body = data.draw(mostly(valid_bodies(s), json_bodies() | near_valid_bodies(s)))
+    check_against_oracle(s, body)
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_NEEDS))
+@given(data=st.data())
+def test_workflow_fields_obey_the_dispatch_request_rules(name: str, data: st.DataObject) -> None:
+    """A Workflow field that flows into the DispatchRequest accepts what the request accepts,
+    stores it as the request does, and refuses what the request refuses, naming the field."""
+    value = data.draw(HOSTILE_NEEDS[name], label=name)
+    build = lambda: Workflow(id=TEAM, slug="wf", team_id=TEAM, **{name: value})  # noqa: E731
+    try:
+        expected = DispatchRequest(team_id=TEAM, **{name: value})
+    except ValidationError as refused:
+        with pytest.raises(ValidationError) as info:
+            build()
+        got = [(e["loc"], e["msg"]) for e in info.value.errors()]
+        assert got == [(e["loc"], e["msg"]) for e in refused.errors()]
+        return
+    try:
+        workflow = build()
+    except ValidationError as info:
+        # The request takes the raw value; the workflow also refuses a value whose *stored*
+        # form the request would refuse (a normaliser that is not idempotent).
+        assert "would carry an invalid request" in str(info), info
+        with pytest.raises(ValidationError):
+            DispatchRequest(team_id=TEAM, **{name: getattr(expected, name)})
+        return
+    assert getattr(workflow, name) == getattr(expected, name)
+
+
+BARE = Workflow(id=TEAM, slug="bare", team_id=TEAM)  # no parameters, needs nothing
+
+
+# Near the limit, "İ" counts once before lower-casing and twice after it.
+near_limit = st.builds(
+    lambda k, n, pad: pad + "İ" * k + "x" * n + pad,
+    st.integers(0, 70),
+    st.integers(0, 70),
+    st.sampled_from(["", " ", "\t"]),
+)
+
+
+@given(
+    region=near_limit
+    | st.text(st.sampled_from("İiXx -\t\u00a0"), max_size=80)
+    | st.text(max_size=80)
+)
+def test_region_is_measured_and_normalised_as_the_models_do(region: str) -> None:
+    """The contract takes ``normalize_region``'s word on a region, whatever its letters (``İ``
+    grows when lower-cased), and the request carries it normalised exactly once."""
+    try:
+        expected = normalize_region(region)
+    except ValueError:
+        with pytest.raises(RunValidationError) as info:
+            validate_run(BARE, {"submitter_region": region}, TEAM, InMemoryFileStore())
+        assert info.value.codes == ["region_too_long"]
+        return
+    run = validate_run(BARE, {"submitter_region": region}, TEAM, InMemoryFileStore())
+    assert run.dispatch_request is not None
+    assert run.submitter_region == run.dispatch_request.submitter_region == expected
 
 
 @given(data=st.data(), s=scenarios(active=True))

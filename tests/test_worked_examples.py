@@ -171,10 +171,12 @@ def test_every_failed_filter_is_counted():
     # one agent failing three filters counts once under each; the explanation names the label
     failing = agent(last_heartbeat=NOW - 60, status="tunnel", labels={"gpu"})
     decision = pick([failing, agent("b", team_id=OTHER)], request(required_labels={"gpu-h100"}))
-    assert decision.rejected == {"stale": 1, "status": 1, "pool": 1, "labels": 2,
+    # "b" is another team's: outside the pool, counted once under pool and nowhere else
+    assert decision.rejected == {"stale": 1, "status": 1, "pool": 1, "labels": 1,
                                  "capacity": 0, "vram": 0, "excluded": 0}  # fmt: skip
+    assert decision.considered == 1
     assert decision.explain() == (
-        "0/2 agents eligible: 1 stale, 1 status, 1 pool, 2 labels (missing comfyui, gpu-h100)"
+        "0/1 agents eligible: 1 stale, 1 status, 1 labels (missing comfyui, gpu-h100)"
     )
 
 
@@ -223,5 +225,35 @@ def test_community_pool_mixes_own_and_opted_in_agents():
 
 def test_empty_fleet_is_an_answer_not_an_error():
     decision = pick([], request())
-    assert decision.agent_id is None and decision.eligible == 0 and decision.total == 0
+    assert decision.agent_id is None and decision.eligible == 0 and decision.considered == 0
     assert decision.explain() == "0/0 agents eligible (no agent in the pool)"
+
+
+# --- pool-scoped counting (DESIGN section 4) ----------------------------------------------------
+
+
+def test_a_foreign_stale_agent_counts_once_under_pool_and_nowhere_else():
+    # another team's agent, stale (60 s), tunnel, without comfyui and full: outside the pool, so
+    # one count under pool; the team's own agent is eligible
+    foreign = agent("foreign", team_id=OTHER, last_heartbeat=NOW - 60, status="tunnel",
+                    labels=set(), running_count=4)  # fmt: skip
+    decision = pick([agent("own"), foreign], request())
+    assert decision.rejected == {"stale": 0, "status": 0, "pool": 1, "labels": 0,
+                                 "capacity": 0, "vram": 0, "excluded": 0}  # fmt: skip
+    assert decision.considered == 1 and decision.eligible == 1
+
+
+def test_explain_of_a_team_request_never_mentions_agents_outside_its_pool():
+    # 1 own agent (full) and 5 of another team, opted in or not, in every state
+    own = agent("own", running_count=4)
+    states = ["idle", "busy", "tunnel", "unhealthy", "syncing"]
+    others = [agent(f"x{i}", team_id=OTHER, community_opt_in=i % 2 == 0, status=status)
+              for i, status in enumerate(states)]  # fmt: skip
+    for fleet in ([own], [own, *others]):
+        decision = pick(fleet, request(exclude_agents={"x0", "x1"}))
+        assert decision.explain() == "0/1 agents eligible: 1 capacity"
+    # the community pool takes in the opted-in ones (x0, x2, x4): 4 agents considered;
+    # x0 is excluded, x2 is in a tunnel, x4 syncing: none eligible
+    decision = pick([own, *others], request(target_pool="community", exclude_agents={"x0"}))
+    assert decision.considered == 4 and decision.rejected["pool"] == 2
+    assert decision.explain() == "0/4 agents eligible: 2 status, 1 capacity, 1 excluded"

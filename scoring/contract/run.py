@@ -1,8 +1,9 @@
 """The run-request contract: a ``POST /r/workflows/{id}/run`` body in, a routed task out.
 
-:func:`validate_run` checks a raw JSON body against its :class:`~scoring.workflow.Workflow`,
-reports every problem at once as a :class:`RunValidationError` (an HTTP 400), and otherwise
-returns a :class:`ValidatedRun` with defaults filled in and, for agent runs, the
+:func:`validate_run` checks a raw JSON body against its
+:class:`~scoring.contract.workflow.Workflow`, reports every problem at once as a
+:class:`~scoring.contract.errors.RunValidationError` (an HTTP 400), and otherwise returns a
+:class:`ValidatedRun` with defaults filled in and, for agent runs, the
 :class:`~scoring.models.DispatchRequest` that :func:`~scoring.pick.pick_agent` takes.
 :func:`dispatch_run` goes one step further and reserves an agent on a fleet.
 
@@ -13,7 +14,8 @@ Choices where DESIGN section 2 is silent (each has a test):
 - a top-level field the contract does not define is an ``unknown_key`` on that field's name;
 - a body that is not an object, or ``parameters`` that is not an object, is a ``type_mismatch``
   (with key ``None`` and ``"parameters"`` respectively); so is a non-string ``submitter_region``;
-- the 64-character region limit applies after trimming and lower-casing, as for agents;
+- a region is measured and normalised by :func:`scoring.models.normalize_region`, exactly as an
+  agent's region is; a string it refuses is ``region_too_long``;
 - a body with more than 100 parameter keys gets ``too_many_keys`` and its keys are not checked
   one by one, so a hostile body cannot make the server do unbounded work;
 - a ``comfy_cloud`` run of a ``nerfstudio`` workflow is an ``invalid_value`` on
@@ -21,76 +23,40 @@ Choices where DESIGN section 2 is silent (each has a test):
 - ``target_pool`` and ``submitter_region`` are still validated for a ``comfy_cloud`` run (the body
   is wrong either way) but the run carries ``None`` for both;
 - an optional parameter with neither a value nor a default is left out of ``parameters``.
+
+The values ``dispatch_target``, ``target_pool`` and ``tool_type`` may take are read off the
+``Literal`` types of the Workflow and DispatchRequest models, never restated here.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
-from scoring.files import FileStore, content_type_matches
-from scoring.models import MAX_NAME_LEN, DispatchRequest, ScoringPolicy, normalize_region
-from scoring.workflow import MAX_PARAMETER_KEYS, DispatchTarget, ToolType, Workflow, short_repr
+from scoring.contract.errors import ErrorCode, RunError, RunValidationError, short_repr
+from scoring.contract.files import FileStore, content_type_matches
+from scoring.contract.workflow import (
+    MAX_PARAMETER_KEYS,
+    DispatchTarget,
+    ParameterDef,
+    ToolType,
+    Workflow,
+    request_field_type,
+)
+from scoring.models import DispatchRequest, ScoringPolicy, normalize_region
 
-if TYPE_CHECKING:  # the engine modules are not needed to validate a run
+if TYPE_CHECKING:  # the engine sits below the contract; validating a run never needs it
     from scoring.decision import Decision
+    from scoring.fleet import Fleet
 
-
-class ErrorCode(StrEnum):
-    """Stable error codes of the run contract (each compares equal to its string)."""
-
-    UNKNOWN_KEY = "unknown_key"
-    MISSING_REQUIRED = "missing_required"
-    TYPE_MISMATCH = "type_mismatch"
-    OUT_OF_RANGE = "out_of_range"
-    INVALID_OPTION = "invalid_option"
-    FILE_NOT_FOUND = "file_not_found"
-    FILE_WRONG_TEAM = "file_wrong_team"
-    FILE_TYPE_REJECTED = "file_type_rejected"
-    TOO_MANY_KEYS = "too_many_keys"
-    INVALID_VALUE = "invalid_value"
-    REGION_TOO_LONG = "region_too_long"
-    WORKFLOW_DISABLED = "workflow_disabled"
-    TOOL_TYPE_MISMATCH = "tool_type_mismatch"
-
-
-@dataclass(frozen=True, slots=True)
-class RunError:
-    """One problem of a run body.
-
-    ``key`` is the parameter key when ``where == "parameters"``, the top-level field name when
-    ``where == "body"``, and ``None`` for the workflow itself or a body that is not an object.
-    """
-
-    code: ErrorCode
-    key: str | None
-    message: str
-    where: Literal["body", "parameters", "workflow"] = "body"
-
-
-class RunValidationError(ValueError):
-    """A run body broke the contract; ``errors`` lists every problem, ``http_status`` is 400."""
-
-    http_status = 400
-
-    def __init__(self, errors: list[RunError]) -> None:
-        self.errors = list(errors)
-        super().__init__("; ".join(f"{e.code} {e.key}: {e.message}" for e in self.errors))
-
-    @property
-    def codes(self) -> list[str]:
-        """The error codes, in report order."""
-        return [str(e.code) for e in self.errors]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready response body: ``{"errors": [{"code", "key", "message", "where"}, ...]}``."""
-        return {"errors": [{**asdict(e), "code": str(e.code)} for e in self.errors]}
+    TargetPool = Literal["team", "community"]
+else:
+    TargetPool = request_field_type("target_pool")  # DispatchRequest's own Literal
 
 
 class RunRequest(BaseModel):
@@ -103,7 +69,7 @@ class RunRequest(BaseModel):
 
     parameters: dict[str, Any] | None = None
     dispatch_target: DispatchTarget | None = None
-    target_pool: Literal["team", "community"] | None = None
+    target_pool: TargetPool | None = None
     submitter_region: str | None = None
     tool_type: ToolType | None = None
 
@@ -122,7 +88,7 @@ class ValidatedRun:
     task_id: str
     parameters: dict[str, Any]
     dispatch_target: DispatchTarget
-    target_pool: Literal["team", "community"] | None
+    target_pool: TargetPool | None
     submitter_region: str | None
     tool_type: ToolType
     dispatch_request: DispatchRequest | None = field(repr=False)
@@ -141,10 +107,11 @@ class DispatchedRun(NamedTuple):
 
 
 _TOP_LEVEL = frozenset(RunRequest.model_fields)
-_ENUMS: dict[str, tuple[str, ...]] = {
-    "dispatch_target": ("agent", "comfy_cloud"),
-    "target_pool": ("team", "community"),
-    "tool_type": ("comfyui", "nerfstudio"),
+#: The values each enum field of the body may take, from the models' ``Literal`` types.
+ENUM_VALUES: dict[str, tuple[str, ...]] = {
+    "dispatch_target": get_args(DispatchTarget),
+    "target_pool": get_args(TargetPool),
+    "tool_type": get_args(ToolType),
 }
 
 
@@ -185,30 +152,76 @@ def validate_run(
         If ``team_id`` is not a UUID (a server bug, not a client error).
     """
     team = team_id if isinstance(team_id, UUID) else UUID(str(team_id))
+    errors = _workflow_errors(workflow)
+    fields = _top_level_fields(body, errors)
+    if fields is None:  # not an object: nothing else can be checked
+        raise RunValidationError(errors)
+    target, tool_type = _route(workflow, fields, errors)
+    region = _check_region(fields["submitter_region"], errors)
+    parameters = _check_parameters(workflow, fields["parameters"], team, files, errors)
+    if errors:
+        raise RunValidationError(errors)
+
+    tie_key = task_id if task_id is not None else str(uuid.uuid4())
+    request = None
+    if target == "agent":
+        request = _dispatch_request(workflow, team, fields["target_pool"], region, tie_key)
+    return ValidatedRun(
+        workflow_id=workflow.id,
+        team_id=team,
+        task_id=tie_key,
+        parameters=parameters,
+        dispatch_target=target,
+        target_pool=None if request is None else request.target_pool,
+        submitter_region=None if request is None else request.submitter_region,
+        tool_type=tool_type,
+        dispatch_request=request,
+    )
+
+
+# --- the steps of validate_run: each appends its problems to ``errors`` -----------------------
+
+
+def _workflow_errors(workflow: Workflow) -> list[RunError]:
+    """Problems of the workflow itself, which no body can fix."""
+    if workflow.status == "active":
+        return []
+    message = f"workflow {workflow.slug} is disabled"
+    return [RunError(ErrorCode.WORKFLOW_DISABLED, None, message, "workflow")]
+
+
+def _top_level_fields(
+    body: Mapping[str, Any] | RunRequest | None, errors: list[RunError]
+) -> dict[str, Any] | None:
+    """Each top-level field of the body, ``None`` when omitted, null or an invalid enum value.
+
+    Returns ``None`` (with the error recorded) when the body is not an object at all.
+    """
     if isinstance(body, RunRequest):
         # Back to the raw form so both entry points share one set of checks; None is omitted.
         body = {k: v for k, v in body if v is not None}
-    errors: list[RunError] = []
-    if workflow.status != "active":
-        message = f"workflow {workflow.slug} is disabled"
-        errors.append(RunError(ErrorCode.WORKFLOW_DISABLED, None, message, "workflow"))
     if body is None:
         body = {}  # an empty request body is the same as {}
     if not isinstance(body, Mapping):
         errors.append(RunError(ErrorCode.TYPE_MISMATCH, None, "the body must be a JSON object"))
-        raise RunValidationError(errors)
-
+        return None
     for name in body:
         if name not in _TOP_LEVEL:
             errors.append(RunError(ErrorCode.UNKNOWN_KEY, _key(name), "not a run request field"))
-    fields = {name: body.get(name) for name in _TOP_LEVEL}  # None: omitted or null
-    for name, allowed in _ENUMS.items():
+    fields = {name: body.get(name) for name in _TOP_LEVEL}
+    for name, allowed in ENUM_VALUES.items():
         value = fields[name]
         if value is not None and (not isinstance(value, str) or value not in allowed):
             message = f"{short_repr(value)} is not one of {list(allowed)}"
             errors.append(RunError(ErrorCode.INVALID_VALUE, name, message))
             fields[name] = None  # reported; keep checking the rest against the defaults
+    return fields
 
+
+def _route(
+    workflow: Workflow, fields: Mapping[str, Any], errors: list[RunError]
+) -> tuple[DispatchTarget, ToolType]:
+    """Where the run goes and the runtime it asks for; both must suit the workflow."""
     target: DispatchTarget = (
         fields["dispatch_target"] or workflow.default_dispatch_target or "agent"
     )
@@ -219,61 +232,26 @@ def validate_run(
     if target == "comfy_cloud" and workflow.tool_type != "comfyui":
         message = f"comfy_cloud runs comfyui workflows only, not {workflow.tool_type}"
         errors.append(RunError(ErrorCode.INVALID_VALUE, "dispatch_target", message))
-    region = _check_region(fields["submitter_region"], errors)
-    parameters = _check_parameters(workflow, fields["parameters"], team, files, errors)
-
-    if errors:
-        raise RunValidationError(errors)
-    tie_key = task_id if task_id is not None else str(uuid.uuid4())
-    pool: Literal["team", "community"] = fields["target_pool"] or "team"
-    request = None
-    if target == "agent":
-        request = DispatchRequest(
-            team_id=team,
-            target_pool=pool,
-            submitter_region=region,
-            tool_type=tool_type,
-            required_labels=workflow.required_labels,
-            min_vram_gb=workflow.min_vram_gb,
-            preferred_gpu=workflow.preferred_gpu,
-            required_models=workflow.required_models,
-            tie_key=tie_key,
-        )
-    agent_run = request is not None
-    return ValidatedRun(
-        workflow_id=workflow.id,
-        team_id=team,
-        task_id=tie_key,
-        parameters=parameters,
-        dispatch_target=target,
-        target_pool=pool if agent_run else None,
-        submitter_region=region if agent_run else None,
-        tool_type=tool_type,
-        dispatch_request=request,
-    )
+    return target, tool_type
 
 
 def _check_region(value: Any, errors: list[RunError]) -> str | None:
+    """The submitter's region as sent, if ``normalize_region`` accepts it; else ``None``.
+
+    The DispatchRequest is given the region as sent and normalises it once, exactly as checked
+    here: normalising twice is not safe in general (lower-casing can lengthen a string).
+    """
     if value is None:
         return None
     if not isinstance(value, str):
         errors.append(RunError(ErrorCode.TYPE_MISMATCH, "submitter_region", "must be a string"))
         return None
     try:
-        return normalize_region(value)
-    except ValueError:  # the only failure left for a string is its length
-        message = f"longer than {MAX_NAME_LEN} characters after trimming"
-        errors.append(RunError(ErrorCode.REGION_TOO_LONG, "submitter_region", message))
+        normalize_region(value)
+    except ValueError as exc:  # for a string, only its length fails; the words are the model's
+        errors.append(RunError(ErrorCode.REGION_TOO_LONG, "submitter_region", str(exc)))
         return None
-
-
-def _param_error(code: ErrorCode, key: Any, message: str) -> RunError:
-    return RunError(code, _key(key), message, "parameters")
-
-
-def _key(key: Any) -> str:
-    """The error's key: the key itself, or a bounded repr when a Python caller used a non-string."""
-    return key if isinstance(key, str) else short_repr(key)
+    return value
 
 
 def _check_parameters(
@@ -285,30 +263,44 @@ def _check_parameters(
     if not isinstance(given, Mapping):
         errors.append(RunError(ErrorCode.TYPE_MISMATCH, "parameters", "must be a JSON object"))
         return {}
-    defs = workflow.parameters_by_key
-    too_many = len(given) > MAX_PARAMETER_KEYS
-    if too_many:
+    if len(given) > MAX_PARAMETER_KEYS:
+        # The keys are then not checked one by one (bounded work for hostile bodies); required
+        # keys are still looked up, which costs one probe per defined parameter.
         message = f"{len(given)} keys; at most {MAX_PARAMETER_KEYS} are allowed"
         errors.append(RunError(ErrorCode.TOO_MANY_KEYS, "parameters", message))
-    # Past the limit the keys are not checked one by one (bounded work for hostile bodies);
-    # required keys are still looked up, which costs one probe per defined parameter.
-    for key, value in () if too_many else given.items():
-        p = defs.get(key) if isinstance(key, str) else None
-        if p is None:
-            errors.append(_param_error(ErrorCode.UNKNOWN_KEY, key, "not a parameter"))
-            continue
-        problem = p.value_problem(value)
-        if problem is None and p.type == "file":
-            problem = _file_problem(value, p.accept, team, files)
-        if problem is not None:
-            errors.append(_param_error(ErrorCode(problem[0]), key, problem[1]))
+    else:
+        defs = workflow.parameters_by_key
+        for key, value in given.items():
+            p = defs.get(key) if isinstance(key, str) else None
+            problem = _value_problem(p, value, team, files)
+            if problem is not None:
+                errors.append(RunError(problem[0], _key(key), problem[1], "parameters"))
+    return _with_defaults(workflow, given, errors)
 
+
+def _value_problem(
+    p: ParameterDef | None, value: Any, team: UUID, files: FileStore
+) -> tuple[ErrorCode, str] | None:
+    """The first problem of ``value`` for parameter ``p`` (``None``: no such parameter)."""
+    if p is None:
+        return ErrorCode.UNKNOWN_KEY, "not a parameter"
+    problem = p.value_problem(value)
+    if problem is None and p.type == "file":
+        problem = _file_problem(value, p.accept, team, files)
+    return problem
+
+
+def _with_defaults(
+    workflow: Workflow, given: Mapping[Any, Any], errors: list[RunError]
+) -> dict[str, Any]:
+    """The supplied values plus the defaults of omitted keys, in the workflow's order."""
     parameters: dict[str, Any] = {}
     for p in workflow.parameters:
         if p.key in given:
             parameters[p.key] = given[p.key]
         elif p.required:
-            errors.append(_param_error(ErrorCode.MISSING_REQUIRED, p.key, "is required"))
+            message = "is required"
+            errors.append(RunError(ErrorCode.MISSING_REQUIRED, p.key, message, "parameters"))
         elif p.default is not None:
             parameters[p.key] = p.default
     return parameters
@@ -316,22 +308,38 @@ def _check_parameters(
 
 def _file_problem(
     key: str, accept: tuple[str, ...] | None, team: UUID, files: FileStore
-) -> tuple[str, str] | None:
+) -> tuple[ErrorCode, str] | None:
     info = files.stat(key)
     if info is None:
-        return "file_not_found", "no uploaded file has this key"
+        return ErrorCode.FILE_NOT_FOUND, "no uploaded file has this key"
     if info.team_id != team:
-        return "file_wrong_team", "the file belongs to another team"
+        return ErrorCode.FILE_WRONG_TEAM, "the file belongs to another team"
     if accept and not content_type_matches(info.content_type, accept):
-        return (
-            "file_type_rejected",
-            f"content type {short_repr(info.content_type)} is not in {list(accept)}",
-        )
+        message = f"content type {short_repr(info.content_type)} is not in {list(accept)}"
+        return ErrorCode.FILE_TYPE_REJECTED, message
     return None
 
 
+def _dispatch_request(
+    workflow: Workflow, team: UUID, pool: TargetPool | None, region: str | None, tie_key: str
+) -> DispatchRequest:
+    """The agent run's request; it validates, since the body passed and the workflow built."""
+    return DispatchRequest(
+        team_id=team,
+        target_pool=pool or "team",
+        submitter_region=region,  # as sent: the request normalises it (see _check_region)
+        tie_key=tie_key,
+        **workflow.request_fields(),  # checked against DispatchRequest when the workflow built
+    )
+
+
+def _key(key: Any) -> str:
+    """The error's key: the key itself, or a bounded repr when a Python caller used a non-string."""
+    return key if isinstance(key, str) else short_repr(key)
+
+
 def dispatch_run(
-    fleet: Any,
+    fleet: Fleet,
     workflow: Workflow,
     body: Mapping[str, Any] | RunRequest | None,
     team_id: UUID | str,
@@ -372,13 +380,4 @@ def dispatch_run(
     return DispatchedRun(run, fleet.dispatch(run.dispatch_request, policy=policy, now=now))
 
 
-__all__ = [
-    "DispatchedRun",
-    "ErrorCode",
-    "RunError",
-    "RunRequest",
-    "RunValidationError",
-    "ValidatedRun",
-    "dispatch_run",
-    "validate_run",
-]
+__all__ = ["DispatchedRun", "RunRequest", "ValidatedRun", "dispatch_run", "validate_run"]

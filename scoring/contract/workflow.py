@@ -2,7 +2,15 @@
 
 A :class:`ParameterDef` describes one input a run may set; a :class:`Workflow` bundles them with
 what its runs need from an agent. Both are frozen pydantic models that refuse to contradict
-themselves, so the run validator (:mod:`scoring.run`) can trust every definition it reads.
+themselves, so the run validator (:mod:`scoring.contract.run`) can trust every definition it
+reads.
+
+Every Workflow field that a run copies into its :class:`~scoring.models.DispatchRequest`
+(``tool_type``, ``required_labels``, ``min_vram_gb``, ``preferred_gpu``, ``required_models``)
+is validated with that request field's own annotated type, taken from the request model rather
+than restated, and a workflow is built only if a request carrying its values validates. So an
+accepted workflow never makes a run fail with anything but a
+:class:`~scoring.contract.errors.RunValidationError`.
 """
 
 from __future__ import annotations
@@ -10,20 +18,47 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from scoring.files import normalize_accept_pattern
-from scoring.models import Labels, Names, OptionalText
+from scoring.contract.errors import ErrorCode, short_repr
+from scoring.contract.files import normalize_accept_pattern
+from scoring.models import DispatchRequest
 
 #: Most keys one run's ``parameters`` may carry (and so most parameters one workflow may define).
 MAX_PARAMETER_KEYS = 100
 
 ParameterType = Literal["string", "number", "boolean", "select", "file"]
-ToolType = Literal["comfyui", "nerfstudio"]
 DispatchTarget = Literal["agent", "comfy_cloud"]
+
+#: The Workflow fields a run copies into its DispatchRequest, under the request's field names.
+REQUEST_FIELDS = ("tool_type", "required_labels", "min_vram_gb", "preferred_gpu", "required_models")
+
+
+def request_field_type(name: str) -> Any:
+    """The annotated type of ``DispatchRequest.<name>``, with its constraints and validators.
+
+    The field's default is not part of it; each model keeps its own.
+    """
+    return DispatchRequest.model_fields[name].rebuild_annotation()
+
+
+if TYPE_CHECKING:
+    # Static checkers need the types spelled out; at run time they are DispatchRequest's own
+    # annotated types (below), so the contract cannot drift from what a request accepts.
+    ToolType = Literal["comfyui", "nerfstudio"]
+    RequestLabels = frozenset[str]
+    RequestVram = float | None
+    RequestGpu = str | None
+    RequestModels = frozenset[str]
+else:
+    ToolType = request_field_type("tool_type")
+    RequestLabels = request_field_type("required_labels")
+    RequestVram = request_field_type("min_vram_gb")
+    RequestGpu = request_field_type("preferred_gpu")
+    RequestModels = request_field_type("required_models")
 
 # ``strict`` keeps booleans and numeric strings out of bounds, as the run contract does for values.
 _Bound = Annotated[float | None, Field(strict=True, allow_inf_nan=False)]
@@ -130,30 +165,32 @@ class ParameterDef(_Validated):
                 f"{self.key}: default {short_repr(self.default)} is invalid: {problem[1]}"
             )
 
-    def value_problem(self, value: Any) -> tuple[str, str] | None:
+    def value_problem(self, value: Any) -> tuple[ErrorCode, str] | None:
         """Check ``value`` against this definition, apart from file-store lookups.
 
         Returns
         -------
-        tuple of (str, str) or None
+        tuple of (ErrorCode, str) or None
             ``(error code, message)`` for the first problem, or ``None`` if the value is valid.
             File parameters only check that the value is a string (a file key).
         """
         kind = self.type
         if kind in ("string", "file", "select") and not isinstance(value, str):
             wanted = "a file key (string)" if kind == "file" else "a string"
-            return "type_mismatch", f"expected {wanted}, got {_json_type(value)}"
+            return ErrorCode.TYPE_MISMATCH, f"expected {wanted}, got {_json_type(value)}"
         if kind == "boolean" and not isinstance(value, bool):
-            return "type_mismatch", f"expected a boolean, got {_json_type(value)}"
+            return ErrorCode.TYPE_MISMATCH, f"expected a boolean, got {_json_type(value)}"
         if kind == "number":
             if not is_number(value):
-                return "type_mismatch", f"expected a finite number, got {_describe(value)}"
+                return ErrorCode.TYPE_MISMATCH, f"expected a finite number, got {_describe(value)}"
             if (self.min is not None and value < self.min) or (
                 self.max is not None and value > self.max
             ):
-                return "out_of_range", f"{short_repr(value)} is outside [{self.min}, {self.max}]"
+                message = f"{short_repr(value)} is outside [{self.min}, {self.max}]"
+                return ErrorCode.OUT_OF_RANGE, message
         if kind == "select" and value not in (self.options or ()):
-            return "invalid_option", f"{short_repr(value)} is not one of {list(self.options or ())}"
+            message = f"{short_repr(value)} is not one of {list(self.options or ())}"
+            return ErrorCode.INVALID_OPTION, message
         return None
 
 
@@ -161,19 +198,22 @@ class Workflow(_Validated):
     """A runnable graph: its owner, what its runs need from an agent, and its parameters.
 
     ``default_dispatch_target`` ``None`` means runs go to an ``agent`` unless they say otherwise.
-    At most :data:`MAX_PARAMETER_KEYS` parameters, with distinct keys.
+    At most :data:`MAX_PARAMETER_KEYS` parameters, with distinct keys. The fields named in
+    :data:`REQUEST_FIELDS` obey the rules of the same fields of
+    :class:`~scoring.models.DispatchRequest` (labels trimmed and lower-cased, ``preferred_gpu``
+    with a letter or a digit, ``min_vram_gb`` finite and not negative, ...).
     """
 
     id: UUID
     slug: Annotated[str, Field(min_length=1, max_length=128)]
     team_id: UUID
     tool_type: ToolType = "comfyui"
-    required_labels: Labels = frozenset()
+    required_labels: RequestLabels = frozenset()
     default_dispatch_target: DispatchTarget | None = None
     status: Literal["active", "disabled"] = "active"
-    preferred_gpu: OptionalText = None
-    min_vram_gb: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
-    required_models: Names = frozenset()
+    preferred_gpu: RequestGpu = None
+    min_vram_gb: RequestVram = None
+    required_models: RequestModels = frozenset()
     parameters: Annotated[tuple[ParameterDef, ...], Field(max_length=MAX_PARAMETER_KEYS)] = ()
 
     @model_validator(mode="after")
@@ -186,25 +226,34 @@ class Workflow(_Validated):
             if p.key in seen:
                 raise ValueError(f"parameter key {p.key!r} is defined twice")
             seen.add(p.key)
+        self._check_request_fields()
         return self
+
+    def _check_request_fields(self) -> None:
+        """Refuse a workflow whose runs' DispatchRequest would not validate.
+
+        The fields above already passed the request's own validators, but a run passes on the
+        *stored* (normalised) values, which the request validates once more: a normaliser that
+        is not idempotent, or a rule of DispatchRequest that spans several fields, would
+        otherwise surface only when a run is dispatched (a server error, not a 400).
+        """
+        try:
+            DispatchRequest(team_id=self.team_id, **self.request_fields())
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()
+            )
+            message = f"runs of this workflow would carry an invalid request: {problems}"
+            raise ValueError(message) from None
+
+    def request_fields(self) -> dict[str, Any]:
+        """What every run of this workflow copies into its DispatchRequest, by field name."""
+        return {name: getattr(self, name) for name in REQUEST_FIELDS}
 
     @cached_property
     def parameters_by_key(self) -> Mapping[str, ParameterDef]:
         """Each ParameterDef by its ``key``, in definition order."""
         return {p.key: p for p in self.parameters}
-
-
-def short_repr(value: Any, limit: int = 60) -> str:
-    """``repr`` for error messages: bounded in length, whatever a client sent.
-
-    Messages echo client values back; a megabyte string must not come back as a megabyte message,
-    and Python refuses to ``repr`` an int of more than 4,300 digits at all.
-    """
-    try:
-        text = repr(value)
-    except ValueError:
-        return "a very large integer"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json_type(value: Any) -> str:

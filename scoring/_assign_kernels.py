@@ -1,0 +1,301 @@
+"""The jitted side of :func:`scoring.assign`: a queue of requests onto free slots in one call.
+
+Requests that share everything that decides eligibility and score except the tie key form a
+*group*; each group scans its pool once, into a max-heap of its eligible rows keyed by score, and
+every request of the group then takes the heap's best in O(log n). Within one call scores only
+ever fall (a reservation lowers the load factor; nothing is released), so a key is an upper bound
+of its row's current score: a popped row is re-scored and pushed back when its key was stale
+(lazy deletion), and a full one is dropped. The ties of the best score (or the rows within the
+tie band) are popped together and the request's lowest tie hash wins, exactly as the pick does.
+
+Groups are packed into arrays (one row per group, ragged parts in CSR form) and rebuilt as a
+:class:`~scoring.layout.Query` inside compiled code, so a whole queue is one kernel call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scoring._jit import jit
+from scoring._kernels import (
+    _NONE,
+    EXCLUDED,
+    LABEL_BIT,
+    N_FACTORS,
+    N_REASONS,
+    POOL_BIT,
+    _factors,
+    _is_excluded,
+    _mask,
+    _popcount,
+    _row_at,
+    _score,
+    _tie_hash,
+)
+from scoring.layout import VRAM_STEPS_PER_GB as VRAM_STEPS
+from scoring.layout import VRAM_UNKNOWN, Query
+from scoring.models import LAST_ELIGIBLE_STATUS, REASONS, STATUS_CODES, AgentStatus
+
+CAPACITY = REASONS.index("capacity")
+CAPACITY_BIT = np.uint8(1 << CAPACITY)
+_IDLE, _BUSY = STATUS_CODES[AgentStatus.IDLE], STATUS_CODES[AgentStatus.BUSY]
+#: What happened to each request (``out_state``).
+NONE, PLACED, DEFERRED, LATER = 0, 1, 2, 3
+
+
+@jit
+def _group_query(g, common, groups, tie_key_hash):
+    """Group ``g``'s Query, for a request with ``tie_key_hash``."""
+    now, timeout, weights, tie_band, shared = common
+    (team, community, labels, labels_unknown, min_vram, ex_off, ex_flat, models, n_models,
+     region_table, gpu_table, rows_off, rows_flat) = groups  # fmt: skip
+    return Query(
+        now, timeout, team[g], community[g], labels[g], labels_unknown[g], min_vram[g],
+        ex_flat[ex_off[g] : ex_off[g + 1]], models[g], n_models[g], region_table[g],
+        gpu_table[g], weights, tie_band, tie_key_hash, rows_flat[rows_off[g] : rows_off[g + 1]],
+        shared if community[g] else shared[:0],
+    )  # fmt: skip
+
+
+# --- a max-heap of (score, row) in keys[base:], rows[base:] --------------------------------------
+
+
+@jit
+def _push(keys, rows, base, size, key, row):
+    i = size
+    keys[base + i], rows[base + i] = key, row
+    while i > 0:
+        parent = (i - 1) // 2
+        if keys[base + parent] >= keys[base + i]:
+            break
+        keys[base + parent], keys[base + i] = keys[base + i], keys[base + parent]
+        rows[base + parent], rows[base + i] = rows[base + i], rows[base + parent]
+        i = parent
+    return size + 1
+
+
+@jit
+def _pop(keys, rows, base, size):
+    size -= 1
+    keys[base], rows[base] = keys[base + size], rows[base + size]
+    i = 0
+    while True:
+        left, best = 2 * i + 1, i
+        if left < size and keys[base + left] > keys[base + best]:
+            best = left
+        if left + 1 < size and keys[base + left + 1] > keys[base + best]:
+            best = left + 1
+        if best == i:
+            return size
+        keys[base + best], keys[base + i] = keys[base + i], keys[base + best]
+        rows[base + best], rows[base + i] = rows[base + i], rows[base + best]
+        i = best
+
+
+@jit
+def _full(c, r):
+    return c.running_count[r] >= c.gpu_capacity[r]
+
+
+@jit
+def _take(c, q, keys, rows, base, size, tie_rows, tie_scores):
+    """Reserve the heap's best row for the request whose tie key hash is in ``q``.
+
+    Returns ``(row, score, factors, size)``; ``row`` -1 when the heap holds no row with a free
+    slot. ``score`` and ``factors`` are the row's before its reservation.
+    """
+    while size > 0:  # a valid top: free, and its key its current score
+        r = rows[base]
+        if _full(c, r):
+            size = _pop(keys, rows, base, size)
+            continue
+        s = _score(c, q, r)
+        if s < keys[base]:
+            size = _pop(keys, rows, base, size)
+            size = _push(keys, rows, base, size, s, r)
+            continue
+        break
+    if size == 0:
+        nan = np.nan
+        return -1, nan, (nan, nan, nan, nan, nan, nan), size
+    best = keys[base]
+    cut = best - q.tie_band if q.tie_band > 0.0 else best
+    m = 0
+    while size > 0 and keys[base] >= cut:  # every row within the band, re-scored
+        r = rows[base]
+        size = _pop(keys, rows, base, size)
+        if _full(c, r):
+            continue
+        s = _score(c, q, r)
+        if s >= cut:
+            tie_rows[m], tie_scores[m] = r, s
+            m += 1
+        else:  # below the band now: it cannot come back to the top in this loop
+            size = _push(keys, rows, base, size, s, r)
+    j, low = 0, _tie_hash(c.id_hash[tie_rows[0]], q.tie_key_hash)
+    for k in range(1, m):
+        h = _tie_hash(c.id_hash[tie_rows[k]], q.tie_key_hash)
+        if h < low:
+            j, low = k, h
+    for k in range(m):
+        if k != j:
+            size = _push(keys, rows, base, size, tie_scores[k], tie_rows[k])
+    r = tie_rows[j]
+    factors = _factors(c, q, r)
+    c.running_count[r] += 1  # reserve: one more running, an idle agent turns busy
+    if c.status[r] == _IDLE:
+        c.status[r] = _BUSY
+    if not _full(c, r):
+        size = _push(keys, rows, base, size, _score(c, q, r), r)
+    return r, tie_scores[j], factors, size
+
+
+# --- groups --------------------------------------------------------------------------------------
+
+
+@jit
+def _warm(c, q, r):
+    """Whether row ``r`` caches every required model (the query knows all of them)."""
+    for w in range(q.models.shape[0]):
+        if (c.cached_models[r, w] & q.models[w]) != q.models[w]:
+            return False
+    return True
+
+
+@jit
+def _knows_all_models(q):
+    known = 0
+    for w in range(q.models.shape[0]):
+        known += _popcount(q.models[w])
+    return q.n_models > 0 and known == q.n_models
+
+
+@jit
+def _init_group(c, q, g, heap, warm, warm_rows, counts, labels_and, considered):
+    """Scan group ``g``'s pool once: its heaps, warm rows, counts and label AND."""
+    keys, rows, base, size = heap[0], heap[1], heap[2][g], 0
+    wkeys, wrows, wbase, wsize = warm[0], warm[1], warm[2][g], 0
+    n_rows = q.rows.shape[0]
+    knows = _knows_all_models(q)
+    n_warm = 0
+    for p in range(n_rows + q.shared.shape[0]):
+        r, skip = _row_at(q, p, n_rows)
+        mask = _mask(c, q, r, skip)
+        if mask & POOL_BIT or (skip and c.team[r] == q.team):
+            continue  # outside the pool, or read already among the team's rows
+        considered[g] += 1
+        if _is_excluded(q, r):
+            mask |= np.uint8(1 << EXCLUDED)
+        for k in range(N_REASONS):
+            counts[g, k] += (mask >> k) & 1
+        if mask & LABEL_BIT:
+            for w in range(q.labels.shape[0]):
+                labels_and[g, w] &= c.labels[r, w]
+        is_warm = knows and _warm(c, q, r)
+        if is_warm:
+            warm_rows[wbase + n_warm] = r
+            n_warm += 1
+        if mask == 0:
+            s = _score(c, q, r)
+            size = _push(keys, rows, base, size, s, r)
+            if is_warm:
+                wsize = _push(wkeys, wrows, wbase, wsize, s, r)
+    heap[3][g], warm[3][g], warm[4][g] = size, wsize, n_warm
+
+
+@jit
+def _busy_warm(c, q, g, warm, warm_rows):
+    """Whether some warm row of the pool fails only ``capacity`` (a deferral can wait for it)."""
+    base, n = warm[2][g], warm[4][g]
+    for k in range(n):
+        r = warm_rows[base + k]
+        if _mask(c, q, r, False) == CAPACITY_BIT and not _is_excluded(q, r):
+            return True
+    return False
+
+
+@jit
+def _passes_but_capacity(c, common, groups, g, r):
+    """Whether row ``r`` is in group ``g``'s pool and passes every filter but ``capacity``.
+
+    The same rules as ``_filters`` and ``_is_excluded``, read straight from the packed groups:
+    building a whole Query for each group at each placement cost more than the rest of the
+    placement (measured).
+    """
+    now, timeout = common[0], common[1]
+    (team, community, labels, labels_unknown, min_vram, ex_off, ex_flat) = groups[:7]
+    if c.team[r] != team[g] and not (community[g] and c.opt_pos[r] >= 0):
+        return False, False  # outside the pool
+    if now - c.last_heartbeat[r] > timeout or c.status[r] > LAST_ELIGIBLE_STATUS:
+        return True, False
+    if labels_unknown[g]:
+        return True, False
+    for w in range(labels.shape[1]):
+        if (labels[g, w] & ~c.labels[r, w]) != _NONE:
+            return True, False
+    if not np.isnan(min_vram[g]):
+        v = c.vram_gb[r]
+        if v == VRAM_UNKNOWN or not (v / VRAM_STEPS >= min_vram[g]):
+            return True, False
+    lo, hi = ex_off[g], ex_off[g + 1]
+    k = lo + np.searchsorted(ex_flat[lo:hi], r)
+    return True, not (k < hi and ex_flat[k] == r)
+
+
+@jit
+def _account(c, common, groups, r, counts, eligible):
+    """Row ``r`` was just reserved: if that filled it, every group whose pool holds it counts one
+    more ``capacity``, and one eligible fewer where it was eligible."""
+    if not _full(c, r):
+        return
+    for g in range(eligible.shape[0]):
+        in_pool, passes = _passes_but_capacity(c, common, groups, g, r)
+        if in_pool:
+            counts[g, CAPACITY] += 1
+            if passes:
+                eligible[g] -= 1
+
+
+@jit
+def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, warm, warm_rows,
+            counts, eligible, tie_rows, tie_scores, out):  # fmt: skip
+    """Place requests (in the order of ``req_group``) and write what happened to each into
+    ``out`` = ``(state, row, score, factors, eligible, counts)``.
+
+    A young request (``req_young``) with required models takes a warm row, else is deferred when
+    a warm row is merely full, else is marked LATER (to place in a second call, ``req_later``).
+    """
+    state, out_row, out_score, out_factors, out_eligible, out_counts = out
+    for i in range(req_group.shape[0]):
+        g = req_group[i]
+        q = _group_query(g, common, groups, req_hash[i])
+        out_eligible[i] = eligible[g]
+        for k in range(N_REASONS):
+            out_counts[i, k] = counts[g, k]
+        if req_young[i] and not req_later[i]:
+            r, s, f, size = _take(c, q, warm[0], warm[1], warm[2][g], warm[3][g], tie_rows,
+                                  tie_scores)  # fmt: skip
+            warm[3][g] = size
+            if r < 0:
+                state[i] = DEFERRED if _busy_warm(c, q, g, warm, warm_rows) else LATER
+                continue
+        else:
+            r, s, f, size = _take(c, q, heap[0], heap[1], heap[2][g], heap[3][g], tie_rows,
+                                  tie_scores)  # fmt: skip
+            heap[3][g] = size
+            if r < 0:
+                state[i] = NONE
+                continue
+        state[i], out_row[i], out_score[i] = PLACED, r, s
+        for k in range(N_FACTORS):
+            out_factors[i, k] = f[k]
+        _account(c, common, groups, r, counts, eligible)
+
+
+@jit
+def _init_groups(c, common, groups, heap, warm, warm_rows, counts, labels_and, considered,
+                 eligible):  # fmt: skip
+    for g in range(eligible.shape[0]):
+        q = _group_query(g, common, groups, _NONE)
+        _init_group(c, q, g, heap, warm, warm_rows, counts, labels_and, considered)
+        eligible[g] = heap[3][g]

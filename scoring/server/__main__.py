@@ -1,0 +1,74 @@
+"""``python -m scoring.server --host 127.0.0.1 --port 8000 --database sqlite:///scoring.db
+--files ./files [--demo PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from scoring.server.config import Settings
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """Settings from the command line."""
+    d = Settings()
+    p = argparse.ArgumentParser(prog="python -m scoring.server", description=__doc__)
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument(
+        "--database",
+        default=d.database,
+        help="SQLAlchemy URL: sqlite:///PATH (default) or postgresql+psycopg://...",
+    )
+    p.add_argument("--files", default=d.files_dir, help="directory of uploaded files")
+    p.add_argument("--s3-bucket", default=None, help="keep uploads in this S3 bucket instead")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (S3-compatible stores)")
+    p.add_argument(
+        "--demo",
+        default=None,
+        metavar="PATH",
+        help="create a demo team, workflow, user and keys (once) and write them here",
+    )
+    p.add_argument(
+        "--demo-agents",
+        type=int,
+        default=d.demo_agents,
+        help="how many agent keys the demo has (gpu-node-01, ...)",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=d.heartbeat_timeout_s,
+        help="seconds without a heartbeat before an agent is stale",
+    )
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts)
+    p.add_argument(
+        "--threads", type=int, default=d.threads, help="worker threads for database calls"
+    )
+    p.add_argument("--log-level", default="warning")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper())
+    return Settings(
+        database=a.database, files_dir=a.files, host=a.host, port=a.port, demo=a.demo,
+        demo_agents=a.demo_agents, s3_bucket=a.s3_bucket, s3_endpoint=a.s3_endpoint,
+        heartbeat_timeout_s=a.heartbeat_timeout, max_attempts=a.max_attempts, threads=a.threads,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the app and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    from scoring.server.app import create_app
+
+    settings = parse_args(argv)
+    app = create_app(settings)
+    log_level = logging.getLevelName(logging.getLogger().level).lower()
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
+                access_log=False)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

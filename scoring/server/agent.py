@@ -1,0 +1,173 @@
+"""A fake agent: ``python -m scoring.server.agent --demo PATH``.
+
+It does what a real agent does over HTTP: heartbeats with its state, takes the tasks dispatched
+to it, starts them, "runs" each for its simulated time (a sleep), and reports it completed.
+Connection failures (a restarting server) are retried; completions are retried until the server
+acknowledges them, which the server makes safe (a repeated completion counts once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("scoring.server.agent")
+
+
+@dataclass
+class FakeAgent:
+    """One simulated agent; call :meth:`step` in a loop (or :meth:`run`)."""
+
+    base_url: str
+    key: str
+    agent_id: str
+    capacity: int = 2
+    task_seconds: float = 2.0
+    labels: tuple[str, ...] = ("gpu", "comfyui")
+    region: str = "us-east"
+    fail_every: int = 0  # fail every n-th task (0: never), to exercise retries
+    timeout: float = 10.0
+    running: dict[str, float] = field(default_factory=dict)  # task id -> finish time
+    to_report: dict[str, bool] = field(default_factory=dict)  # finished, not yet acknowledged
+    to_start: set[str] = field(default_factory=set)  # handed out, start not acknowledged
+    completed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    started: int = 0
+    finished: int = 0
+    max_running: int = 0
+    over_capacity: int = 0  # heartbeats that handed out more tasks than free slots
+    errors: int = 0
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=self.timeout,
+        )
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self.client.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response | None:
+        try:
+            response = self.client.post(path, json=body)
+        except httpx.TransportError:
+            self.errors += 1
+            return None
+        if response.status_code >= 500:
+            self.errors += 1
+            return None
+        return response
+
+    def step(self, now: float | None = None) -> None:
+        """Report finished tasks, heartbeat, start what was handed out."""
+        now = time.time() if now is None else now
+        for task_id, finish in list(self.running.items()):
+            if finish <= now:
+                del self.running[task_id]
+                self.finished += 1
+                ok = not (self.fail_every and self.finished % self.fail_every == 0)
+                self.to_report[task_id] = ok
+        for task_id, ok in list(self.to_report.items()):
+            outputs = {"images": [f"outputs/{task_id}/0.png"], "agent_id": self.agent_id}
+            body = {"status": "completed" if ok else "failed", "outputs": outputs}
+            response = self._post(f"/agents/tasks/{task_id}/complete", body)
+            if response is None:
+                continue  # server unreachable: report again next step
+            del self.to_report[task_id]
+            if response.status_code == 200:
+                (self.completed if ok else self.failed).append(task_id)
+        heartbeat = {
+            "status": "busy" if self.running else "idle",
+            "gpu_capacity": self.capacity,
+            "running_count": self.busy_slots(),
+            "labels": list(self.labels),
+            "region": self.region,
+            "vram_gb": 24,
+            "gpu_model": "NVIDIA GeForce RTX 4090",
+        }
+        response = self._post("/agents/heartbeat", heartbeat)
+        if response is None or response.status_code != 200:
+            return
+        held = self.running.keys() | self.to_start
+        new = [t["task_id"] for t in response.json()["tasks"] if t["task_id"] not in held]
+        if len(new) > self.capacity - self.busy_slots():
+            self.over_capacity += 1
+        self.to_start.update(new)
+        self.max_running = max(self.max_running, self.busy_slots())
+        for task_id in sorted(self.to_start):
+            started = self._post(f"/agents/tasks/{task_id}/start", {})
+            if started is None:
+                continue  # unknown whether it started: ask again (start is idempotent)
+            self.to_start.discard(task_id)
+            if started.status_code == 200:
+                self.started += 1
+                self.running[task_id] = time.time() + self.task_seconds
+
+    def busy_slots(self) -> int:
+        """Slots in use: running, finished but unreported, or handed out and being started."""
+        return len(self.running) + len(self.to_report) + len(self.to_start)
+
+    def run(self, stop: threading.Event, interval: float = 1.0) -> None:
+        """Step until ``stop`` is set, waking early when a task is due to finish."""
+        while not stop.is_set():
+            self.step()
+            due = min(self.running.values(), default=time.time() + interval)
+            stop.wait(max(0.0, min(interval, due - time.time())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo's agents until interrupted (or until ``--tasks`` tasks completed)."""
+    p = argparse.ArgumentParser(prog="python -m scoring.server.agent", description=__doc__)
+    p.add_argument("--demo", required=True, help="the JSON file written by the server's --demo")
+    p.add_argument("--agent", action="append", help="agent id (default: every agent of --demo)")
+    p.add_argument("--capacity", type=int, default=2, help="concurrent task slots per agent")
+    p.add_argument("--task-seconds", type=float, default=2.0, help="simulated run time")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between heartbeats")
+    p.add_argument("--tasks", type=int, default=0, help="exit after this many completions")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
+    demo = json.loads(Path(a.demo).read_text())
+    keys: dict[str, str] = demo["agent_keys"]
+    ids = a.agent or list(keys)
+    agents = [
+        FakeAgent(demo["base_url"], keys[i], i, capacity=a.capacity, task_seconds=a.task_seconds)
+        for i in ids
+    ]
+    stop = threading.Event()
+    threads = [threading.Thread(target=ag.run, args=(stop, a.interval), daemon=True)
+               for ag in agents]  # fmt: skip
+    for t in threads:
+        t.start()
+    log.info("%d agents heartbeating to %s", len(agents), demo["base_url"])
+    seen: set[str] = set()
+    try:
+        while not stop.is_set():
+            time.sleep(0.2)
+            for ag in agents:
+                for task_id in ag.completed[:]:
+                    if task_id not in seen:
+                        seen.add(task_id)
+                        log.info("%s completed task %s", ag.agent_id, task_id)
+            if a.tasks and len(seen) >= a.tasks:
+                stop.set()
+    except KeyboardInterrupt:
+        stop.set()
+    for t in threads:
+        t.join(timeout=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

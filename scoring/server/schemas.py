@@ -1,0 +1,142 @@
+"""Request and answer bodies as the OpenAPI schema shows them (``/docs``).
+
+The run and heartbeat bodies are read raw and checked by the library (``validate_run`` and the
+``Agent`` record), so that every problem is reported at once in the server's error format; their
+models here document the shape for clients and for the schema-driven fuzzer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TaskStatusName = Literal["queued", "dispatched", "running", "completed", "failed"]
+
+
+class RunBody(BaseModel):
+    """``POST /r/workflows/{workflowId}/run`` (DESIGN section 2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Any] | None = Field(None, max_length=100)
+    dispatch_target: Literal["agent", "comfy_cloud"] | None = None
+    target_pool: Literal["team", "community"] | None = None
+    submitter_region: str | None = Field(None, max_length=64)
+    tool_type: Literal["comfyui", "nerfstudio"] | None = None
+
+
+class TaskAccepted(BaseModel):
+    task_id: str
+
+
+class TaskStatus(BaseModel):
+    task_id: str
+    task_status: TaskStatusName
+    agent_id: str | None
+    dispatch_target: Literal["agent", "comfy_cloud"]
+    created_at: str  # ISO 8601, UTC
+    explain: str
+
+
+class TaskResult(BaseModel):
+    task_id: str
+    outputs: dict[str, Any]
+
+
+class PresignBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # A plain name: no separators or control characters, no outer spaces ("." and ".." are
+    # refused by the server: the schema language has no look-ahead).
+    file_name: str = Field(
+        min_length=1,
+        max_length=255,
+        pattern=r"^[^/\\\x00-\x20\x7f](?:[^/\\\x00-\x1f\x7f]*[^/\\\x00-\x20\x7f])?$",
+    )
+    file_size: int = Field(ge=0)
+    content_type: str = Field(
+        max_length=255,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$",
+    )
+
+
+class PresignAnswer(BaseModel):
+    file_key: str
+    upload_url: str
+
+
+class Uploaded(BaseModel):
+    file_key: str
+    size: int
+
+
+class HeartbeatBody(BaseModel):
+    """What an agent reports; its id and team come from its key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["idle", "busy", "syncing", "tunnel", "unhealthy"]
+    gpu_capacity: int = Field(ge=1, le=65535)
+    running_count: int = Field(0, ge=0, le=65535)
+    labels: list[str] = Field(default_factory=list, max_length=64)
+    region: str | None = Field(None, max_length=64)
+    community_opt_in: bool = False
+    vram_gb: float | None = Field(None, ge=0)
+    gpu_model: str | None = None
+    cached_models: list[str] = Field(default_factory=list, max_length=256)
+    failure_rate: float = Field(0.0, ge=0, le=1)
+
+
+class AgentTask(BaseModel):
+    task_id: str
+    workflow_id: str
+    parameters: dict[str, Any]
+    tool_type: Literal["comfyui", "nerfstudio"]
+
+
+class HeartbeatAnswer(BaseModel):
+    tasks: list[AgentTask]
+
+
+class CompleteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["completed", "failed"]
+    outputs: dict[str, Any] | None = None
+
+
+class TaskAck(BaseModel):
+    task_id: str
+    task_status: TaskStatusName
+
+
+class ParameterOut(BaseModel):
+    key: str
+    type: Literal["string", "number", "boolean", "select", "file"]
+    label: str
+    description: str
+    required: bool
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    options: list[str] | None = None
+    accept: list[str] | None = None
+    node_id: str | None = None
+    field: str | None = None
+
+
+class WorkflowOut(BaseModel):
+    id: str
+    slug: str
+    version: int
+    team_id: str
+    tool_type: Literal["comfyui", "nerfstudio"]
+    status: Literal["active", "disabled"]
+    default_dispatch_target: Literal["agent", "comfy_cloud"] | None
+    required_labels: list[str]
+    parameters: list[ParameterOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]

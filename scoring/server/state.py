@@ -1,0 +1,78 @@
+"""What one server process holds: the database, the live Fleet, the policy, the file store.
+
+The Fleet mirrors the database for fast picks. Its slot counts are kept conservative (never
+below the reservations committed to the database), and the database's conditional updates are
+the last word on every reservation (see :mod:`scoring.server.tasks`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import select
+
+from scoring import Agent, Fleet, ScoringPolicy
+from scoring.server import db
+from scoring.server.auth import Authenticator
+from scoring.server.storage import UploadStore
+from scoring.server.workflows import WorkflowRepository
+
+
+@dataclass
+class ServerState:
+    """Everything the routes and the dispatch loop share.
+
+    ``sync`` orders the Fleet's slot bookkeeping: a placement counts as ``pending`` from the
+    moment the Fleet reserved it until its database commit ends, so a heartbeat that rewrites
+    the agent's record never sets its running count below what is reserved.
+    """
+
+    database: db.Database
+    auth: Authenticator
+    files: UploadStore
+    policy: ScoringPolicy
+    max_attempts: int = 3
+    fleet: Fleet = field(default_factory=Fleet)
+    workflows: WorkflowRepository = field(init=False)
+    sync: threading.RLock = field(default_factory=threading.RLock)
+    pending: Counter[str] = field(default_factory=Counter)
+    started_at: float = field(default_factory=time.time)
+    wake: threading.Event = field(default_factory=threading.Event)
+    #: Last heartbeat record written to the database per agent, and when (see heartbeats.py).
+    persisted: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workflows = WorkflowRepository(self.database)
+
+    def restore_fleet(self) -> int:
+        """Load every agent that ever sent a heartbeat into the Fleet; returns how many.
+
+        Their last heartbeats are old, so they stay ``stale`` (ineligible) until they report
+        again; their running counts are the reservations in the database.
+        """
+        with self.database.read() as conn:
+            rows = conn.execute(select(db.agents).where(db.agents.c.record.is_not(None))).all()
+        for row in rows:
+            record = dict(row.record)
+            record["running_count"] = max(int(record.get("running_count", 0)), row.running_count)
+            agent = Agent(
+                agent_id=row.id,
+                team_id=UUID(row.team_id),
+                last_heartbeat=row.last_heartbeat or 0.0,
+                **record,
+            )
+            self.fleet.upsert(agent)
+        return len(rows)
+
+    def reserved_in_db(self, agent_id: str) -> int:
+        """The agent's committed reservations."""
+        with self.database.read() as conn:
+            row = conn.execute(
+                select(db.agents.c.running_count).where(db.agents.c.id == agent_id)
+            ).first()
+        return 0 if row is None else int(row[0])

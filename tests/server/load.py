@@ -1,0 +1,182 @@
+"""The load harness shared by the load and crash tests.
+
+16 client threads submit runs (each with its own HTTP client) while simulated agents (the
+server's :class:`~scoring.server.agent.FakeAgent`, one thread each) heartbeat, start and
+complete what they are handed. Afterwards :func:`check` reads the server's database: every
+accepted task completed exactly once, and no agent ever held more reservations than slots.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+
+from scoring.server import db
+from scoring.server.agent import FakeAgent
+
+from .conftest import ServerProcess, example_body, upload
+
+
+@dataclass
+class LoadResult:
+    accepted: set[str] = field(default_factory=set)
+    latencies: list[float] = field(default_factory=list)  # seconds, accepted runs only
+    refused: int = 0  # transport errors and 5xx while the server was down
+    elapsed: float = 0.0
+    agents: list[FakeAgent] = field(default_factory=list)
+
+    def figures(self) -> dict[str, float]:
+        lat = sorted(self.latencies)
+        pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
+        return {
+            "runs": len(self.accepted),
+            "runs_per_s": len(self.accepted) / self.elapsed,
+            "p50_ms": pick(0.50),
+            "p99_ms": pick(0.99),
+            "refused": self.refused,
+        }
+
+
+def run_load(
+    server: ServerProcess,
+    runs: int = 2000,
+    clients: int = 16,
+    capacity: int = 2,
+    task_seconds: float = 0.05,
+    kill_after: int | None = None,
+    deadline_s: float = 60.0,
+    drain_s: float = 30.0,
+) -> LoadResult:
+    """Submit ``runs`` runs from ``clients`` threads with every demo agent working; with
+    ``kill_after``, SIGKILL the server once that many runs were accepted and start it again.
+    Submitting stops after ``deadline_s``; then at most ``drain_s`` more for the last tasks."""
+    demo = server.demo
+    with server.client() as client:
+        body = example_body(upload(client))
+    path = f"/r/workflows/{demo['workflow_id']}/run"
+    result = LoadResult()
+    lock = threading.Lock()
+    stop_agents = threading.Event()
+    result.agents = [
+        FakeAgent(server.url, key, agent_id, capacity=capacity, task_seconds=task_seconds)
+        for agent_id, key in demo["agent_keys"].items()
+    ]
+    agent_threads = [threading.Thread(target=a.run, args=(stop_agents, 0.2), daemon=True)
+                     for a in result.agents]  # fmt: skip
+    for t in agent_threads:
+        t.start()
+    remaining = [runs]
+    killed = threading.Event()
+    end_by = time.monotonic() + deadline_s
+
+    def client_loop() -> None:
+        with server.client() as http:
+            while time.monotonic() < end_by:
+                with lock:
+                    if remaining[0] <= 0:
+                        return
+                    remaining[0] -= 1
+                t0 = time.perf_counter()
+                try:
+                    r = http.post(path, json=body)
+                except httpx.TransportError:
+                    r = None
+                dt = time.perf_counter() - t0
+                with lock:
+                    if r is not None and r.status_code == 202:
+                        result.accepted.add(r.json()["task_id"])
+                        result.latencies.append(dt)
+                    else:
+                        assert r is None or r.status_code >= 500, r.text
+                        result.refused += 1
+                        remaining[0] += 1  # not accepted: submit another
+                        time.sleep(0.05)
+                    if (
+                        kill_after is not None
+                        and not killed.is_set()
+                        and (len(result.accepted) >= kill_after)
+                    ):
+                        killed.set()
+                        threading.Thread(target=_restart, args=(server,)).start()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.elapsed = time.perf_counter() - start
+    try:
+        # The last runs still need an agent's turn: a bounded wait after the submissions.
+        _wait_all_done(server, result.accepted, time.monotonic() + drain_s)
+    finally:
+        stop_agents.set()
+        for t in agent_threads:
+            t.join(timeout=10)
+        for a in result.agents:
+            a.close()
+    return result
+
+
+def _restart(server: ServerProcess) -> None:
+    server.kill()
+    server.start()
+
+
+def _wait_all_done(server: ServerProcess, accepted: set[str], end_by: float) -> None:
+    database = db.Database(server.database)
+    try:
+        while time.monotonic() < end_by:
+            with database.read() as conn:
+                done = conn.execute(
+                    select(func.count()).where(db.tasks.c.status == "completed")
+                ).scalar_one()
+            if done >= len(accepted):
+                return
+            time.sleep(0.25)
+    finally:
+        database.dispose()
+
+
+def check(server: ServerProcess, result: LoadResult, capacity: int) -> dict[str, Any]:
+    """Assert exactly-once completion of every accepted task and per-agent capacity."""
+    database = db.Database(server.database)
+    with database.read() as conn:
+        statuses = dict(conn.execute(select(db.tasks.c.id, db.tasks.c.status)).all())
+        events = conn.execute(
+            select(
+                db.task_events.c.task_id, db.task_events.c.status, db.task_events.c.agent_id
+            ).order_by(db.task_events.c.id)
+        ).all()
+        reserved = dict(conn.execute(select(db.agents.c.id, db.agents.c.running_count)).all())
+    database.dispose()
+    missing = result.accepted - statuses.keys()
+    assert not missing, f"{len(missing)} accepted tasks lost"
+    not_done = [t for t in result.accepted if statuses[t] != "completed"]
+    stuck = Counter(statuses[t] for t in not_done)
+    assert not not_done, f"{len(not_done)} accepted tasks not completed: {dict(stuck)}"
+    completions = Counter(e.task_id for e in events if e.status == "completed")
+    assert all(completions[t] == 1 for t in statuses), "a task completed twice"
+    by_agents = Counter(t for a in result.agents for t in a.completed)
+    assert set(by_agents) == set(statuses) and max(by_agents.values()) == 1
+    # Reservations per agent over time, from the status history: never above the capacity.
+    held: dict[str, int] = defaultdict(int)
+    peak: dict[str, int] = defaultdict(int)
+    holder: dict[str, str] = {}
+    for e in events:
+        if e.status == "dispatched":
+            held[e.agent_id] += 1
+            holder[e.task_id] = e.agent_id
+            peak[e.agent_id] = max(peak[e.agent_id], held[e.agent_id])
+        elif e.status in ("completed", "failed", "queued") and e.task_id in holder:
+            held[holder.pop(e.task_id)] -= 1
+    assert max(peak.values()) <= capacity, peak
+    assert all(a.max_running <= capacity and a.over_capacity == 0 for a in result.agents)
+    assert all(v == 0 for v in reserved.values()), reserved  # every slot given back
+    return {"max_reserved_per_agent": max(peak.values()), "tasks": len(statuses)}

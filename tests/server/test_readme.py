@@ -1,0 +1,53 @@
+"""The README's curl example, run as written against a real server with fake agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+from scoring.server.agent import FakeAgent
+
+from .conftest import ROOT, ServerProcess
+
+
+def readme_block(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(heading) :]
+    start = after.index("```bash\n") + len("```bash\n")
+    return after[start : after.index("```", start)]
+
+
+def test_readme_curl_example_runs_to_completion(server: ServerProcess, tmp_path: Path) -> None:
+    script = readme_block("### The platform's example with curl")
+    agents = [FakeAgent(server.url, key, agent_id, task_seconds=0.5)
+              for agent_id, key in server.demo["agent_keys"].items()]  # fmt: skip
+    stop = threading.Event()
+    threads = [threading.Thread(target=a.run, args=(stop, 0.2)) for a in agents]
+    for t in threads:
+        t.start()
+    try:
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            env={**os.environ, "DEMO": str(server.demo_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        for a in agents:
+            a.close()
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    uploaded, accepted, *polls, result = lines
+    assert uploaded["file_key"].endswith("/photo.png") and uploaded["size"] == 8
+    task_id = accepted["task_id"]
+    assert polls[-1]["task_status"] == "completed" and polls[-1]["task_id"] == task_id
+    assert result["task_id"] == task_id and result["outputs"]["images"]
+    assert sum(len(a.completed) for a in agents) == 1
