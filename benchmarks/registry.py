@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numba
+import numpy as np
 
 from benchmarks.peers.duckdb_peer import DuckDBPeer
 from benchmarks.peers.memory_limit import MemoryLimit
@@ -89,11 +90,11 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         Implementation("engine-parallel", "engine", lambda f, a: _Kernel(f, parallel=True),
                        description="_pick_parallel alone, all numba threads, query prebuilt"),
         Implementation("memory-limit", "limit", lambda f, a: MemoryLimit(f),
-                       description="one read-only pass over the same columns, serial"),
+                       description="one read-only pass over the candidate rows' columns, serial"),
         Implementation("reference", "peer", _reference, max_size=100_000,
                        description="scoring.reference, plain Python over Agent records"),
         Implementation("numpy", "peer", lambda f, a: NumpyPeer(f),
-                       description="vectorised numpy over the fleet's columns"),
+                       description="vectorised numpy over the whole fleet as a table"),
         Implementation("polars", "peer", lambda f, a: PolarsPeer(f),
                        description="polars lazy query over a DataFrame copy"),
         Implementation("duckdb", "peer", lambda f, a: DuckDBPeer(f),
@@ -110,12 +111,19 @@ class Workload:
     fleet: Fleet
     agents: list[Agent] | None
     checks: dict[str, DispatchRequest]  # every implementation must agree on these
-    timed: list[DispatchRequest]  # picks are timed over this cycle
+    timed: list[DispatchRequest]  # picks are timed over this cycle (team and community mixed)
     now: float = NOW
     policy: ScoringPolicy = DEFAULT_POLICY
+    #: More timed cycles by kind (see :data:`MIXES`); every implementation must agree on them too.
+    mixes: dict[str, list[DispatchRequest]] = field(default_factory=dict)
+
+    def requests(self, mix: str = "mixed") -> list[DispatchRequest]:
+        return self.timed if mix == "mixed" else self.mixes[mix]
 
     def cases(self) -> list[tuple[str, DispatchRequest]]:
-        return [*self.checks.items(), *((f"timed-{i}", r) for i, r in enumerate(self.timed))]
+        timed = [("mixed", self.timed), *self.mixes.items()]
+        return [*self.checks.items(),
+                *((f"{mix}-{i}", r) for mix, rs in timed for i, r in enumerate(rs))]  # fmt: skip
 
     @cached_property
     def expected(self) -> dict[str, str | None]:
@@ -131,14 +139,44 @@ class Workload:
         got = {name: picker(r, self.policy, self.now) for name, r in self.cases()}
         return {k: (expected[k], got[k]) for k in expected if got[k] != expected[k]}
 
+    def pool_sizes(self, mix: str) -> list[int]:
+        """``Decision.considered`` of each request of a timed cycle."""
+        return [pick_agent(self.fleet, r, self.policy, self.now).considered
+                for r in self.requests(mix)]  # fmt: skip
+
+
+#: Timed cycles besides "mixed" (8 requests each): "team", team-pool requests of teams drawn
+#: uniformly (every team as likely to submit: the typical team); "team-busy", teams drawn in
+#: proportion to their size (busy teams submit more: most picks read a large team);
+#: "community", community-pool requests of teams drawn uniformly.
+MIXES = ("team", "team-busy", "community")
+#: Agents per team on average (1,000,000 agents in 10,000 teams, DESIGN section 7) and the share
+#: of agents opted in to the community pool (30%, DESIGN section 7), at every size.
+AGENTS_PER_TEAM = 100
+COMMUNITY_SHARE = 0.3
+
 
 def build_workload(n: int, seed: int = 0, keep_agents: bool = True) -> Workload:
-    """The synthetic fleet of ``n`` agents and its requests (``scoring.synthetic`` shapes)."""
-    agents = synthetic_agents(n, seed=seed, validate=False)
+    """The synthetic fleet of ``n`` agents and its requests (``scoring.synthetic`` shapes), with
+    ``n / 100`` teams of Zipf-distributed sizes and 30% of agents opted in."""
+    n_teams = max(4, n // AGENTS_PER_TEAM)
+    agents = synthetic_agents(
+        n, seed=seed, n_teams=n_teams, community_share=COMMUNITY_SHARE, validate=False
+    )
     fleet = Fleet.from_agents(agents)
-    teams = team_ids(max(4, n // 40), seed)  # synthetic_agents' teams, largest first
+    teams = team_ids(n_teams, seed)  # synthetic_agents' teams, largest first
     timed = synthetic_requests(8, seed=seed, teams=teams[:8])
-    return Workload(fleet, agents if keep_agents else None, check_requests(fleet, teams), timed)
+    rng = np.random.default_rng([seed, 3])
+    sizes = np.array([len(fleet.team_rows(fleet.teams.get(t.int))) for t in teams], float)
+    uniform = [teams[k] for k in rng.choice(n_teams, 8)]
+    busy = [teams[k] for k in rng.choice(n_teams, 8, p=sizes / sizes.sum())]
+    mixes = {
+        "team": synthetic_requests(8, seed=seed + 1, teams=uniform, community_share=0.0),
+        "team-busy": synthetic_requests(8, seed=seed + 2, teams=busy, community_share=0.0),
+        "community": synthetic_requests(8, seed=seed + 3, teams=uniform, community_share=1.0),
+    }
+    return Workload(fleet, agents if keep_agents else None, check_requests(fleet, teams), timed,
+                    mixes=mixes)  # fmt: skip
 
 
 _CACHE: dict[int, Workload] = {}

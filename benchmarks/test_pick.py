@@ -7,12 +7,13 @@ equal the engine's. A benchmark call makes one pick of each of the workload's 8 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
 import pytest
 
-from benchmarks.registry import IMPLEMENTATIONS
+from benchmarks.registry import IMPLEMENTATIONS, MIXES
 
 TARGET_ROUND_S = 0.02  # calls per round are chosen so that a round lasts about this long
 BUDGET_S = 1.5  # rough time spent timing one implementation on one fleet
@@ -26,8 +27,6 @@ def test_pick(benchmark, impl, size, workload, quick):
     picker = implementation.make(workload.fleet, workload.agents)  # also warms up the JIT
     if implementation.kind != "limit":
         assert workload.disagreements(picker) == {}
-    else:
-        picker(None, None, None)  # compile before timing
     requests, policy, now = workload.timed, workload.policy, workload.now
 
     def one_call():
@@ -36,8 +35,9 @@ def test_pick(benchmark, impl, size, workload, quick):
 
     benchmark.group = f"pick {size:>9,} agents"
     benchmark.extra_info.update(
-        size=size, impl=impl, kind=implementation.kind, picks_per_call=len(requests)
-    )
+        size=size, impl=impl, kind=implementation.kind, picks_per_call=len(requests),
+        load_avg=os.getloadavg()[0],
+    )  # fmt: skip
     iterations, rounds = _calibrate(one_call, quick)
     benchmark.pedantic(one_call, iterations=iterations, rounds=rounds, warmup_rounds=1)
 
@@ -60,14 +60,16 @@ INTERLEAVED = ("engine", "engine-kernel", "memory-limit", "numpy", "polars",
 INTERLEAVED_BUDGET_S = 8.0
 
 
-def test_interleaved(benchmark, size, workload, quick):
-    """The implementations timed in turns, round after round, on the same fleet.
+@pytest.mark.parametrize("mix", MIXES)
+def test_interleaved(benchmark, mix, size, workload, quick):
+    """The implementations timed in turns, round after round, on the same fleet and requests.
 
     Separate benchmarks run seconds apart, and on a shared machine the load changes in between;
     a ratio of two times from the same round sees the same load. The report takes the median,
-    over rounds, of each round's ratio (``extra_info["ratios"]``).
+    over rounds, of each round's ratio (``extra_info["ratios"]``). ``mix`` is the kind of
+    request timed (see ``benchmarks.registry.MIXES``).
     """
-    policy, now, requests = workload.policy, workload.now, workload.timed
+    policy, now, requests = workload.policy, workload.now, workload.requests(mix)
     calls = {}
     for name in INTERLEAVED:
         implementation = IMPLEMENTATIONS[name]
@@ -99,13 +101,18 @@ def test_interleaved(benchmark, size, workload, quick):
     per_pick = benchmark.pedantic(rounds, rounds=1, iterations=1)
     pairs = {f"{name}/engine": (name, "engine") for name in calls if name != "engine"}
     pairs["engine-kernel/memory-limit"] = ("engine-kernel", "memory-limit")
+    pairs["engine/memory-limit"] = ("engine", "memory-limit")
     pairs["numpy/engine-kernel"] = ("numpy", "engine-kernel")
+    pairs["numpy/memory-limit"] = ("numpy", "memory-limit")  # the most any pick could gain
     ratios = {
         key: statistics.median(a / b for a, b in zip(per_pick[x], per_pick[y], strict=True))
         for key, (x, y) in pairs.items()
     }
-    benchmark.group = "interleaved"
+    pools = workload.pool_sizes(mix)
+    benchmark.group = f"interleaved {mix}"
     benchmark.extra_info.update(
-        size=size, rounds=len(per_pick["engine"]), ratios=ratios,
+        size=size, mix=mix, rounds=len(per_pick["engine"]), ratios=ratios,
         median_s={name: statistics.median(t) for name, t in per_pick.items()},
+        pool_mean=statistics.mean(pools), pool_max=max(pools),
+        bytes_per_agent=workload.fleet.nbytes_per_agent(), load_avg=os.getloadavg()[0],
     )  # fmt: skip

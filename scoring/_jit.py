@@ -33,7 +33,9 @@ def _fingerprint() -> str:
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):  # a directory the user chose wins
-    config.CACHE_DIR = str(Path(__file__).parent / "__pycache__" / f"numba-{_fingerprint()}")
+    config.CACHE_DIR = str(  # type: ignore[attr-defined]
+        Path(__file__).parent / "__pycache__" / f"numba-{_fingerprint()}"
+    )
 
 
 def jit(func):

@@ -195,11 +195,11 @@ def _block_masks(c, q, start, m, masks, counts, all_labels):
     for k in range(N_REASONS):  # the excluded bit is never set here (_count_excluded)
         total = 0
         for j in range(m):
-            total += (masks[j] >> k) & 1
+            total += np.int64((masks[j] >> k) & 1)  # int64: uint8 sums wrap without numba
         counts[k] += total
     skipped = 0
     for j in range(m):
-        skipped += masks[j] >> SKIPPED
+        skipped += np.int64(masks[j] >> SKIPPED)
     counts[SKIPPED] += skipped
 
 

@@ -65,9 +65,8 @@ def assign(
         One per request, in the order given: placed (``agent_id``), deferred (``deferred``), or
         neither, when no free eligible agent was left for it.
     """
-    requests = list(requests)
+    requests, policy, now = check_call(fleet, requests, policy, now)
     with fleet.lock:
-        policy, now = check_call(fleet, requests, policy, now)
         if not requests:
             return []
         order = sorted(range(len(requests)), key=lambda i: (_submitted(requests[i], now), i))
@@ -197,7 +196,8 @@ class _Batch:
 
     def decisions(self) -> list[Decision]:
         """Every request's Decision, in queue order."""
-        state, rows, scores, factors, eligible, counts = (a.tolist() for a in self.out)
+        lists: list[Any] = [a.tolist() for a in self.out]
+        state, rows, scores, factors, eligible, counts = lists
         ids, n = self.fleet.agent_id_at, len(self.fleet)
         considered = self.considered.tolist()
         busy: dict[int, list[str]] = {}  # the warm agents deferrals wait for, by group

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import numpy as np
@@ -90,6 +90,8 @@ class Fleet:
     @classmethod
     def from_agents(cls, agents: Iterable[Agent]) -> Fleet:
         """Build a fleet; raises ``ValueError`` on a duplicate ``agent_id``."""
+        if isinstance(agents, (str, bytes)) or not isinstance(agents, Iterable):
+            raise ValueError(f"agents must be an iterable of Agent, got {type(agents).__name__}")
         fleet = cls()
         agents = list(agents)
         seen: set[str] = set()
@@ -112,13 +114,15 @@ class Fleet:
                 return
             names = self._acquire([agent])
             try:
-                self._prepare(0, names, [agent])
+                staged = self._prepare(0, names, [agent], row)
+                old = self._names_at(row)
             except BaseException:
                 self._release(names)
                 raise
-            old = self._names_at(row)
+            # Nothing below can fail until the record is whole again.
+            self._commit(staged)
             self._unlink(row)
-            self._store(np.array([row]), [agent], names)
+            self._write(staged)
             self._link(row)
             self._release(old)
             self._shrink(old["team"][0])
@@ -168,14 +172,16 @@ class Fleet:
             if models is not None:
                 taken = {"cached_models": self._models.acquire(models)}
                 try:
-                    self._prepare(0, taken)
+                    staged = self._prepare(0, taken)
+                    width = staged.data["cached_models"].shape[1]
+                    bits = _bitset_rows([taken["cached_models"]], width)
+                    old = {"cached_models": _bits(self._data["cached_models"][row])}
                 except BaseException:
                     self._release(taken)
                     raise
-                old = {"cached_models": _bits(self._data["cached_models"][row])}
-                self._data["cached_models"][row] = self._bitset_rows(
-                    "cached_models", [taken["cached_models"]]
-                )[0]
+                # Nothing below can fail.
+                self._commit(staged)
+                self._data["cached_models"][row] = bits[0]
             d = self._data
             d["last_heartbeat"][row] = at
             if code is not None:
@@ -260,7 +266,10 @@ class Fleet:
         return self._n
 
     def __contains__(self, agent_id: object) -> bool:
-        return agent_id in self._rows
+        try:
+            return agent_id in self._rows
+        except TypeError:  # unhashable: no agent has that id
+            return False
 
     def __iter__(self) -> Iterator[str]:
         with self._lock:
@@ -358,19 +367,19 @@ class Fleet:
     def _insert(self, agents: list[Agent]) -> None:
         names = self._acquire(agents)
         try:
-            self._prepare(len(agents), names, agents)
+            staged = self._prepare(len(agents), names, agents)
         except BaseException:
             self._release(names)
             raise
-        start = self._n
-        rows = np.arange(start, start + len(agents))
+        # Nothing below can fail: the new rows are written and linked, then become visible.
+        self._commit(staged)
+        self._write(staged)
+        self._link_new(staged)
         for agent in agents:
             self._rows[agent.agent_id] = len(self._ids)
             self._ids.append(agent.agent_id)
         self._n += len(agents)
         self._view = None
-        self._store(rows, agents, names)
-        self._link_many(rows)
 
     def _acquire(self, agents: list[Agent]) -> dict[str, list[Any]]:
         """Take every name the records use (all or nothing)."""
@@ -394,11 +403,17 @@ class Fleet:
         return taken
 
     def _prepare(
-        self, extra: int, names: dict[str, list[Any]], agents: Sequence[Agent] = ()
-    ) -> None:
-        """Make room for ``extra`` more rows, wider bitsets and the indexes of ``agents``.
+        self,
+        extra: int,
+        names: dict[str, list[Any]],
+        agents: Sequence[Agent] = (),
+        row: int = -1,
+    ) -> _Staged:
+        """Everything an update needs, built without changing the fleet (so it may fail).
 
-        Allocates first and swaps the new arrays in only when every allocation has succeeded.
+        Room for ``extra`` more rows, wider bitsets and the indexes of ``agents``; their records
+        encoded as column values, for ``row`` (an update) or for new rows at the end; and, for
+        new rows, their places in the pool indexes. :meth:`_commit` swaps the new arrays in.
         """
         capacity = self._data["team"].shape[0]
         need = self._n + extra
@@ -420,42 +435,67 @@ class Fleet:
         opting = sum(1 for a in agents if a.community_opt_in)
         if self._shared_len + opting > shared.shape[0]:
             shared = _grown(shared, self._shared_len, self._shared_len + opting)
-        # Nothing below can fail: swap the new arrays in.
         for team, rows in grown.items():
             team_rows[team] = rows
+        if not agents:
+            return _Staged(data, team_rows, team_len, shared, _NO_ROWS64, {}, [], _NO_ROWS)
+        values = _encode(agents, names, {c: data[c].shape[1] for c in BITSETS})
+        if row >= 0:
+            return _Staged(data, team_rows, team_len, shared, np.array([row]), values, [], _NO_ROWS)
+        rows64 = np.arange(self._n, self._n + len(agents))
+        groups, opted = self._plan_links(rows64, values, team_len)
+        return _Staged(data, team_rows, team_len, shared, rows64, values, groups, opted)
+
+    def _plan_links(
+        self, rows: np.ndarray, values: dict[str, np.ndarray], team_len: list[int]
+    ) -> tuple[list[tuple[int, int, np.ndarray]], np.ndarray]:
+        """Places of new ``rows`` in the pool indexes: sets ``values["team_pos"]`` and
+        ``values["opt_pos"]``; returns ``(team, start, rows)`` per team and the opted-in rows."""
+        teams = values["team"]
+        order = np.argsort(teams, kind="stable")
+        sorted_teams = teams[order]
+        bounds = np.flatnonzero(np.diff(sorted_teams)) + 1
+        team_pos = np.empty(len(rows), np.int32)
+        groups = []
+        for chunk in np.split(order, bounds):
+            if not len(chunk):
+                continue
+            team = int(teams[chunk[0]])
+            start = team_len[team]
+            team_pos[chunk] = np.arange(start, start + len(chunk))
+            groups.append((team, start, rows[chunk].astype(np.int32)))
+        opt = values["opt_pos"] >= 0
+        opt_pos = np.full(len(rows), -1, np.int32)
+        opt_pos[opt] = np.arange(self._shared_len, self._shared_len + int(opt.sum()))
+        values["team_pos"], values["opt_pos"] = team_pos, opt_pos
+        return groups, rows[opt].astype(np.int32)
+
+    def _commit(self, staged: _Staged) -> None:
+        """Swap in what :meth:`_prepare` allocated (allocates nothing)."""
         self._data, self._team_rows, self._team_len, self._shared = (
-            data,
-            team_rows,
-            team_len,
-            shared,
+            staged.data,
+            staged.team_rows,
+            staged.team_len,
+            staged.shared,
         )
         self._view = None
 
-    def _store(self, rows: np.ndarray, agents: list[Agent], names: dict[str, list[Any]]) -> None:
-        """Write whole records into ``rows`` (one vectorised assignment per column)."""
+    def _write(self, staged: _Staged) -> None:
+        """Write the staged records into their rows (every value already has its column's
+        dtype and width, so no assignment converts or allocates)."""
         d = self._data
-        d["labels"][rows] = self._bitset_rows("labels", names["labels"])
-        d["cached_models"][rows] = self._bitset_rows("cached_models", names["cached_models"])
-        d["team"][rows] = [ids[0] for ids in names["team"]]
-        d["status"][rows] = [STATUS_CODES[a.status] for a in agents]
-        d["opt_pos"][rows] = [0 if a.community_opt_in else -1 for a in agents]  # set by _link
-        d["region"][rows] = [ids[0] if ids else 0 for ids in names["region"]]
-        d["gpu_model"][rows] = [ids[0] if ids else 0 for ids in names["gpu_model"]]
-        d["last_heartbeat"][rows] = [a.last_heartbeat for a in agents]
-        d["gpu_capacity"][rows] = [a.gpu_capacity for a in agents]
-        d["running_count"][rows] = [a.running_count for a in agents]
-        d["vram_gb"][rows] = [_vram_code(a.vram_gb) for a in agents]
-        d["failure_rate"][rows] = [round(a.failure_rate * FAILURE_STEPS) for a in agents]
-        d["id_hash"][rows] = np.array([stable_hash64(a.agent_id) for a in agents], np.uint64)
+        for column, values in staged.values.items():
+            d[column][staged.rows] = values
         self._view = None
 
-    def _bitset_rows(self, column: str, bits: list[list[int]]) -> np.ndarray:
-        """One bitset row per list of bit positions, in the column's current width."""
-        out = np.zeros((len(bits), self._data[column].shape[1]), np.uint64)
-        owner = np.repeat(np.arange(len(bits)), [len(b) for b in bits])
-        flat = np.array([b for bs in bits for b in bs], np.int64)
-        np.bitwise_or.at(out, (owner, flat >> 6), np.left_shift(1, flat & 63).astype(np.uint64))
-        return out
+    def _link_new(self, staged: _Staged) -> None:
+        """Enter new rows into the pool indexes at the places :meth:`_plan_links` gave them."""
+        for team, start, members in staged.groups:
+            self._team_rows[team][start : start + len(members)] = members
+            self._team_len[team] = start + len(members)
+        opted = staged.opted
+        self._shared[self._shared_len : self._shared_len + len(opted)] = opted
+        self._shared_len += len(opted)
 
     def _names_at(self, row: int) -> dict[str, list[Any]]:
         d = self._data
@@ -480,19 +520,26 @@ class Fleet:
     def _narrow(self, column: str) -> None:
         """Drop bitset words no live name needs; renumber names that churn left scattered.
 
-        Called after an update has been written; it replaces the column only once its new copy
-        is complete, so even a failure here leaves a consistent (wider) fleet.
+        Called after an update has been written (or a failed one given its names back), so it
+        must not fail: giving memory back is best effort. Without memory for the narrower copy
+        the column stays as wide as it is (still consistent: a later release narrows it), and
+        the names are renumbered only once the copy they go into exists.
         """
         interner = self._interner(column)
         words = self._data[column].shape[1]
-        if _words(interner) < words:
-            self._data[column] = np.ascontiguousarray(self._data[column][:, : _words(interner)])
-        elif max(1, -(-interner.live // 64)) < words:
-            old_to_new = interner.renumber()
-            out = np.zeros((self._data[column].shape[0], _words(interner)), np.uint64)
-            _remap_bits(self._data[column][: self._n], old_to_new, out[: self._n])
-            self._data[column] = out
-        else:
+        needed = max(1, -(-interner.live // 64))
+        if needed >= words:
+            return
+        try:
+            if _words(interner) == needed:  # the live names already fit: cut the words off
+                narrow = np.ascontiguousarray(self._data[column][:, :needed])
+                self._data[column] = narrow
+            else:  # also when cutting would leave more words than the live names need
+                out = np.zeros((self._data[column].shape[0], needed), np.uint64)
+                old_to_new = interner.renumber()  # builds first, changes the table last
+                _remap_bits(self._data[column][: self._n], old_to_new, out[: self._n])
+                self._data[column] = out
+        except MemoryError:
             return
         self._view = None
         self._scratch = ()
@@ -516,28 +563,6 @@ class Fleet:
             d["opt_pos"][row] = self._shared_len
             self._shared[self._shared_len] = row
             self._shared_len += 1
-
-    def _link_many(self, rows: np.ndarray) -> None:
-        """:meth:`_link` for many new rows at once (grouped by team)."""
-        d = self._data
-        teams = d["team"][rows]
-        order = np.argsort(teams, kind="stable")
-        sorted_rows, sorted_teams = rows[order], teams[order]
-        bounds = np.flatnonzero(np.diff(sorted_teams)) + 1
-        for chunk in np.split(np.arange(len(rows)), bounds):
-            if not len(chunk):
-                continue
-            team = int(sorted_teams[chunk[0]])
-            start = self._team_len[team]
-            members = sorted_rows[chunk]
-            self._team_rows[team][start : start + len(chunk)] = members
-            d["team_pos"][members] = np.arange(start, start + len(chunk))
-            self._team_len[team] = start + len(chunk)
-        opted = rows[d["opt_pos"][rows] >= 0]
-        start = self._shared_len
-        self._shared[start : start + len(opted)] = opted
-        d["opt_pos"][opted] = np.arange(start, start + len(opted))
-        self._shared_len = start + len(opted)
 
     def _unlink(self, row: int) -> None:
         """Take ``row`` out of both indexes (the last entry of each moves into its place)."""
@@ -566,22 +591,30 @@ class Fleet:
             self._shared[opt] = row
 
     def _shrink(self, team: int) -> None:
-        """Give memory back after many removals (columns, the community index, ``team``'s)."""
+        """Give memory back after many removals (columns, the community index, ``team``'s).
+
+        Called after an update has been written, so it must not fail: without memory for a
+        smaller copy, the larger array stays (capacity is slack, never content).
+        """
         capacity = self._data["team"].shape[0]
-        if capacity > _MIN_ROWS and self._n < capacity // 4:
-            widths = {c: self._data[c].shape[1] for c in BITSETS}
-            self._data = _allocate(self._data, self._n, max(_MIN_ROWS, 2 * self._n), widths)
-            self._view = None
-        if self._shared.shape[0] > _MIN_ROWS and self._shared_len < self._shared.shape[0] // 4:
-            self._shared = _grown(
-                self._shared, self._shared_len, max(_MIN_ROWS, 2 * self._shared_len)
-            )
         teams = len(self._teams)
         del self._team_rows[teams:], self._team_len[teams:]
-        if team < teams:
-            rows, length = self._team_rows[team], self._team_len[team]
-            if rows.shape[0] > 4 and length < rows.shape[0] // 4:
-                self._team_rows[team] = _grown(rows, length, 2 * length) if length else _NO_ROWS
+        try:
+            if capacity > _MIN_ROWS and self._n < capacity // 4:
+                widths = {c: self._data[c].shape[1] for c in BITSETS}
+                self._data = _allocate(self._data, self._n, max(_MIN_ROWS, 2 * self._n), widths)
+                self._view = None
+            shared = self._shared
+            if shared.shape[0] > _MIN_ROWS and self._shared_len < shared.shape[0] // 4:
+                size = max(_MIN_ROWS, 2 * self._shared_len)
+                self._shared = _grown(shared, self._shared_len, size)
+            if team < teams:
+                rows, length = self._team_rows[team], self._team_len[team]
+                if rows.shape[0] > 4 and length < rows.shape[0] // 4:
+                    smaller = _grown(rows, length, 2 * length) if length else _NO_ROWS
+                    self._team_rows[team] = smaller
+        except MemoryError:
+            pass
 
     # --- internals --------------------------------------------------------------------------
 
@@ -612,6 +645,58 @@ class Fleet:
 
 
 _NO_ROWS = np.zeros(0, np.int32)
+_NO_ROWS64 = np.zeros(0, np.int64)
+_DTYPES = {c.name: c.dtype for c in COLUMNS}
+
+
+class _Staged(NamedTuple):
+    """An update's new arrays and encoded records, built before anything is written."""
+
+    data: dict[str, np.ndarray]
+    team_rows: list[np.ndarray]
+    team_len: list[int]
+    shared: np.ndarray
+    rows: np.ndarray  # int64: the rows the values go to
+    values: dict[str, np.ndarray]  # column -> one value per row, in the column's dtype
+    groups: list[tuple[int, int, np.ndarray]]  # new rows: (team, start, rows) per team
+    opted: np.ndarray  # new rows opted in to the community pool
+
+
+def _encode(
+    agents: Sequence[Agent], names: dict[str, list[Any]], widths: dict[str, int]
+) -> dict[str, np.ndarray]:
+    """The records as column values (bitsets in ``widths`` words); ``opt_pos`` is 0 for an
+    opted-in agent and -1 otherwise, until the indexes give it its place."""
+
+    def column(name: str, values: Iterable[Any]) -> np.ndarray:
+        return np.array(list(values), _DTYPES[name])
+
+    return {
+        "labels": _bitset_rows(names["labels"], widths["labels"]),
+        "cached_models": _bitset_rows(names["cached_models"], widths["cached_models"]),
+        "team": column("team", (ids[0] for ids in names["team"])),
+        "status": column("status", (STATUS_CODES[a.status] for a in agents)),
+        "opt_pos": column("opt_pos", (0 if a.community_opt_in else -1 for a in agents)),
+        "region": column("region", (ids[0] if ids else 0 for ids in names["region"])),
+        "gpu_model": column("gpu_model", (ids[0] if ids else 0 for ids in names["gpu_model"])),
+        "last_heartbeat": column("last_heartbeat", (a.last_heartbeat for a in agents)),
+        "gpu_capacity": column("gpu_capacity", (a.gpu_capacity for a in agents)),
+        "running_count": column("running_count", (a.running_count for a in agents)),
+        "vram_gb": column("vram_gb", (_vram_code(a.vram_gb) for a in agents)),
+        "failure_rate": column(
+            "failure_rate", (round(a.failure_rate * FAILURE_STEPS) for a in agents)
+        ),
+        "id_hash": column("id_hash", (stable_hash64(a.agent_id) for a in agents)),
+    }
+
+
+def _bitset_rows(bits: list[list[int]], width: int) -> np.ndarray:
+    """One bitset row of ``width`` words per list of bit positions."""
+    out = np.zeros((len(bits), width), np.uint64)
+    owner = np.repeat(np.arange(len(bits)), [len(b) for b in bits])
+    flat = np.array([b for bs in bits for b in bs], np.int64)
+    np.bitwise_or.at(out, (owner, flat >> 6), np.left_shift(1, flat & 63).astype(np.uint64))
+    return out
 
 
 def _allocate(
@@ -620,7 +705,7 @@ def _allocate(
     """New columns of ``capacity`` rows holding the first ``n`` rows of ``old``."""
     data = {}
     for c in COLUMNS:
-        shape = (capacity, widths[c.name]) if c.bitset else (capacity,)
+        shape: tuple[int, ...] = (capacity, widths[c.name]) if c.bitset else (capacity,)
         col = np.zeros(shape, c.dtype)
         if c.name in old:
             src = old[c.name][:n]

@@ -37,25 +37,38 @@ class Interner:
     def acquire(self, names: Iterable[Hashable]) -> list[int]:
         """Indices of ``names`` (one reference each), all or nothing.
 
-        Raises ``ValueError`` (taking nothing) when new names would exceed ``limit``.
+        Raises ``ValueError`` (taking nothing) when new names would exceed ``limit``; any other
+        failure part way (memory) gives back what the call had taken before it propagates.
         """
         names = list(names)
         new = {n for n in names if n not in self._index}
         if self._limit is not None and new:
-            free_slots = len(self._free) + (self._limit + 1 - len(self._names))
+            # Every index in [first, len) is live or free, so the free ones need no counting.
+            free_slots = self._limit + 1 - self._first - len(self._index)
             if len(new) > free_slots:
                 raise ValueError(f"a fleet holds at most {self._limit - self._first + 1} "
                                  "distinct values here at once")  # fmt: skip
-        out = []
-        for name in names:
-            index = self._index.get(name)
-            if index is None:
-                index = self._new_index()
-                self._index[name] = index
-                self._names[index] = name
-                self.version += 1
-            self._counts[index] += 1
-            out.append(index)
+        out = [0] * len(names)  # allocated up front: filling it cannot fail
+        taken = 0
+        pending = -1  # a new index whose name is not yet counted
+        try:
+            for name in names:
+                index = self._index.get(name)
+                if index is None:
+                    index = pending = self._new_index()
+                    self._names[index] = name
+                    self._index[name] = index
+                    self.version += 1
+                self._counts[index] += 1
+                pending = -1
+                out[taken] = index
+                taken += 1
+        except BaseException:
+            if pending >= 0:
+                self._forget(pending)
+            del out[taken:]
+            self.release(out)
+            raise
         return out
 
     def release(self, indices: Iterable[int]) -> None:
@@ -63,26 +76,51 @@ class Interner:
         for index in indices:
             self._counts[index] -= 1
             if self._counts[index] == 0:
-                del self._index[self._names[index]]
-                self._names[index] = None
-                heapq.heappush(self._free, index)
-                self.version += 1
-        while self._names and len(self._names) > self._first and self._names[-1] is None:
-            self._drop_last()
+                self._forget(index)
+        self._drop_trailing()
+
+    def _forget(self, index: int) -> None:
+        name = self._names[index]
+        if self._index.get(name) == index:
+            del self._index[name]
+        self._names[index] = None
+        self._counts[index] = 0
+        heapq.heappush(self._free, index)
+        self.version += 1
+
+    def _drop_trailing(self) -> None:
+        """Cut free indices off the end, so ``len()`` stays one past the highest in use.
+
+        The heap keeps the dropped indices (removing each from it would cost O(free) per index:
+        quadratic when many names go at once); :meth:`_new_index` discards them, and the heap is
+        rebuilt when they outnumber the real free indices.
+        """
+        names = self._names
+        end = len(names)
+        while end > self._first and names[end - 1] is None:
+            end -= 1
+        if end == len(names):
+            return
+        del names[end:], self._counts[end:]
+        holes = end - self._first - len(self._index)
+        if len(self._free) > 2 * holes + 64:
+            self._free = [i for i in self._free if i < end]
+            heapq.heapify(self._free)
 
     def _new_index(self) -> int:
         if self._free:
-            return heapq.heappop(self._free)
+            index = heapq.heappop(self._free)
+            if index < len(self._names):
+                return index
+            # The smallest entry is past the end, so every entry is (dropped indices).
+            self._free = []
         self._names.append(None)
-        self._counts.append(0)
+        try:
+            self._counts.append(0)
+        except BaseException:
+            self._names.pop()
+            raise
         return len(self._names) - 1
-
-    def _drop_last(self) -> None:
-        last = len(self._names) - 1
-        self._names.pop()
-        self._counts.pop()
-        self._free.remove(last)
-        heapq.heapify(self._free)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -132,6 +170,9 @@ class Interner:
             old_to_new[old] = new
             names.append(name)
             counts.append(self._counts[old])
+        # Everything is built; only now change the table (updating existing keys allocates
+        # nothing, so a failure above leaves the table as it was).
+        for new, (_, name) in enumerate(live, start=self._first):
             self._index[name] = new
         self._names, self._counts, self._free = names, counts, []
         self.version += 1

@@ -9,7 +9,7 @@ signature there); :mod:`scoring._kernels` checks at import that they agree with 
 from __future__ import annotations
 
 from collections import namedtuple
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -39,7 +39,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("cached_models", np.uint64, "bit b set = model b interned by the fleet", bitset=True),
 )
 BITSETS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.bitset)
-Columns = namedtuple("Columns", [c.name for c in COLUMNS])  # type: ignore[misc]
+if TYPE_CHECKING:  # built from the declaration at run time, which a type checker cannot follow
+    Columns = Any
+else:
+    Columns = namedtuple("Columns", [c.name for c in COLUMNS])
 
 
 class Field(NamedTuple):
@@ -67,7 +70,10 @@ QUERY_FIELDS: tuple[Field, ...] = (
     Field("rows", "int32 (k,): candidate rows (the team's, or every row for a full scan)"),
     Field("shared", "int32 (j,): more candidate rows, those of the team skipped (community)"),
 )
-Query = namedtuple("Query", [f.name for f in QUERY_FIELDS])  # type: ignore[misc]
+if TYPE_CHECKING:
+    Query = Any
+else:
+    Query = namedtuple("Query", [f.name for f in QUERY_FIELDS])
 
 
 #: ``vram_gb`` column units per GB, and its code for "unknown".

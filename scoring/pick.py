@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numba
@@ -61,7 +62,7 @@ def pick_agent(
         The best eligible agent (ties broken by a hash of ``tie_key`` and ``agent_id``), or a
         decision with ``agent_id=None`` and the reasons when no agent is eligible.
     """
-    with fleet.lock:
+    with checked_fleet(fleet).lock:
         return decide(fleet, request, policy, now)
 
 
@@ -106,7 +107,7 @@ def _missing_labels(
 
 def _dispatch(fleet: Fleet, request: DispatchRequest, policy: Any, now: Any) -> Decision:
     """:meth:`Fleet.dispatch`: pick and reserve under the fleet's lock."""
-    with fleet.lock:
+    with checked_fleet(fleet).lock:
         decision = decide(fleet, request, policy, now)
         if decision.row >= 0:
             fleet.take_slot(decision.row)  # eligible, so it has a free slot
@@ -149,7 +150,7 @@ def rank_agents(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError("k must be a non-negative integer")
-    with fleet.lock:
+    with checked_fleet(fleet).lock:
         policy, now = _check(fleet, request, policy, now)
         q = build_query(fleet, request, policy, now)
         rows, masks, scores, hashes = candidates(fleet, q)
@@ -175,7 +176,7 @@ def eligible_agents(
 
     For dispatch rules of one's own over the engine's eligibility (the simulation's baselines).
     """
-    with fleet.lock:
+    with checked_fleet(fleet).lock:
         policy, now = _check(fleet, request, policy, now)
         rows, masks, _, _ = candidates(fleet, build_query(fleet, request, policy, now))
         return [fleet.agent_id_at(row) for row in np.sort(rows[masks == 0]).tolist()]
@@ -192,7 +193,7 @@ def evaluate(
     For looking into one decision ("why not gpu-node-07?"); a pick never builds this. As in a
     decision's counts, an agent outside the request's pool shows only ``pool``.
     """
-    with fleet.lock:
+    with checked_fleet(fleet).lock:
         policy, now = _check(fleet, request, policy, now)
         q = build_query(fleet, request, policy, now, full_scan=True)
         rows, masks, scores, _ = candidates(fleet, q)
@@ -243,24 +244,43 @@ def band_order(scores: np.ndarray, hashes: np.ndarray, band: float, k: int) -> n
 
 
 def check_call(
-    fleet: Any, requests: list[Any], policy: Any, now: Any
-) -> tuple[ScoringPolicy, float]:
-    """Check a batch call's arguments; the policy (defaults for ``None``) and ``now`` in seconds."""
+    fleet: Any, requests: Any, policy: Any, now: Any
+) -> tuple[list[DispatchRequest], ScoringPolicy, float]:
+    """Check a batch call's arguments: the requests as a list, the policy (defaults for
+    ``None``) and ``now`` in seconds."""
+    checked_fleet(fleet)
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Iterable):
+        raise ValueError(f"requests must be an iterable of DispatchRequest, got {_kind(requests)}")
+    requests = list(requests)
     for request in requests:
         if not isinstance(request, DispatchRequest):
-            raise ValueError(f"request must be a DispatchRequest, got {type(request).__name__}")
-    return _check(fleet, None, policy, now)
+            raise ValueError(f"request must be a DispatchRequest, got {_kind(request)}")
+    return requests, *_check_policy_now(policy, now)
+
+
+def checked_fleet(fleet: Any) -> Fleet:
+    """``fleet``, if it is a Fleet (checked before its lock is taken)."""
+    if not isinstance(fleet, Fleet):
+        raise ValueError(f"fleet must be a Fleet, got {_kind(fleet)}")
+    return fleet
 
 
 def _check(fleet: Any, request: Any, policy: Any, now: Any) -> tuple[ScoringPolicy, float]:
-    if not isinstance(fleet, Fleet):
-        raise ValueError(f"fleet must be a Fleet, got {type(fleet).__name__}")
-    if request is not None and not isinstance(request, DispatchRequest):
-        raise ValueError(f"request must be a DispatchRequest, got {type(request).__name__}")
+    checked_fleet(fleet)
+    if not isinstance(request, DispatchRequest):
+        raise ValueError(f"request must be a DispatchRequest, got {_kind(request)}")
+    return _check_policy_now(policy, now)
+
+
+def _check_policy_now(policy: Any, now: Any) -> tuple[ScoringPolicy, float]:
     if policy is None:
         policy = DEFAULT_POLICY
     elif not isinstance(policy, ScoringPolicy):
-        raise ValueError(f"policy must be a ScoringPolicy, got {type(policy).__name__}")
+        raise ValueError(f"policy must be a ScoringPolicy, got {_kind(policy)}")
     if now is None:
         return policy, time.time()
     return policy, checks.timestamp(now, "now")
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__

@@ -224,3 +224,165 @@ hostile_values = st.recursive(
     ),
     max_leaves=8,
 )
+
+
+# --- the fleet against a plain model, and injected failures ---------------------------------------
+# Shared by the stateful, churn and call-fuzzing tests of the fleet (issue 9).
+
+
+def check_fleet(fleet, model: dict, exact_width: bool = True) -> None:
+    """Assert that ``fleet`` holds exactly the records of ``model`` (``{agent_id: Agent}``).
+
+    Records, length and membership; each team's index and the community index hold exactly the
+    rows of those agents, each row knowing its place; every name table counts exactly the
+    agents using each name (nothing leaked, nothing forgotten too early); the label and model
+    bitsets are as narrow as the live names allow (at least that wide when ``exact_width`` is
+    false: after a failed narrowing, which is allowed to keep the wider copy).
+    """
+    from collections import Counter
+
+    records = fleet.agents()
+    assert {a.agent_id: a for a in records} == model
+    assert len(fleet) == len(records) == len(model)
+    for agent_id, agent in model.items():
+        assert agent_id in fleet and fleet.get(agent_id) == agent
+    row_of = {a.agent_id: row for row, a in enumerate(records)}
+    with fleet.lock:
+        columns = fleet.columns
+        by_team: dict[int, list[int]] = {}
+        for a in model.values():
+            by_team.setdefault(a.team_id.int, []).append(row_of[a.agent_id])
+        for team_int, rows in by_team.items():
+            team = fleet.teams.get(team_int)
+            assert team >= 0
+            index = fleet.team_rows(team).tolist()
+            assert sorted(index) == sorted(rows)
+            assert [int(columns.team_pos[r]) for r in index] == list(range(len(index)))
+            assert all(int(columns.team[r]) == team for r in index)
+        shared = fleet.shared_rows().tolist()
+        opted = [row_of[a.agent_id] for a in model.values() if a.community_opt_in]
+        assert sorted(shared) == sorted(opted)
+        assert [int(columns.opt_pos[r]) for r in shared] == list(range(len(shared)))
+        assert all(int(columns.opt_pos[r]) == -1 for r in set(range(len(model))) - set(opted))
+        agents = list(model.values())
+        tables = [
+            (fleet.teams, Counter(a.team_id.int for a in agents)),
+            (fleet.regions, Counter(a.region for a in agents if a.region is not None)),
+            (fleet.gpus, Counter(a.gpu_model for a in agents if a.gpu_model is not None)),
+            (fleet.labels, Counter(label for a in agents for label in a.labels)),
+            (fleet.models, Counter(m for a in agents for m in a.cached_models)),
+        ]
+        for interner, counts in tables:
+            assert {name: interner.count(i) for i, name in interner} == dict(counts)
+        for column, interner in (("labels", fleet.labels), ("cached_models", fleet.models)):
+            needed = max(1, -(-interner.live // 64))
+            assert getattr(columns, column).shape[1] >= max(1, -(-len(interner) // 64))
+            if exact_width:
+                assert getattr(columns, column).shape[1] == needed, column
+
+
+def fleet_state(fleet) -> tuple:
+    """Everything observable about a fleet, to compare before and after a rejected call."""
+    with fleet.lock:
+        teams = {name: fleet.team_rows(i).tolist() for i, name in fleet.teams}
+        names = tuple(
+            sorted((str(name), t.count(i)) for i, name in t)
+            for t in (fleet.teams, fleet.regions, fleet.gpus, fleet.labels, fleet.models)
+        )
+        return fleet.agents(), list(fleet), teams, fleet.shared_rows().tolist(), names
+
+
+class _FailingNumpy:
+    """Stands in for numpy in the modules under test: the ``fail_at``-th call of a numpy function
+    (``np.zeros``, ``np.array``, ``np.arange``, ...) raises ``MemoryError``."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at = fail_at
+        self.calls = 0
+        self.failed = False
+
+    def __getattr__(self, name: str):
+        import types
+
+        attr = getattr(np, name)
+        if not isinstance(attr, (types.FunctionType, types.BuiltinFunctionType)) and (
+            type(attr).__name__ != "_ArrayFunctionDispatcher"
+        ):
+            return attr  # dtypes, ufuncs, constants
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                self.failed = True
+                raise MemoryError(f"injected: np.{name} call {self.calls}")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+class Fault:
+    """One injected failure, as a context manager; ``failed`` tells whether it fired.
+
+    Kinds:
+
+    - ``alloc``: the ``at``-th numpy allocation made by ``scoring.fleet`` / ``scoring.intern``
+      raises ``MemoryError`` (while taking memory, encoding records, or narrowing afterwards);
+    - ``refuse``: the ``at``-th name-table acquisition raises ``ValueError`` (a table refusing,
+      after the update's earlier tables gave it their names);
+    - ``new_index``: the ``at``-th new name index raises ``MemoryError`` (part way through one
+      table's acquisition, after it took other names of the same call);
+    - ``limit``: the region and GPU tables accept no new name (their limit, as if 32,767 live
+      values were reached).
+    """
+
+    KINDS = ("alloc", "refuse", "new_index", "limit")
+
+    def __init__(self, kind: str, at: int = 1, fleet=None) -> None:
+        assert kind in self.KINDS
+        self.kind, self.at, self.fleet = kind, at, fleet
+        self.failed = False
+        self._undo: list = []
+
+    def __repr__(self) -> str:
+        return f"Fault({self.kind!r}, {self.at})"
+
+    def __enter__(self) -> Fault:
+        import scoring.fleet
+        import scoring.intern
+        from scoring.intern import Interner
+
+        if self.kind == "alloc":
+            self._numpy = _FailingNumpy(self.at)
+            for module in (scoring.fleet, scoring.intern):
+                self._undo.append((module, "np", module.np))
+                module.np = self._numpy
+        elif self.kind in ("refuse", "new_index"):
+            name = "acquire" if self.kind == "refuse" else "_new_index"
+            real = getattr(Interner, name)
+            calls = [0]
+            fault = self
+
+            def patched(interner, *args):
+                calls[0] += 1
+                if calls[0] == fault.at:
+                    fault.failed = True
+                    if fault.kind == "refuse":
+                        raise ValueError("injected: the name table refuses")
+                    raise MemoryError("injected: no memory for a new name")
+                return real(interner, *args)
+
+            self._undo.append((Interner, name, real))
+            setattr(Interner, name, patched)
+        else:
+            for interner in (self.fleet.regions, self.fleet.gpus):
+                self._undo.append((interner, "_limit", interner._limit))
+                interner._limit = interner.live  # first = 1: exactly the live ones fit
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for target, name, value in reversed(self._undo):
+            setattr(target, name, value)
+        if self.kind == "alloc":
+            self.failed = self._numpy.failed
+        elif self.kind == "limit" and exc[0] is ValueError and "at most" in str(exc[1]):
+            self.failed = True

@@ -19,9 +19,11 @@ import pytest
 pytest.importorskip("polars")
 pytest.importorskip("duckdb")
 
-from benchmarks.peers.memory_limit import _read_columns, column_views
+from benchmarks.peers.memory_limit import PICK_COLUMNS, MemoryLimit, _read_rows, column_views
+from benchmarks.peers.table import fleet_table
 from benchmarks.registry import PICKERS, Workload, build_workload, check_requests
 from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy
+from scoring.layout import COLUMNS, FAILURE_STEPS
 from scoring.synthetic import NOW, synthetic_agents, synthetic_requests, team_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +88,7 @@ def _identical_fleet(n: int) -> Workload:
 def test_exact_ties_go_to_the_lowest_tie_hash(name):
     w = _identical_fleet(30)
     assert agreement(w, name) == {}
-    assert len({w.expected[f"timed-{k}"] for k in range(12)}) > 3  # ties spread across tasks
+    assert len({w.expected[f"mixed-{k}"] for k in range(12)}) > 3  # ties spread across tasks
 
 
 def _wide_fleet() -> Workload:
@@ -129,14 +131,49 @@ def test_peers_refuse_a_tie_band(name):
         picker(w.timed[0], ScoringPolicy(tie_band=0.05), NOW)
 
 
-def test_memory_limit_reads_every_value():
+@pytest.mark.parametrize("mix", ["team", "community"])
+def test_memory_limit_reads_every_candidate_value(mix):
     w = workload(300, 2)
-    views = column_views(w.fleet)
-    expected = np.uint64(0)
-    small = sum(v.astype(np.int64) for v in views[:5] + views[6:8])
-    for column in (small.astype(np.uint64), *views[5:6], *views[8:]):
-        expected ^= np.bitwise_xor.reduce(column)
-    assert _read_columns(*views) == expected
+    limit = MemoryLimit(w.fleet)
+    for request in w.requests(mix):
+        rows, shared = limit.candidates(request, w.policy, w.now)
+        assert len(rows) + len(shared) > 0 or mix == "team"
+        candidates = np.concatenate([rows, shared])
+        scalars, bitsets = column_views(w.fleet)
+        expected = np.uint64(0)
+        for column in scalars:
+            expected ^= np.bitwise_xor.reduce(column[candidates].astype(np.uint64))
+        for words in bitsets:
+            expected ^= np.bitwise_xor.reduce(words[candidates].reshape(-1))
+        assert _read_rows(rows, shared, scalars, bitsets) == expected
+        assert limit(request, w.policy, w.now) == int(expected)
+
+
+def test_memory_limit_reads_what_a_pick_reads():
+    """Every column but the team index's bookkeeping, in their own widths (no wider copies)."""
+    assert set(PICK_COLUMNS) == {c.name for c in COLUMNS} - {"team_pos"}
+    scalars, bitsets = column_views(workload(40, 1).fleet)
+    widths = [v.dtype.itemsize for v in scalars]
+    declared = [np.dtype(c.dtype).itemsize for c in COLUMNS if c.name in PICK_COLUMNS]
+    assert widths + [8] * len(bitsets) == declared
+
+
+def test_table_has_every_field_in_user_units():
+    w = workload(300, 2)
+    table = fleet_table(w.fleet)
+    by_id = {a.agent_id: a for a in w.agents}
+    for rid in range(len(w.fleet)):
+        agent = by_id[w.fleet.agent_id_at(rid)]
+        assert table["community_opt_in"][rid] == agent.community_opt_in
+        if agent.vram_gb is None:
+            assert np.isnan(table["vram_gb"][rid])
+        else:
+            assert table["vram_gb"][rid] == agent.vram_gb
+        steps = round(agent.failure_rate * FAILURE_STEPS)  # the fleet keeps 1/32768 steps
+        assert table["failure_rate"][rid] == steps / FAILURE_STEPS
+    assert "team_pos" not in table and "opt_pos" not in table
+    layout = {c.name for c in COLUMNS} - {"team_pos", "opt_pos"}
+    assert layout | {"rid", "community_opt_in"} == set(table)
 
 
 def test_unknown_team_requests_pick_nobody():

@@ -13,8 +13,9 @@ import duckdb
 import numpy as np
 
 from benchmarks.peers.table import fleet_arrays, word_count
-from scoring._kernels import Query
 from scoring.fleet import Fleet
+from scoring.layout import Query
+from scoring.models import LAST_ELIGIBLE_STATUS
 from scoring.query import build_query
 
 M32 = "4294967295::UBIGINT"
@@ -67,7 +68,7 @@ class DuckDBPeer:
     def sql(self, models: bool, min_vram: bool, excluded: bool) -> str:
         where = [
             "$now - last_heartbeat <= $timeout",
-            "status <= 1",
+            f"status <= {LAST_ELIGIBLE_STATUS}",
             "(team = $team OR ($community AND community_opt_in))",
             "running_count < gpu_capacity",
         ]

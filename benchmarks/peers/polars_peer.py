@@ -11,8 +11,9 @@ import numpy as np
 import polars as pl
 
 from benchmarks.peers.table import fleet_frame, word_count
-from scoring._kernels import Query
 from scoring.fleet import Fleet
+from scoring.layout import Query
+from scoring.models import LAST_ELIGIBLE_STATUS
 from scoring.query import build_query
 
 M32 = 0xFFFFFFFF
@@ -70,7 +71,9 @@ class PolarsPeer:
 
     def query(self, q) -> pl.LazyFrame:
         col = pl.col
-        ok = (q.now - col("last_heartbeat") <= q.heartbeat_timeout_s) & (col("status") <= 1)
+        ok = (q.now - col("last_heartbeat") <= q.heartbeat_timeout_s) & (
+            col("status") <= LAST_ELIGIBLE_STATUS
+        )
         pool = col("team") == q.team
         if q.community:
             pool = pool | col("community_opt_in")
