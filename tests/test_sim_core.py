@@ -29,6 +29,7 @@ from scoring.sim import (
 from scoring.sim.agents import SimAgent, team_uuid
 from scoring.sim.dispatcher import Dispatcher, TaskState
 from scoring.sim.simulation import _Run
+from scoring.sim.view import FleetView
 
 #: Agents go through every lifecycle event many times within a few minutes of simulated time.
 BUSY_LIFE = Lifecycle(
@@ -42,21 +43,26 @@ BUSY_LIFE = Lifecycle(
     down_s=20.0,
     heartbeat_s=5.0,
 )
-SMALL = SimConfig(n_agents=24, n_tasks=300, n_teams=6, load=0.3, lifecycle=BUSY_LIFE)
+#: A waiting budget, so that the scorer and ``delay`` defer runs (and wake up for them).
+SMALL = SimConfig(
+    n_agents=24, n_tasks=300, n_teams=6, load=0.3, lifecycle=BUSY_LIFE, locality_wait_s=10.0
+)
+#: The anchors and baselines, plus the cold-placement experiments.
+EVERY = (*POLICY_NAMES, "cold:score", "cold:spare")
 #: Metrics that measure the machine rather than the simulation.
 WALL_CLOCK = {"wall_s", "tasks_per_wall_s"}
 
 
 @pytest.fixture(scope="module")
 def small_runs():
-    return compare(SMALL, POLICY_NAMES)
+    return compare(SMALL, EVERY)
 
 
 def _sim_metrics(result):
     return {k: v for k, v in result.metrics.items() if k not in WALL_CLOCK}
 
 
-@pytest.mark.parametrize("policy", ["scorer", "random", "p2c"])
+@pytest.mark.parametrize("policy", EVERY)
 def test_same_seed_same_metrics(small_runs, policy):
     again = simulate(SMALL, policy)
     got, expected = _sim_metrics(again), _sim_metrics(small_runs[policy])
@@ -71,7 +77,7 @@ def test_another_seed_changes_the_run(small_runs):
     assert other.log.placements != small_runs["scorer"].log.placements
 
 
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", EVERY)
 def test_every_task_completes_exactly_once_or_is_reported(small_runs, policy):
     result = small_runs[policy]
     log, m = result.log, result.metrics
@@ -83,6 +89,8 @@ def test_every_task_completes_exactly_once_or_is_reported(small_runs, policy):
     # Every attempt is accounted for: one placement each, and each retry follows a failure.
     assert len(log.placements) == log.attempts.sum()
     assert log.attempts.sum() == m["completed"] + log.lost_attempts + log.failed_attempts
+    if policy in ("scorer", "delay", "cold:score", "cold:spare"):  # the waiting path ran
+        assert m["deferrals"] > 0
 
 
 def test_a_short_drain_reports_waiting_and_running_tasks():
@@ -92,7 +100,7 @@ def test_a_short_drain_reports_waiting_and_running_tasks():
     assert m["completed"] + m["waiting"] + m["in_flight"] == m["tasks"]
 
 
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", EVERY)
 def test_no_policy_runs_a_task_outside_its_pool(small_runs, policy):
     result = small_runs[policy]
     tasks, agents = result.workload.tasks, result.agents
@@ -106,7 +114,7 @@ def test_no_policy_runs_a_task_outside_its_pool(small_runs, policy):
         else:
             assert agent.team == task.team or agent.community_opt_in, (task, agent)
             foreign += agent.team != task.team
-    if policy != "scorer":  # baselines ignore the pool factor, so they do go abroad
+    if policy not in ("scorer", "cold:score", "cold:spare"):  # others ignore the pool factor
         assert foreign > 0
 
 
@@ -189,6 +197,88 @@ def test_a_task_on_an_agent_that_disconnects_is_retried_elsewhere():
     assert log.end[0] == pytest.approx(30.0 + 10.0 + 50.0, abs=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("wait_s", "start", "end", "agent"),
+    [
+        # T1 (needs m1, 4 s of work) arrives at 1 while a, the only agent with m1, runs T0
+        # until 10. Budget 20 s: held back, it starts warm on a at 10 and ends 10 + 4 = 14.
+        (20.0, 10.0, 14.0, "a"),
+        # Budget 5 s: held back until 1 + 5 = 6, then cold on b (eu-west, speed 2): the 10 s
+        # load and the 5 s transfer overlap, so it runs from 16 to 16 + 4 / 2 = 18.
+        (5.0, 6.0, 18.0, "b"),
+        # Budget 0: never held back, cold on b at once: ready at 1 + 10 = 11, ends 13.
+        (0.0, 1.0, 13.0, "b"),
+    ],
+    ids=["waits-for-warm", "bound-expires", "no-waiting"],
+)
+def test_delay_scheduling_by_hand(wait_s, start, end, agent):
+    config, workload, agents = _hand_scenario()
+    workload = replace(
+        workload, tasks=(workload.tasks[0], replace(workload.tasks[1], service_s=4.0))
+    )
+    config = replace(config, locality_wait_s=wait_s)
+    result = simulate(config, "delay", workload, agents)
+    log = result.log
+    assert [agents[i].agent_id for _, i in log.placements] == ["a", agent]
+    assert log.start[1] == pytest.approx(start) and log.end[1] == pytest.approx(end)
+    assert result.metrics["deferrals"] == (0 if wait_s == 0 else 1)
+    assert result.metrics["cold_load_rate"] == (0.0 if agent == "a" else 0.5)
+    # overhead: T1's latency minus its own 4 s (a, speed 1) or 2 s (b, speed 2) run
+    own = 4.0 if agent == "a" else 2.0
+    assert result.metrics["overhead_p99_s"] == pytest.approx(max(end - 1.0 - own, 0.0), abs=0.3)
+
+
+def test_anchor_rules_by_hand():
+    from scoring.sim.policies import GatewayInference, Multiplex, Startup
+    from scoring.sim.view import LOAD_ESTIMATE_S, FleetView
+
+    view = FleetView()
+    # id: (slots, running, region, cache size, cached, loading)
+    layout = {
+        "a": (4, 3, "us-east", 2, {"m1"}, {}),
+        "b": (4, 0, "eu-west", 2, {"m2", "m3"}, {}),
+        "c": (2, 1, "us-east", 2, {"m2"}, {"m1": 1000.0 + 6.0}),
+        "d": (2, 0, "us-west", 3, set(), {}),
+    }
+    for agent_id, (slots, running, region, size, cached, loading) in layout.items():
+        view.connect(agent_id, slots, region, size, 0, False, cached)
+        view.agents[agent_id].running = running
+        view.agents[agent_id].loading = dict(loading)
+    request = _request_for("m1", "us-east")
+    ids = sorted(layout)
+    policy = ScoringPolicy()
+
+    def bound(cls):
+        p = cls(policy, seed=0)
+        p.bind(view, Transfer().delay)
+        return p
+
+    # multiplex: only a has m1, so a (the two choices collapse to one candidate)
+    assert bound(Multiplex).pick(ids, request, 1000.0) == "a"
+    # without a: fewest models loaded is d (none)
+    assert bound(Multiplex).pick(["b", "c", "d"], request, 1000.0) == "d"
+    # gie: queue (max 3 - q) / 3, utilisation 1 - r/s, affinity 1 / 0.8 / 0.6 / 0
+    #   a: 2 x 0   + 2 x 0.25 + 3 x 1.0 = 3.5
+    #   b: 2 x 1   + 2 x 1.0  + 3 x 0   = 4.0   (cache full, m1 not loading)
+    #   c: 2 x 2/3 + 2 x 0.5  + 3 x 0.6 = 4.13  (cache full: 1 cached + 1 loading; m1 loading)
+    #   d: 2 x 1   + 2 x 1.0  + 3 x 0.8 = 6.4   (room for a model)
+    assert bound(GatewayInference).pick(ids, request, 1000.0) == "d"
+    assert bound(GatewayInference).pick(["a", "b", "c"], request, 1000.0) == "c"
+    # startup: a 0 + 0; b 5 + 22.7; c 0 + 6 left of its load; d 1.5 (same continent) + 22.7
+    assert bound(Startup).pick(ids, request, 1000.0) == "a"
+    assert bound(Startup).pick(["b", "c", "d"], request, 1000.0) == "c"
+    assert bound(Startup).pick(["b", "d"], request, 1000.0) == "d"
+    assert LOAD_ESTIMATE_S == 22.7
+
+
+def _request_for(model, region):
+    from scoring import DispatchRequest
+
+    return DispatchRequest(
+        team_id=team_uuid(0), submitter_region=region, required_models={model}, tie_key="t"
+    )
+
+
 # --- the dispatcher -----------------------------------------------------------------------------
 
 
@@ -201,13 +291,20 @@ class _Recorder:
         self.fleet.upsert(spec.record(1000.0, AgentStatus.IDLE, []))
         self.started: list[tuple[int, str]] = []
         policy = make_policy("scorer", ScoringPolicy())
-        self.dispatcher = Dispatcher(self.fleet, policy, lambda: 1000.0, self.start)
+        self.view = FleetView()
+        self.view.connect("only", 1, US_EAST, 3, 0, False, ())
+        self.view.set_ready("only", True)
+        policy.bind(self.view, Transfer().delay)
+        self.dispatcher = Dispatcher(
+            self.fleet, policy, lambda: 1000.0, self.start, free_slots=self.view.free_slots
+        )
 
     def start(self, state, agent_id):
         self.started.append((state.task.task_id, agent_id))
 
     def free(self):
         self.fleet.release("only")
+        self.view.release("only")
         self.dispatcher.kick(0, False)
 
 
@@ -232,6 +329,49 @@ def test_an_exclusion_that_would_block_for_ever_is_dropped():
     r.dispatcher.requeue(state, "only")  # failed on the team's only agent
     assert state.request.exclude_agents == {"only"}
     assert r.started == [(0, "only")]
+
+
+class _Deferring:
+    """A policy that holds every request back for 5 s, then places it (a test double)."""
+
+    name, wait_s = "deferring", 5.0
+
+    def __init__(self, fleet):
+        self.fleet, self.calls = fleet, []
+
+    def assign(self, fleet, requests, keys, submitted, now):
+        self.calls.append((now, len(requests)))
+        out = []
+        for request, at in zip(requests, submitted, strict=True):
+            if now - at < self.wait_s:
+                out.append((None, True))
+            else:
+                out.append((fleet.dispatch(request, now=now).agent_id, False))
+        return out
+
+
+def test_the_dispatcher_wakes_when_a_deferral_expires():
+    spec = AgentSpec("only", 0, US_EAST, "NVIDIA L4", 24.0, speed=1.0, capacity=4)
+    fleet = Fleet()
+    fleet.upsert(spec.record(1000.0, AgentStatus.IDLE, []))
+    clock = [1000.0]
+    wakes, started = [], []
+    policy = _Deferring(fleet)
+    d = Dispatcher(fleet, policy, lambda: clock[0], lambda s, a: started.append(s.seq),
+                   wakes.append)  # fmt: skip
+    d.submit(TaskState(Task(0, 0.0, team=0), submitted=1000.0))
+    clock[0] = 1002.0
+    d.submit(TaskState(Task(1, 2.0, team=0), submitted=1002.0))
+    assert started == [] and d.deferrals == 2
+    # one wake for the earliest deferral (just past 1000 + 5), none for the later one yet
+    assert wakes == [pytest.approx(1005.0)]
+    clock[0] = wakes[0]
+    d.expire()
+    assert started == [0]
+    assert wakes[1:] == [pytest.approx(1007.0)]  # the next deferral's end
+    clock[0] = wakes[1]
+    d.expire()
+    assert started == [0, 1] and d.waiting == []
 
 
 def test_tasks_of_other_teams_wait_without_blocking():

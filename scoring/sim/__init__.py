@@ -10,15 +10,17 @@ and the fewest cold model loads on a fleet, before anything changes in productio
 
 from scoring.sim.agents import AgentSpec, Lifecycle, build_agents
 from scoring.sim.metrics import format_table, jain
-from scoring.sim.policies import POLICY_NAMES, make_policy
+from scoring.sim.policies import ANCHORS, POLICY_NAMES, Policy, make_policy
 from scoring.sim.simulation import SimConfig, SimResult, Transfer, compare, prepare, simulate
 from scoring.sim.trace import find_trace, load_latencies, load_trace
 from scoring.sim.workload import Task, Workload, synthetic_workload
 
 __all__ = [
+    "ANCHORS",
     "POLICY_NAMES",
     "AgentSpec",
     "Lifecycle",
+    "Policy",
     "SimConfig",
     "SimResult",
     "Task",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from scoring.models import FACTORS
+from scoring.sim.emulate import COLD_RULES
 from scoring.sim.metrics import format_table
 from scoring.sim.policies import POLICY_NAMES
 from scoring.sim.simulation import SimConfig, compare
@@ -45,7 +46,9 @@ def parse_weights(text: str) -> dict[str, float]:
 
 def parse_policies(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [n for n in names if n not in POLICY_NAMES]
+    unknown = [
+        n for n in names if n not in POLICY_NAMES and n.removeprefix("cold:") not in COLD_RULES
+    ]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown policies {unknown}: choose from {', '.join(POLICY_NAMES)}"
@@ -91,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teams", type=int, default=d.n_teams, help="teams (trace: tenant buckets)")
     p.add_argument("--cache-size", type=int, default=d.cache_size, help="models each agent caches")
     p.add_argument("--latencies", default=None, help="model-load latency .tar.gz (ms values)")
+    p.add_argument(
+        "--locality-wait", type=float, default=None,
+        help="seconds a run may wait for an agent with its model cached: the scorer's "
+        "locality_wait_s and the delay anchor's budget (default: the engine's)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default="out/sim", help="directory for plots and metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -118,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         latencies=args.latencies,
         cache_size=args.cache_size,
         weights=args.weights,
+        locality_wait_s=args.locality_wait,
     )
 
 

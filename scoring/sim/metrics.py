@@ -5,9 +5,13 @@ Definitions (all times in simulated seconds):
 - **wait**: submit to the start of the attempt that completed the task (time spent queued,
   including earlier attempts that failed or were lost);
 - **latency**: submit to completion (end to end: wait, transfer, model load, run);
+- **overhead**: latency minus the task's own run time on the agent that completed it (its
+  service time divided by that GPU's speed): what dispatching added (queueing, deferral,
+  transfer, model load, earlier failed or lost attempts);
 - **slowdown**: latency divided by the task's service time on a speed-1.0 GPU; **fairness** is
   Jain's index of the teams' mean slowdowns, ``(sum x)^2 / (n sum x^2)``: 1 when every team
-  waits alike, ``1/n`` when one team takes all the slowdown;
+  waits alike, ``1/n`` when one team takes all the slowdown; ``slowdown_team_T`` is team T's
+  mean slowdown (NaN when it completed nothing);
 - **cold-load rate**: attempts that waited for a model load / attempts that needed a model;
 - **region match**: completed tasks run in the submitter's region / completed tasks whose
   submitter and agent regions are both known;
@@ -30,6 +34,7 @@ class TaskLog:
     n: int
     start: np.ndarray = field(init=False)
     end: np.ndarray = field(init=False)
+    run_s: np.ndarray = field(init=False)  # the completing attempt's own run time
     agent: np.ndarray = field(init=False)
     completions: np.ndarray = field(init=False)
     attempts: np.ndarray = field(init=False)
@@ -45,11 +50,13 @@ class TaskLog:
     sim_end_s: float = 0.0
     wall_s: float = 0.0
     picks: int = 0
+    deferrals: int = 0
 
     def __post_init__(self) -> None:
         n = self.n
         self.start = np.full(n, np.nan)
         self.end = np.full(n, np.nan)
+        self.run_s = np.full(n, np.nan)
         self.agent = np.full(n, -1, np.int64)
         self.completions = np.zeros(n, np.int64)
         self.attempts = np.zeros(n, np.int64)
@@ -66,12 +73,17 @@ def jain(values: Sequence[float] | np.ndarray) -> float:
 
 
 def summarize(
-    log: TaskLog, arrival: np.ndarray, service: np.ndarray, team: np.ndarray
+    log: TaskLog,
+    arrival: np.ndarray,
+    service: np.ndarray,
+    team: np.ndarray,
+    n_teams: int | None = None,
 ) -> dict[str, float]:
     """Every metric of one run (see the module docstring), as a flat dict of floats."""
     done = log.completions > 0
     wait = log.start[done] - arrival[done]
     latency = log.end[done] - arrival[done]
+    overhead = latency - log.run_s[done]
     slowdown = latency / service[done]
     teams = team[done]
     per_team = [slowdown[teams == t].mean() for t in np.unique(teams)]
@@ -82,11 +94,14 @@ def summarize(
         "waiting": float((log.attempts == 0).sum()),
         "in_flight": float(((log.attempts > 0) & ~done).sum()),
     }
-    for name, values in (("wait", wait), ("latency", latency)):
+    for name, values in (("wait", wait), ("latency", latency), ("overhead", overhead)):
         m[f"{name}_mean_s"] = _mean(values)
         for p in (50, 95, 99):
             m[f"{name}_p{p}_s"] = float(np.percentile(values, p)) if values.size else np.nan
     m["slowdown_mean"] = _mean(slowdown)
+    for t in range(int(team.max()) + 1 if n_teams is None and team.size else n_teams or 0):
+        mine = slowdown[teams == t]
+        m[f"slowdown_team_{t}"] = _mean(mine)
     m["fairness_jain"] = jain(per_team)
     m["cold_load_rate"] = _ratio(log.cold_attempts, log.attempts_with_model)
     m["region_match_rate"] = _ratio(int((log.region_match[done] == 1).sum()), int(known.sum()))
@@ -98,6 +113,7 @@ def summarize(
     m["wall_s"] = log.wall_s
     m["tasks_per_wall_s"] = _ratio(float(done.sum()), log.wall_s)
     m["picks"] = float(log.picks)
+    m["deferrals"] = float(log.deferrals)
     return m
 
 
@@ -116,6 +132,7 @@ TABLE = (
     ("wait_p99_s", "wait p99", "{:.1f}s"),
     ("latency_p50_s", "e2e p50", "{:.1f}s"),
     ("latency_p95_s", "e2e p95", "{:.1f}s"),
+    ("overhead_p95_s", "ovh p95", "{:.1f}s"),
     ("cold_load_rate", "cold", "{:.1%}"),
     ("region_match_rate", "region", "{:.1%}"),
     ("utilisation", "util", "{:.1%}"),

@@ -22,9 +22,10 @@ from tqdm import tqdm
 from scoring import AgentStatus, Fleet, ScoringPolicy
 from scoring.sim import trace as trace_mod
 from scoring.sim.agents import AgentSpec, Lifecycle, SimAgent, build_agents, lifecycle
-from scoring.sim.dispatcher import Dispatcher, Policy, TaskState
+from scoring.sim.dispatcher import Dispatcher, TaskState
 from scoring.sim.metrics import TaskLog, summarize
-from scoring.sim.policies import POLICY_NAMES, make_policy
+from scoring.sim.policies import POLICY_NAMES, Policy, make_policy
+from scoring.sim.view import FleetView
 from scoring.sim.workload import Workload, continent, same_continent_affinity, synthetic_workload
 from scoring.synthetic import NOW
 
@@ -61,7 +62,9 @@ class SimConfig:
     With ``trace`` the tasks are the trace's (``n_tasks`` rows after ``trace_skip``), else the
     synthetic workload. Model loads take ``load_delay_s`` when given, else a draw from the
     ``latencies`` archive (default: the one beside the trace), else a lognormal with the trace's
-    median. ``weights`` (``None``: the engine's defaults) feed the scorer's ``ScoringPolicy``.
+    median. ``weights`` (``None``: the engine's defaults) feed the scorer's ``ScoringPolicy``;
+    so does ``locality_wait_s`` (``None``: the engine's default), which is also the waiting budget
+    of the ``delay`` anchor (:meth:`wait_budget`).
     """
 
     n_agents: int = 120
@@ -78,6 +81,7 @@ class SimConfig:
     opt_in_share: float = 0.3
     cache_size: int = 3
     weights: Mapping[str, float] | None = None
+    locality_wait_s: float | None = None
     affinity: float = 0.6
     tie_band: float = 0.0
     heartbeat_timeout_s: float = 30.0
@@ -88,12 +92,23 @@ class SimConfig:
 
     def scoring_policy(self) -> ScoringPolicy:
         kwargs: dict[str, Any] = {} if self.weights is None else {"weights": dict(self.weights)}
+        if self.locality_wait_s is not None:
+            kwargs["locality_wait_s"] = self.locality_wait_s
         return ScoringPolicy(
             heartbeat_timeout_s=self.heartbeat_timeout_s,
             region_affinity=same_continent_affinity(value=self.affinity),
             tie_band=self.tie_band,
             **kwargs,
         )
+
+    def wait_budget(self) -> float:
+        """Seconds a task may be held back for a warm agent: ``locality_wait_s``, else the
+        engine's default."""
+        return self.scoring_policy().locality_wait_s
+
+    def make_policy(self, name: str) -> Policy:
+        """The policy ``name`` configured for this run."""
+        return make_policy(name, self.scoring_policy(), self.seed, self.wait_budget())
 
 
 @dataclass
@@ -156,18 +171,14 @@ def simulate(
     if workload is None or agents is None:
         w, a = prepare(config)
         workload, agents = workload or w, agents or a
-    chosen = (
-        policy
-        if not isinstance(policy, str)
-        else make_policy(policy, config.scoring_policy(), config.seed)
-    )
+    chosen = config.make_policy(policy) if isinstance(policy, str) else policy
     run = _Run(config, workload, agents, chosen, progress)
     log = run.run()
     tasks = workload.tasks
     arrival = np.array([t.arrival for t in tasks])
     service = np.array([t.service_s for t in tasks])
     team = np.array([t.team for t in tasks], dtype=np.int64)
-    metrics = summarize(log, arrival, service, team)
+    metrics = summarize(log, arrival, service, team, workload.n_teams)
     return SimResult(chosen.name, metrics, log, workload, agents)
 
 
@@ -204,7 +215,11 @@ class _Run:
         self.live: dict[str, None] = {}  # connected agents, which heartbeat
         n = len(workload.tasks)
         self.log = TaskLog(n)
-        self.dispatcher = Dispatcher(self.fleet, policy, self.clock, self.start)
+        self.view = FleetView()
+        policy.bind(self.view, config.transfer.delay)
+        self.dispatcher = Dispatcher(
+            self.fleet, policy, self.clock, self.start, self._wake, self.view.free_slots
+        )
         self._draw(n)
         self.remaining = n
         self.done = self.env.event()
@@ -229,6 +244,11 @@ class _Run:
 
     def clock(self) -> float:
         return EPOCH + self.env.now
+
+    def _wake(self, at: float) -> None:
+        """Call the dispatcher's ``expire`` at ``at`` (seconds since the epoch)."""
+        delay = max(at - self.clock(), 0.0)
+        self.env.timeout(delay).callbacks.append(lambda _: self.dispatcher.expire())
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -255,7 +275,7 @@ class _Run:
         for task in self.workload.tasks:
             if task.arrival > env.now:
                 yield env.timeout(task.arrival - env.now)
-            self.dispatcher.submit(TaskState(task))
+            self.dispatcher.submit(TaskState(task, submitted=self.clock()))
 
     def _heartbeats(self) -> Any:
         period = self.config.lifecycle.heartbeat_s
@@ -268,6 +288,7 @@ class _Run:
         log, now = self.log, self.env.now
         log.sim_end_s = now
         log.picks = self.dispatcher.picks
+        log.deferrals = self.dispatcher.deferrals
         for agent in self.agents:
             if agent.connected:
                 agent.connected_slot_s += (now - agent.connected_since) * agent.spec.capacity
@@ -282,7 +303,12 @@ class _Run:
     def connect(self, agent: SimAgent) -> None:
         self._lose_attempts(agent)  # the agent restarted: whatever it was running is gone
         agent.connected, agent.connected_since = True, self.env.now
-        self.fleet.upsert(agent.spec.record(self.clock(), AgentStatus.SYNCING, list(agent.cache)))
+        spec = agent.spec
+        self.fleet.upsert(spec.record(self.clock(), AgentStatus.SYNCING, list(agent.cache)))
+        self.view.connect(
+            spec.agent_id, spec.capacity, spec.region, spec.cache_size, spec.team,
+            spec.community_opt_in, agent.cache,
+        )  # fmt: skip
         self.live[agent.agent_id] = None
 
     def set_status(self, agent: SimAgent, status: AgentStatus | None) -> None:
@@ -290,7 +316,9 @@ class _Run:
         if status is None:
             status = AgentStatus.BUSY if agent.attempts else AgentStatus.IDLE
         self.fleet.heartbeat(agent.agent_id, self.clock(), status=status)
-        if status in (AgentStatus.IDLE, AgentStatus.BUSY):
+        ready = status in (AgentStatus.IDLE, AgentStatus.BUSY)
+        self.view.set_ready(agent.agent_id, ready)
+        if ready:
             self.dispatcher.kick(agent.spec.team, agent.spec.community_opt_in)
 
     def disconnect(self, agent: SimAgent) -> None:
@@ -366,6 +394,9 @@ class _Run:
         # The agent reports its new cache; its last heartbeat time stays as it was.
         last = self.fleet.get(agent.agent_id).last_heartbeat
         self.fleet.heartbeat(agent.agent_id, last, cached_models=agent.cache)
+        self.view.report_cache(agent.agent_id, agent.cache)
+        if self.policy.wait_s > 0:  # a task held back for this model may start here now
+            self.dispatcher.kick(agent.spec.team, agent.spec.community_opt_in)
 
     def _finish(self, attempt: _Attempt, _: Any) -> None:
         if not attempt.alive:
@@ -374,6 +405,7 @@ class _Run:
         agent.attempts.discard(attempt)
         agent.busy_slot_s += attempt.end - attempt.dispatched
         self.fleet.release(agent.agent_id)
+        self.view.release(agent.agent_id)
         if attempt.failed:
             log.failed_attempts += 1
             self.dispatcher.requeue(state, agent.agent_id)
@@ -388,6 +420,7 @@ class _Run:
         log.start[i] = attempt.dispatched
         log.end[i] = attempt.end
         log.agent[i] = agent.index
+        log.run_s[i] = task.service_s / agent.spec.speed
         log.cold[i] = attempt.cold
         if task.region is not None and agent.spec.region is not None:
             log.region_match[i] = task.region == agent.spec.region
