@@ -308,7 +308,7 @@ def test_submitted_at_takes_seconds_datetimes_or_none():
 
 
 def test_locality_wait_defaults_to_zero_and_is_bounded():
-    assert ScoringPolicy().locality_wait_s == 0.0  # never defers
+    assert ScoringPolicy().locality_wait_s == 60.0  # the default chosen by the trace replay
     assert ScoringPolicy(locality_wait_s=MAX_LOCALITY_WAIT_S).locality_wait_s == 86_400.0
     assert ScoringPolicy(locality_wait_s=30).locality_wait_s == 30.0
     for bad in (-1.0, MAX_LOCALITY_WAIT_S + 1, math.inf, math.nan, True, "30"):
