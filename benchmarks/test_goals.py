@@ -89,7 +89,7 @@ def test_assign(benchmark, quick):
     """``assign()`` of 10,000 queued requests onto 10,000 agents against the same requests in a
     loop of ``Fleet.dispatch``, timed in turns on one fleet (its slots put back in between).
 
-    With the default policy (``locality_wait_s == 0``) both must place every request on the same
+    Without a locality wait (``locality_wait_s == 0``) both must place every request on the same
     agent. Delay scheduling (``locality_wait_s`` 30 s, every request young) is timed too.
     """
     n = QUICK_PICK_FLEET if quick else 10_000
@@ -98,12 +98,13 @@ def test_assign(benchmark, quick):
     requests = queue(fleet, n)
     restore = _Restore(fleet)
     waiting = ScoringPolicy(locality_wait_s=30.0)
+    fifo = ScoringPolicy(locality_wait_s=0.0)
 
     def by_assign():
-        return assign(fleet, requests, None, now)
+        return assign(fleet, requests, fifo, now)
 
     def by_dispatch():
-        return [fleet.dispatch(r, None, now) for r in requests]
+        return [fleet.dispatch(r, fifo, now) for r in requests]
 
     def by_assign_waiting():
         return assign(fleet, requests, waiting, now)

@@ -85,12 +85,6 @@ def _submitted(request: DispatchRequest, now: float) -> float:
     return now if request.submitted_at is None else request.submitted_at
 
 
-def _group_key(r: DispatchRequest) -> tuple[Any, ...]:
-    """Everything but the tie key that decides a request's eligible agents and their scores."""
-    return (r.team_id, r.target_pool, r.labels_needed, r.min_vram_gb, r.required_models,
-            r.exclude_agents, r.submitter_region, r.preferred_gpu)  # fmt: skip
-
-
 class _Group(NamedTuple):
     query: Query
     request: DispatchRequest  # the first of the group (any would do)
@@ -107,7 +101,7 @@ class _Batch:
         groups: list[_Group] = []
         req_group = np.empty(len(queue), np.int64)
         for i, r in enumerate(queue):
-            key = _group_key(r)
+            key = r.template
             g = index.get(key)
             if g is None:
                 g = index[key] = len(groups)

@@ -448,6 +448,14 @@ class DispatchRequest(_Record):
     submitted_at: Timestamp | None = None
 
     @cached
+    def template(self) -> tuple[Any, ...]:
+        """Everything but the tie key and the submission time that decides which agents are
+        eligible and how they score: requests with equal templates rank a fleet alike."""
+        return (self.team_id, self.target_pool, self.labels_needed, self.min_vram_gb,
+                self.required_models, self.exclude_agents, self.submitter_region,
+                self.preferred_gpu)  # fmt: skip
+
+    @cached
     def labels_needed(self) -> frozenset[str]:
         """Required labels plus the tool type, which is itself a required label."""
         return self.required_labels | {self.tool_type}

@@ -138,6 +138,7 @@ def _hand_scenario():
         load_delay_s=10.0,
         transfer=Transfer(same=0.0, near=1.5, far=5.0, unknown=2.5),
         warmup_s=0.0,
+        locality_wait_s=0.0,  # worked without waiting; the delay scenario below waits
     )
     return config, workload, [a, b]
 

@@ -9,8 +9,9 @@ and the fewest cold model loads on a fleet, before anything changes in productio
 """
 
 from scoring.sim.agents import AgentSpec, Lifecycle, build_agents
+from scoring.sim.catalog import make_policy
 from scoring.sim.metrics import format_table, jain
-from scoring.sim.policies import ANCHORS, POLICY_NAMES, Policy, make_policy
+from scoring.sim.policies import ANCHORS, POLICY_NAMES, Policy
 from scoring.sim.simulation import SimConfig, SimResult, Transfer, compare, prepare, simulate
 from scoring.sim.trace import find_trace, load_latencies, load_trace
 from scoring.sim.workload import Task, Workload, synthetic_workload

@@ -387,23 +387,3 @@ _CHOOSERS: dict[str, type[Chooser]] = {
     for c in (RandomChoice, RoundRobin, LeastLoaded, PowerOfTwo, Multiplex, GatewayInference,
               Startup, Delay)
 }  # fmt: skip
-
-
-def make_policy(
-    name: str, policy: ScoringPolicy, seed: int = 0, wait_s: float | None = None
-) -> Policy:
-    """The policy called ``name`` (one of :data:`POLICY_NAMES`); ``policy`` gives the scorer its
-    weights and waiting budget and every policy its hard-filter settings; ``wait_s`` overrides
-    the waiting budget of ``delay`` (default: ``policy.locality_wait_s``)."""
-    if name == "scorer":
-        return Scorer(policy, seed)
-    if name.startswith("cold:"):  # experiments on cold placement (scoring.sim.emulate)
-        from scoring.sim.emulate import ColdRule
-
-        return ColdRule(policy, seed, name.removeprefix("cold:"))
-    if name == "delay":
-        return Delay(policy, seed, wait_s)
-    try:
-        return _CHOOSERS[name](policy, seed)
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r} (expected one of {POLICY_NAMES})") from None

@@ -22,9 +22,10 @@ from tqdm import tqdm
 from scoring import AgentStatus, Fleet, ScoringPolicy
 from scoring.sim import trace as trace_mod
 from scoring.sim.agents import AgentSpec, Lifecycle, SimAgent, build_agents, lifecycle
+from scoring.sim.catalog import make_policy
 from scoring.sim.dispatcher import Dispatcher, TaskState
 from scoring.sim.metrics import TaskLog, summarize
-from scoring.sim.policies import POLICY_NAMES, Policy, make_policy
+from scoring.sim.policies import POLICY_NAMES, Policy
 from scoring.sim.view import FleetView
 from scoring.sim.workload import Workload, continent, same_continent_affinity, synthetic_workload
 from scoring.synthetic import NOW
