@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from sqlalchemy import case, select, update
@@ -29,6 +29,15 @@ from scoring.server.ids import uuid7
 from scoring.server.state import ServerState
 
 ACTIVE = ("dispatched", "running")
+
+
+class Lost(NamedTuple):
+    """A placement the database refused: the agent was full (``agent_full``: another
+    dispatcher reserved its last slot first) or the task was no longer queued."""
+
+    task_id: str
+    agent_id: str
+    agent_full: bool
 
 
 def _event(conn: db.Connection, task_id: str, status: str, agent: str | None, at: float,
@@ -241,46 +250,56 @@ def commit_placements(
     task_ids: Sequence[str],
     decisions: Sequence[Decision],
     explains: dict[str, str],
-) -> list[str]:
+    conn: db.Connection | None = None,
+) -> list[Lost]:
     """Commit the placed decisions (and changed explanations) in one transaction.
 
     Each placement reserves a slot by a conditional UPDATE of the agent's row and moves the
     task from ``queued`` by another; a placement whose agent is full in the database (another
-    dispatcher won the slot) or whose task is no longer queued is dropped and its agent id is
-    returned, so the caller gives the slot back to its Fleet. ``explains`` holds the new
-    explanations of tasks left queued.
+    dispatcher won the slot) or whose task is no longer queued is dropped and returned as a
+    :class:`Lost`, so the caller gives the slot back to its Fleet (and may pick again).
+    ``explains`` holds the new explanations of tasks left queued. With ``conn`` the writes join
+    that transaction (the caller commits); without, they are committed here.
+
+    Agents' rows are updated in the order of their ids, whatever the order of the decisions:
+    two dispatchers committing at once then lock the rows they share in the same order and
+    never deadlock.
     """
+    if conn is None:
+        with state.database.begin() as own:
+            return commit_placements(state, task_ids, decisions, explains, own)
     now = time.time()
-    lost: list[str] = []
+    lost: list[Lost] = []
     a, t = db.agents, db.tasks
-    with state.database.begin() as conn:
-        for task_id, decision in zip(task_ids, decisions, strict=True):
-            agent = decision.agent_id
-            if agent is None:
-                continue
-            reserved = conn.execute(
-                update(a)
-                .where(a.c.id == agent, a.c.running_count < a.c.gpu_capacity)
-                .values(running_count=a.c.running_count + 1)
-            ).rowcount
-            if reserved != 1:
-                lost.append(agent)
-                continue
-            moved = conn.execute(
-                update(t)
-                .where(t.c.id == task_id, t.c.status == "queued")
-                .values(status="dispatched", agent_id=agent, explain=decision.explain(),
-                        updated_at=now)
-            ).rowcount  # fmt: skip
-            if moved != 1:
-                _free_slot(conn, agent, 1)
-                lost.append(agent)
-                continue
-            _event(conn, task_id, "dispatched", agent, now)
-        for task_id, text in explains.items():
-            conn.execute(
-                update(t).where(t.c.id == task_id, t.c.status == "queued").values(explain=text)
-            )
+    placed = sorted(
+        ((d.agent_id, task_id, d) for task_id, d in zip(task_ids, decisions, strict=True)
+         if d.agent_id is not None),
+        key=lambda p: (p[0], p[1]),
+    )  # fmt: skip
+    for agent, task_id, decision in placed:
+        reserved = conn.execute(
+            update(a)
+            .where(a.c.id == agent, a.c.running_count < a.c.gpu_capacity)
+            .values(running_count=a.c.running_count + 1)
+        ).rowcount
+        if reserved != 1:
+            lost.append(Lost(task_id, agent, agent_full=True))
+            continue
+        moved = conn.execute(
+            update(t)
+            .where(t.c.id == task_id, t.c.status == "queued")
+            .values(status="dispatched", agent_id=agent, explain=decision.explain(),
+                    updated_at=now)
+        ).rowcount  # fmt: skip
+        if moved != 1:
+            _free_slot(conn, agent, 1)
+            lost.append(Lost(task_id, agent, agent_full=False))
+            continue
+        _event(conn, task_id, "dispatched", agent, now)
+    for task_id, text in explains.items():
+        conn.execute(
+            update(t).where(t.c.id == task_id, t.c.status == "queued").values(explain=text)
+        )
     return lost
 
 
