@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="seconds between reads of other replicas' changes (default 0.25 on PostgreSQL)",
     )
     p.add_argument(
+        "--no-refresh-each-round",
+        dest="refresh_each_round",
+        action="store_false",
+        help="with replicas, pick on the last poll's counts instead of reading them each round",
+    )
+    p.add_argument(
         "--tie-band", type=float, default=d.tie_band, help="pick among agents this near the best"
     )
     p.add_argument("--stats", default=None, metavar="PATH", help="write dispatch counters here")
@@ -63,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         database=a.database, files_dir=a.files, host=a.host, port=a.port, demo=a.demo,
         demo_agents=a.demo_agents, s3_bucket=a.s3_bucket, s3_endpoint=a.s3_endpoint,
         heartbeat_timeout_s=a.heartbeat_timeout, max_attempts=a.max_attempts, threads=a.threads,
-        sync_interval_s=a.sync_interval, tie_band=a.tie_band, stats_path=a.stats,
+        sync_interval_s=a.sync_interval, tie_band=a.tie_band,
+        refresh_each_round=a.refresh_each_round, stats_path=a.stats,
     )  # fmt: skip
 
 

@@ -106,10 +106,14 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     """The application; its lifespan runs the dispatch loop."""
     settings = settings or Settings()
     state = state or build_state(settings)
+    replicated = settings.sync_interval > 0
     dispatcher = Dispatcher(
-        state, interval=settings.dispatch_interval_s, stats_path=settings.stats_path
+        state,
+        interval=settings.dispatch_interval_s,
+        stats_path=settings.stats_path,
+        refresh=replicated and settings.refresh_each_round,
     )
-    sync = FleetSync(state, settings.sync_interval) if settings.sync_interval > 0 else None
+    sync = FleetSync(state, settings.sync_interval) if replicated else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

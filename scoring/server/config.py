@@ -32,6 +32,9 @@ class Settings:
     #: Seconds between reads of the other replicas' changes (0: never; ``None``: 0.25 on
     #: PostgreSQL, where replicas share the database, 0 on SQLite).
     sync_interval_s: float | None = None
+    #: With replicas (a sync interval), also read the agents' counts at the start of each
+    #: dispatch round, so a round picks on counts at most one round old (fewer lost races).
+    refresh_each_round: bool = True
     #: ``ScoringPolicy.tie_band``: agents within this score of the best are picked among by the
     #: task id's hash, which spreads replicas' picks (DESIGN section 11).
     tie_band: float = 0.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 from uuid import UUID
 
@@ -32,6 +33,7 @@ def sync_fleet(state: ServerState, seen: dict[str, tuple[Any, float]]) -> int:
     the Fleet's (another replica heard it); its running count becomes the committed reservations
     plus this replica's placements in flight (``pending``), the same rule as a heartbeat's.
     ``seen`` holds the last (record, heartbeat time) taken per agent, to skip unchanged ones.
+    ``state.free_slots`` becomes the free slots of agents with a recent heartbeat.
 
     The rows are read under ``sync``, so a placement is either still counted in ``pending`` or
     already in the rows read, never neither: the count may briefly be one high, never low.
@@ -41,10 +43,17 @@ def sync_fleet(state: ServerState, seen: dict[str, tuple[Any, float]]) -> int:
     with state.sync:
         with state.database.read() as conn:
             rows = conn.execute(
-                select(a.c.id, a.c.team_id, a.c.record, a.c.running_count, a.c.last_heartbeat)
+                select(a.c.id, a.c.team_id, a.c.record, a.c.running_count, a.c.last_heartbeat,
+                       a.c.gpu_capacity)
                 .where(a.c.record.is_not(None))
             ).all()  # fmt: skip
         fleet = state.fleet
+        fresh = time.time() - state.policy.heartbeat_timeout_s
+        state.free_slots = sum(
+            max(0, row.gpu_capacity - row.running_count)
+            for row in rows
+            if (row.last_heartbeat or 0.0) >= fresh
+        )
         for row in rows:
             count = min(int(row.running_count) + state.pending.get(row.id, 0), 65535)
             at = row.last_heartbeat or 0.0

@@ -43,6 +43,8 @@ class ServerState:
     pending: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
     wake: threading.Event = field(default_factory=threading.Event)
+    #: Free slots of live agents in the database at the last sync (replicas only; None: unknown).
+    free_slots: int | None = None
     #: Last heartbeat record written to the database per agent, and when (see heartbeats.py).
     persisted: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
 

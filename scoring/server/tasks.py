@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from sqlalchemy import case, select, update
+from sqlalchemy import bindparam, case, select, update
 
 from scoring import Decision, RunValidationError, validate_run
 from scoring.server import db
@@ -268,6 +268,8 @@ def commit_placements(
     if conn is None:
         with state.database.begin() as own:
             return commit_placements(state, task_ids, decisions, explains, own)
+    if not state.database.is_sqlite:
+        return _commit_claimed(conn, task_ids, decisions, explains)
     now = time.time()
     lost: list[Lost] = []
     a, t = db.agents, db.tasks
@@ -276,6 +278,12 @@ def commit_placements(
          if d.agent_id is not None),
         key=lambda p: (p[0], p[1]),
     )  # fmt: skip
+    # Explanations first: they touch only this round's own tasks, and the agents' rows below
+    # are then locked for the shortest time (until the caller's commit).
+    for task_id, text in explains.items():
+        conn.execute(
+            update(t).where(t.c.id == task_id, t.c.status == "queued").values(explain=text)
+        )
     for agent, task_id, decision in placed:
         reserved = conn.execute(
             update(a)
@@ -296,10 +304,63 @@ def commit_placements(
             lost.append(Lost(task_id, agent, agent_full=False))
             continue
         _event(conn, task_id, "dispatched", agent, now)
-    for task_id, text in explains.items():
+    return lost
+
+
+def _commit_claimed(
+    conn: db.Connection,
+    task_ids: Sequence[str],
+    decisions: Sequence[Decision],
+    explains: dict[str, str],
+) -> list[Lost]:
+    """:func:`commit_placements` on PostgreSQL, where the caller's transaction has claimed the
+    tasks (``FOR UPDATE``): they are still queued, so only the agents' slots can be refused.
+
+    One conditional UPDATE per agent reserves all its placements at once (all or none: a
+    refused agent's placements are all picked again), then one batch moves the tasks and one
+    writes their events: a few round trips per round instead of three per placement, which keeps
+    the agents' rows locked for as short a time as possible.
+    """
+    now = time.time()
+    a, t = db.agents, db.tasks
+    if explains:
         conn.execute(
-            update(t).where(t.c.id == task_id, t.c.status == "queued").values(explain=text)
+            update(t).where(t.c.id == bindparam("tid")).values(explain=bindparam("text")),
+            [{"tid": k, "text": v} for k, v in explains.items()],
         )
+    by_agent: dict[str, list[tuple[str, Decision]]] = {}
+    for task_id, d in zip(task_ids, decisions, strict=True):
+        if d.agent_id is not None:
+            by_agent.setdefault(d.agent_id, []).append((task_id, d))
+    lost: list[Lost] = []
+    moves: list[dict[str, Any]] = []
+    for agent in sorted(by_agent):  # one lock order for every replica: no deadlock
+        placed = by_agent[agent]
+        k = len(placed)
+        reserved = conn.execute(
+            update(a)
+            .where(a.c.id == agent, a.c.running_count + k <= a.c.gpu_capacity)
+            .values(running_count=a.c.running_count + k)
+        ).rowcount
+        if reserved != 1:
+            lost.extend(Lost(task_id, agent, agent_full=True) for task_id, _ in placed)
+            continue
+        moves.extend({"tid": task_id, "agent": agent, "text": d.explain()} for task_id, d in placed)
+    if moves:
+        moved = conn.execute(
+            update(t)
+            .where(t.c.id == bindparam("tid"), t.c.status == "queued")
+            .values(status="dispatched", agent_id=bindparam("agent"), explain=bindparam("text"),
+                    updated_at=now),
+            moves,
+        ).rowcount  # fmt: skip
+        if moved != len(moves):  # a claimed task changed: roll the whole attempt back
+            raise RuntimeError(f"{len(moves) - moved} claimed tasks were no longer queued")
+        conn.execute(
+            db.task_events.insert(),
+            [{"task_id": m["tid"], "status": "dispatched", "agent_id": m["agent"], "at": now,
+              "detail": ""} for m in moves],
+        )  # fmt: skip
     return lost
 
 

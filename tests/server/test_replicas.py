@@ -26,7 +26,8 @@ def test_three_replicas_complete_every_run_once_within_capacity(
     postgres: str, tmp_path: Path
 ) -> None:
     with replicas(tmp_path, new_database(postgres), 3, "--tie-band", TIE_BAND) as servers:
-        result = run_load(servers, runs=3000, clients=16, capacity=CAPACITY, deadline_s=100)
+        result = run_load(servers, runs=3000, clients=16, capacity=CAPACITY, deadline_s=60,
+                          drain_s=50)  # fmt: skip
     assert len(result.accepted) == 3000 and result.refused == 0
     summary = check(servers[0], result, CAPACITY)
     figures = dispatch_figures(servers)
@@ -40,7 +41,7 @@ def test_a_killed_replica_loses_nothing_the_others_finish_its_queue(
     with replicas(tmp_path, new_database(postgres), 3, "--tie-band", TIE_BAND) as servers:
         victim = servers[1]
         result = run_load(servers, runs=1500, clients=16, capacity=CAPACITY, kill_after=500,
-                          on_kill=victim.kill, deadline_s=100)  # fmt: skip
+                          on_kill=victim.kill, deadline_s=60, drain_s=50)  # fmt: skip
         assert victim.proc is not None and victim.proc.returncode == -9
     assert len(result.accepted) == 1500
     summary = check(servers[0], result, CAPACITY)
