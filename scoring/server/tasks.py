@@ -229,9 +229,7 @@ def complete(
             raise ApiError(409, "conflict", "the task changed meanwhile")
         _free_slot(conn, agent, 1)
         _event(conn, row.id, new["status"], agent, now, detail)
-    with state.sync:
-        if agent in state.fleet:
-            state.fleet.release(agent)
+    state.released(agent)
     state.wake.set()
     return {"task_id": row.id, "task_status": new["status"]}
 
@@ -392,8 +390,6 @@ def requeue_unstarted(state: ServerState, agent_id: str, cutoff: float) -> int:
             _event(conn, task_id, "queued", agent_id, now, "agent heartbeats stopped")
         if moved:
             _free_slot(conn, agent_id, moved)
-    with state.sync:
-        for _ in range(moved):
-            if agent_id in state.fleet:
-                state.fleet.release(agent_id)
+    if moved:
+        state.released(agent_id, moved)
     return moved
