@@ -53,10 +53,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="seconds between reads of other replicas' changes (default 0.25 on PostgreSQL)",
     )
     p.add_argument(
-        "--no-refresh-each-round",
-        dest="refresh_each_round",
-        action="store_false",
-        help="with replicas, pick on the last poll's counts instead of reading them each round",
+        "--refresh-each-round",
+        action="store_true",
+        help="with replicas, read the agents' counts at the start of every dispatch round",
     )
     p.add_argument(
         "--tie-band", type=float, default=d.tie_band, help="pick among agents this near the best"

@@ -33,8 +33,8 @@ class Settings:
     #: PostgreSQL, where replicas share the database, 0 on SQLite).
     sync_interval_s: float | None = None
     #: With replicas (a sync interval), also read the agents' counts at the start of each
-    #: dispatch round, so a round picks on counts at most one round old (fewer lost races).
-    refresh_each_round: bool = True
+    #: dispatch round. Off: measured, it did not lower lost races (``tests/server/herding.py``).
+    refresh_each_round: bool = False
     #: ``ScoringPolicy.tie_band``: agents within this score of the best are picked among by the
     #: task id's hash, which spreads replicas' picks (DESIGN section 11).
     tie_band: float = 0.0

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 from sqlalchemy import bindparam, case, select, update
+from sqlalchemy import text as sql
 
 from scoring import Decision, RunValidationError, validate_run
 from scoring.server import db
@@ -305,6 +306,15 @@ def commit_placements(
     return lost
 
 
+#: Reserve up to ``k`` slots of agent ``id``; returns how many were granted (no row: none).
+_GRANT = sql(
+    "UPDATE agents SET running_count = LEAST(agents.gpu_capacity, old.running_count + :k) "
+    "FROM (SELECT id, running_count FROM agents WHERE id = :id FOR UPDATE) AS old "
+    "WHERE agents.id = old.id AND old.running_count < agents.gpu_capacity "
+    "RETURNING agents.running_count - old.running_count"
+)
+
+
 def _commit_claimed(
     conn: db.Connection,
     task_ids: Sequence[str],
@@ -314,13 +324,13 @@ def _commit_claimed(
     """:func:`commit_placements` on PostgreSQL, where the caller's transaction has claimed the
     tasks (``FOR UPDATE``): they are still queued, so only the agents' slots can be refused.
 
-    One conditional UPDATE per agent reserves all its placements at once (all or none: a
-    refused agent's placements are all picked again), then one batch moves the tasks and one
+    One conditional UPDATE per agent reserves as many of its placements as it has free slots
+    (the others are lost races, picked again), then one batch moves the tasks and one
     writes their events: a few round trips per round instead of three per placement, which keeps
     the agents' rows locked for as short a time as possible.
     """
     now = time.time()
-    a, t = db.agents, db.tasks
+    t = db.tasks
     if explains:
         conn.execute(
             update(t).where(t.c.id == bindparam("tid")).values(explain=bindparam("text")),
@@ -334,16 +344,13 @@ def _commit_claimed(
     moves: list[dict[str, Any]] = []
     for agent in sorted(by_agent):  # one lock order for every replica: no deadlock
         placed = by_agent[agent]
-        k = len(placed)
-        reserved = conn.execute(
-            update(a)
-            .where(a.c.id == agent, a.c.running_count + k <= a.c.gpu_capacity)
-            .values(running_count=a.c.running_count + k)
-        ).rowcount
-        if reserved != 1:
-            lost.extend(Lost(task_id, agent, agent_full=True) for task_id, _ in placed)
-            continue
-        moves.extend({"tid": task_id, "agent": agent, "text": d.explain()} for task_id, d in placed)
+        # As many of the agent's placements as it has free slots, in the order picked: the
+        # row is locked and read, then raised by the slots granted, in one statement.
+        granted = conn.execute(_GRANT, {"id": agent, "k": len(placed)}).scalar() or 0
+        lost.extend(Lost(task_id, agent, agent_full=True) for task_id, _ in placed[granted:])
+        moves.extend(
+            {"tid": task_id, "agent": agent, "text": d.explain()} for task_id, d in placed[:granted]
+        )
     if moves:
         moved = conn.execute(
             update(t)
@@ -381,13 +388,15 @@ def requeue_unstarted(state: ServerState, agent_id: str, cutoff: float) -> int:
         )
         moved = 0
         for task_id in ids:
-            moved += conn.execute(
+            one = conn.execute(
                 update(t)
                 .where(t.c.id == task_id, t.c.status == "dispatched", t.c.agent_id == agent_id)
                 .values(status="queued", agent_id=None, updated_at=now,
                         explain=f"queued again: {agent_id} stopped sending heartbeats")
             ).rowcount  # fmt: skip
-            _event(conn, task_id, "queued", agent_id, now, "agent heartbeats stopped")
+            if one:  # another replica may have queued it again first
+                moved += one
+                _event(conn, task_id, "queued", agent_id, now, "agent heartbeats stopped")
         if moved:
             _free_slot(conn, agent_id, moved)
     if moved:

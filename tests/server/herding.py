@@ -6,9 +6,9 @@ throwaway PostgreSQL cluster, then for each variant and replica count a fresh da
 replicas, 16 clients and 30 simulated agents (the load harness of the tests), and writes one row
 per combination. A measurement, not a test: it runs for minutes.
 
-Variants: ``baseline`` picks on the counts of the last poll (``--no-refresh-each-round``) with
-exact ties only; ``refresh`` reads the counts at the start of every round; ``refresh+tie_band``
-also spreads picks among agents within ``tie_band`` of the best by the task id's hash.
+Variants: ``baseline`` picks on the counts of the last poll with exact ties only; ``tie_band``
+spreads picks among agents within 0.05 of the best score by the task id's hash; ``refresh``
+reads the counts at the start of every round (``--refresh-each-round``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from .load import check, run_load
 from .replicas import dispatch_figures, replicas
 
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "baseline": ("--no-refresh-each-round", "--tie-band", "0"),
-    "refresh": ("--tie-band", "0"),
-    "refresh+tie_band": ("--tie-band", "0.05"),
+    "baseline": ("--tie-band", "0"),
+    "tie_band": ("--tie-band", "0.05"),
+    "refresh": ("--refresh-each-round", "--tie-band", "0"),
 }
 
 
