@@ -19,13 +19,11 @@ from .load import check, run_load
 from .replicas import dispatch_figures, replicas
 from .test_load import CAPACITY, _report
 
-TIE_BAND = "0.05"
-
 
 def test_three_replicas_complete_every_run_once_within_capacity(
     postgres: str, tmp_path: Path
 ) -> None:
-    with replicas(tmp_path, new_database(postgres), 3, "--tie-band", TIE_BAND) as servers:
+    with replicas(tmp_path, new_database(postgres), 3) as servers:
         result = run_load(servers, runs=3000, clients=16, capacity=CAPACITY, deadline_s=60,
                           drain_s=50)  # fmt: skip
     assert len(result.accepted) == 3000 and result.refused == 0
@@ -38,7 +36,7 @@ def test_three_replicas_complete_every_run_once_within_capacity(
 def test_a_killed_replica_loses_nothing_the_others_finish_its_queue(
     postgres: str, tmp_path: Path
 ) -> None:
-    with replicas(tmp_path, new_database(postgres), 3, "--tie-band", TIE_BAND) as servers:
+    with replicas(tmp_path, new_database(postgres), 3) as servers:
         victim = servers[1]
         result = run_load(servers, runs=1500, clients=16, capacity=CAPACITY, kill_after=500,
                           on_kill=victim.kill, deadline_s=60, drain_s=50)  # fmt: skip
