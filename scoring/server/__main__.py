@@ -46,6 +46,21 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument(
         "--threads", type=int, default=d.threads, help="worker threads for database calls"
     )
+    p.add_argument(
+        "--sync-interval",
+        type=float,
+        default=None,
+        help="seconds between reads of other replicas' changes (default 0.25 on PostgreSQL)",
+    )
+    p.add_argument(
+        "--refresh-each-round",
+        action="store_true",
+        help="with replicas, read the agents' counts at the start of every dispatch round",
+    )
+    p.add_argument(
+        "--tie-band", type=float, default=d.tie_band, help="pick among agents this near the best"
+    )
+    p.add_argument("--stats", default=None, metavar="PATH", help="write dispatch counters here")
     p.add_argument("--log-level", default="warning")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper())
@@ -53,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         database=a.database, files_dir=a.files, host=a.host, port=a.port, demo=a.demo,
         demo_agents=a.demo_agents, s3_bucket=a.s3_bucket, s3_endpoint=a.s3_endpoint,
         heartbeat_timeout_s=a.heartbeat_timeout, max_attempts=a.max_attempts, threads=a.threads,
+        sync_interval_s=a.sync_interval, tie_band=a.tie_band,
+        refresh_each_round=a.refresh_each_round, stats_path=a.stats,
     )  # fmt: skip
 
 

@@ -36,6 +36,9 @@ class FakeAgent:
     region: str = "us-east"
     fail_every: int = 0  # fail every n-th task (0: never), to exercise retries
     timeout: float = 10.0
+    #: Other URLs of the same service (replicas): an unreachable one is left for the next, as a
+    #: load balancer would.
+    fallback_urls: tuple[str, ...] = ()
     running: dict[str, float] = field(default_factory=dict)  # task id -> finish time
     to_report: dict[str, bool] = field(default_factory=dict)  # finished, not yet acknowledged
     to_start: set[str] = field(default_factory=set)  # handed out, start not acknowledged
@@ -63,6 +66,10 @@ class FakeAgent:
             response = self.client.post(path, json=body)
         except httpx.TransportError:
             self.errors += 1
+            if self.fallback_urls:
+                urls = (str(self.client.base_url).rstrip("/"), *self.fallback_urls)
+                self.client.base_url = httpx.URL(urls[1])
+                self.fallback_urls = urls[2:] + urls[:1]
             return None
         if response.status_code >= 500:
             self.errors += 1

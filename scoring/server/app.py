@@ -19,6 +19,7 @@ from scoring.server.auth import Authenticator, Principal, load_secret, require
 from scoring.server.config import Settings
 from scoring.server.dispatch import Dispatcher
 from scoring.server.errors import ApiError, not_found
+from scoring.server.replicas import FleetSync
 from scoring.server.schemas import (
     CompleteBody,
     Health,
@@ -54,7 +55,9 @@ def build_state(settings: Settings) -> ServerState:
         files = s3
     else:
         files = storage.LocalFileStore(settings.files_dir, database)
-    policy = ScoringPolicy(heartbeat_timeout_s=settings.heartbeat_timeout_s)
+    policy = ScoringPolicy(
+        heartbeat_timeout_s=settings.heartbeat_timeout_s, tie_band=settings.tie_band
+    )
     state = ServerState(database, auth, files, policy, max_attempts=settings.max_attempts)
     state.restore_fleet()
     if settings.demo:
@@ -103,7 +106,14 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     """The application; its lifespan runs the dispatch loop."""
     settings = settings or Settings()
     state = state or build_state(settings)
-    dispatcher = Dispatcher(state, interval=settings.dispatch_interval_s)
+    replicated = settings.sync_interval > 0
+    dispatcher = Dispatcher(
+        state,
+        interval=settings.dispatch_interval_s,
+        stats_path=settings.stats_path,
+        refresh=replicated and settings.refresh_each_round,
+    )
+    sync = FleetSync(state, settings.sync_interval) if replicated else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -112,11 +122,15 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         # More worker threads than a few only take turns on the GIL and on SQLite's single
         # writer: anyio's default of 40 served fewer runs per second in the load test than 8.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
+        if sync is not None:
+            sync.start()
         dispatcher.start()
         try:
             yield
         finally:
             dispatcher.stop()
+            if sync is not None:
+                sync.stop()
             state.database.dispose()
 
     app = FastAPI(

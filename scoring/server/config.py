@@ -29,6 +29,24 @@ class Settings:
     dispatch_interval_s: float = 1.0
     max_body_bytes: int = 1024 * 1024
     threads: int = 8  # worker threads for the blocking (database) part of requests
+    #: Seconds between reads of the other replicas' changes (0: never; ``None``: 0.25 on
+    #: PostgreSQL, where replicas share the database, 0 on SQLite).
+    sync_interval_s: float | None = None
+    #: With replicas (a sync interval), also read the agents' counts at the start of each
+    #: dispatch round. Off: measured, it did not lower lost races (``tests/server/herding.py``).
+    refresh_each_round: bool = False
+    #: ``ScoringPolicy.tie_band``: agents within this score of the best are picked among by the
+    #: task id's hash, which spreads replicas' picks (DESIGN section 11).
+    tie_band: float = 0.0
+    #: Write the dispatch counters (placements, lost races) to this JSON file.
+    stats_path: str | None = None
+
+    @property
+    def sync_interval(self) -> float:
+        """The effective :attr:`sync_interval_s`."""
+        if self.sync_interval_s is not None:
+            return self.sync_interval_s
+        return 0.0 if self.database.startswith("sqlite") else 0.25
 
     @property
     def base_url(self) -> str:

@@ -8,22 +8,37 @@ unstarted tasks of agents whose heartbeats stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from scoring import Decision, DispatchRequest, Fleet, ScoringPolicy, assign
 from scoring.server import db, tasks
 from scoring.server.heartbeats import PERSIST_EVERY_S
+from scoring.server.replicas import sync_fleet
 from scoring.server.state import ServerState
 
 log = logging.getLogger("scoring.server.dispatch")
 
 #: Most queued tasks considered in one round (oldest first).
 BATCH = 5000
+#: Most queued tasks one round claims on PostgreSQL: other replicas' rounds meanwhile skip them,
+#: so a replica should hold no more than it can place (about the free slots of a large fleet).
+CLAIM = 256
+#: Fewest queued tasks one round claims on PostgreSQL, however few slots look free.
+MIN_CLAIM = 8
+#: Re-picks in one round of the placements that lost their agent's last slot to another replica.
+REPICKS = 3
+#: The dispatch counters (placements, lost races, ...) are written at most this often.
+STATS_EVERY_S = 1.0
 #: A queued task's explanation is rewritten at most this often (it changes with every heartbeat).
 EXPLAIN_EVERY_S = 2.0
 
@@ -43,8 +58,22 @@ def place(
 class Dispatcher:
     """The background thread that runs :meth:`run_once` on wake-ups and every ``interval``."""
 
-    def __init__(self, state: ServerState, interval: float = 1.0, min_gap: float = 0.02) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        interval: float = 1.0,
+        min_gap: float = 0.02,
+        claim: int = CLAIM,
+        stats_path: str | None = None,
+        refresh: bool = False,
+    ) -> None:
         self.state = state
+        self.claim = claim
+        self.stats_path = None if stats_path is None else Path(stats_path)
+        self.stats: Counter[str] = Counter()
+        self._stats_at = 0.0
+        self.refresh = refresh
+        self._seen: dict[str, tuple[Any, float]] = {}
         self.interval = interval
         self.min_gap = min_gap  # wake-ups closer than this share one round
         self._stop = threading.Event()
@@ -63,6 +92,7 @@ class Dispatcher:
         self.state.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._write_stats(time.time(), force=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -77,18 +107,147 @@ class Dispatcher:
             self._stop.wait(self.min_gap)
 
     def run_once(self, now: float | None = None) -> int:
-        """One round: requeue tasks of silent agents, then place the queue. Returns placements."""
+        """One round: requeue tasks of silent agents, then place the queue. Returns placements.
+
+        On PostgreSQL each attempt of the round is one transaction that claims the queued tasks
+        it considers (``FOR UPDATE SKIP LOCKED``), so replicas place different tasks; they still
+        pick agents from similar Fleets, and a placement whose agent's last slot another replica
+        took is picked again without that agent, up to :data:`REPICKS` times in the round.
+        """
         now = time.time() if now is None else now
         self._requeue_silent(now)
-        ids = self._queued()
-        if not ids:
-            return 0
-        requests = self._load_requests(ids)
         state = self.state
+        if self.refresh:
+            # Counts as of now, not as of the last poll: fewer picks of slots already taken.
+            sync_fleet(state, self._seen)
+        requests: dict[str, DispatchRequest] = {}
+        todo: list[str] | None = None  # None: claim from the queue
+        total = 0
+        for attempt in range(REPICKS + 1):
+            accepted: list[str] = []
+            try:
+                with self._transaction() as conn:
+                    ids = self._queued(conn) if todo is None else self._reclaim(conn, todo)
+                    if not ids:
+                        break
+                    if todo is None:
+                        self.stats["rounds"] += 1
+                        requests.update(zip(ids, self._load_requests(ids), strict=True))
+                    accepted, retry = self._attempt(conn, ids, requests, now, attempt == 0)
+            except Exception:
+                self._give_back(accepted)  # rolled back
+                raise
+            self._give_back(accepted, resync=False)  # committed
+            self.stats["placements"] += len(accepted)
+            total += len(accepted)
+            if not retry:
+                break
+            # Re-pick without the agent whose last slot another replica took: its count was
+            # resynced, and excluding it spares a second race on a count that may lag again.
+            for x in retry:
+                r = requests[x.task_id]
+                requests[x.task_id] = r.model_copy(
+                    update={"exclude_agents": r.exclude_agents | {x.agent_id}}
+                )
+            todo = [x.task_id for x in retry]
+            self.stats["repicks"] += len(todo)
+        else:
+            log.info("lost reservations after %d re-picks", REPICKS)
+            state.wake.set()  # still queued: try again next round with fresh counts
+        self._write_stats(now)
+        log.debug("round: %d placed, %d re-picks, %.3f s", total, attempt, time.time() - now)
+        return total
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection | None]:
+        """PostgreSQL: one transaction for an attempt (claims and reservations commit together).
+        SQLite: none; :func:`tasks.commit_placements` commits on its own under the write lock,
+        so reads and the placement never hold SQLite's single writer."""
+        if self.state.database.is_sqlite:
+            yield None
+            return
+        with self.state.database.begin() as conn:
+            yield conn
+
+    def _attempt(
+        self,
+        conn: Connection | None,
+        ids: list[str],
+        requests: dict[str, DispatchRequest],
+        now: float,
+        explain: bool,
+    ) -> tuple[list[str], list[tasks.Lost]]:
+        """Place ``ids`` and write the placements; returns the agents of those the database took
+        (still ``pending`` until the transaction commits) and the lost races to pick again."""
+        state = self.state
+        t0 = time.perf_counter()
         with state.sync:
-            decisions = place(state.fleet, requests, state.policy, now)
+            t1 = time.perf_counter()
+            decisions = place(state.fleet, [requests[i] for i in ids], state.policy, now)
             placed = [d.agent_id for d in decisions if d.agent_id is not None]
             state.pending.update(placed)
+        t2 = time.perf_counter()
+        explains = self._explanations(ids, decisions, now) if explain else {}
+        try:
+            lost = tasks.commit_placements(state, ids, decisions, explains, conn)
+        except Exception:
+            self._give_back(placed)
+            for task_id in explains:
+                self._explained.pop(task_id, None)
+            raise
+        t3 = time.perf_counter()
+        log.debug("attempt: %d tasks, lock %.3f, place %.3f, explain+commit %.3f", len(ids),
+                  t1 - t0, t2 - t1, t3 - t2)  # fmt: skip
+        refused = Counter(x.agent_id for x in lost)
+        self.stats["lost_races"] += sum(x.agent_full for x in lost)
+        self.stats["lost_tasks"] += sum(not x.agent_full for x in lost)
+        self._give_back(list(refused.elements()))  # and their agents' counts resynced
+        taken = {x.task_id for x in lost}
+        for task_id, d in zip(ids, decisions, strict=True):
+            if d.agent_id is not None and task_id not in taken:
+                self._requests.pop(task_id, None)
+                self._explained.pop(task_id, None)
+        accepted = list((Counter(placed) - refused).elements())
+        return accepted, [x for x in lost if x.agent_full]
+
+    def _claim_size(self) -> int:
+        """How many queued tasks an attempt claims: about what the free slots can take (the
+        rest stays for other replicas' rounds), at least :data:`MIN_CLAIM`, at most ``claim``.
+
+        Tasks deferred for a warm agent count against it, so a queue headed by many deferred
+        tasks is placed more slowly than by one process that considers :data:`BATCH` at once.
+        """
+        free = self.state.free_slots
+        if free is None:
+            return self.claim
+        return max(MIN_CLAIM, min(self.claim, 2 * free))
+
+    def _reclaim(self, claim: Connection | None, ids: list[str]) -> list[str]:
+        """Those of ``ids`` still queued (and, on PostgreSQL, not claimed by another replica)."""
+        t = db.tasks
+        query = select(t.c.id).where(t.c.id.in_(ids), t.c.status == "queued")
+        if claim is None:
+            with self.state.database.read() as conn:
+                found = set(conn.execute(query).scalars())
+        else:
+            found = set(claim.execute(query.with_for_update(skip_locked=True)).scalars())
+        return [i for i in ids if i in found]
+
+    def _give_back(self, agents: list[str], resync: bool = True) -> None:
+        """Placements no longer in flight: committed (``resync=False``) or rolled back."""
+        state = self.state
+        with state.sync:
+            state.pending.subtract(agents)
+            state.pending += Counter()
+            if resync:
+                for agent in set(agents):
+                    self._resync(agent)
+
+    def _explanations(
+        self, ids: list[str], decisions: list[Decision], now: float
+    ) -> dict[str, str]:
+        """The changed explanations of tasks left queued (each rewritten at most every
+        :data:`EXPLAIN_EVERY_S`)."""
         explains = {}
         for task_id, d in zip(ids, decisions, strict=True):
             if d.agent_id is not None:
@@ -100,28 +259,15 @@ class Dispatcher:
             self._explained[task_id] = (text, now)
             if last is None or last[0] != text:
                 explains[task_id] = text
-        lost: list[str] = []
-        try:
-            lost = tasks.commit_placements(state, ids, decisions, explains)
-        except Exception:
-            lost = placed  # nothing was committed: give every slot back
-            for task_id in explains:
-                self._explained.pop(task_id, None)
-            raise
-        finally:
-            with state.sync:
-                state.pending.subtract(placed)
-                state.pending += type(state.pending)()  # drop zero counts
-                for agent in set(lost):
-                    self._resync(agent)
-        for task_id, d in zip(ids, decisions, strict=True):
-            if d.agent_id is not None:
-                self._requests.pop(task_id, None)
-                self._explained.pop(task_id, None)
-        if lost:
-            log.info("lost %d reservations to other dispatchers", len(lost))
-            state.wake.set()  # their tasks are still queued: try again with the fresh counts
-        return len(placed) - len(lost)
+        return explains
+
+    def _write_stats(self, now: float, force: bool = False) -> None:
+        if self.stats_path is None or (not force and now - self._stats_at < STATS_EVERY_S):
+            return
+        self._stats_at = now
+        tmp = self.stats_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(self.stats)) + "\n")
+        tmp.replace(self.stats_path)
 
     def _resync(self, agent_id: str) -> None:
         """Set the Fleet's running count of an agent to its reservations (call under ``sync``).
@@ -136,15 +282,20 @@ class Dispatcher:
         at = state.fleet.get(agent_id).last_heartbeat
         state.fleet.heartbeat(agent_id, at, running_count=min(count, 65535))
 
-    def _queued(self) -> list[str]:
+    def _queued(self, claim: Connection | None) -> list[str]:
         t = db.tasks
-        with self.state.database.read() as conn:
-            rows = conn.execute(
-                select(t.c.id, t.c.attempts)
-                .where(t.c.status == "queued", t.c.dispatch_target == "agent")
-                .order_by(t.c.id)
-                .limit(BATCH)
-            ).all()
+        query = (
+            select(t.c.id, t.c.attempts)
+            .where(t.c.status == "queued", t.c.dispatch_target == "agent")
+            .order_by(t.c.id)
+        )
+        if claim is None:
+            with self.state.database.read() as conn:
+                rows = conn.execute(query.limit(BATCH)).all()
+        else:
+            # Rows another replica's round holds are skipped, not waited for.
+            query = query.limit(self._claim_size()).with_for_update(skip_locked=True)
+            rows = claim.execute(query).all()
         ids = [r.id for r in rows]
         stale = [r.id for r in rows if self._requests.get(r.id, (r.attempts,))[0] != r.attempts]
         for task_id in stale:  # failed once more: exclusions changed

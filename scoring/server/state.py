@@ -43,6 +43,8 @@ class ServerState:
     pending: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
     wake: threading.Event = field(default_factory=threading.Event)
+    #: Free slots of live agents in the database at the last sync (replicas only; None: unknown).
+    free_slots: int | None = None
     #: Last heartbeat record written to the database per agent, and when (see heartbeats.py).
     persisted: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
 
@@ -68,6 +70,26 @@ class ServerState:
             )
             self.fleet.upsert(agent)
         return len(rows)
+
+    def released(self, agent_id: str, n: int = 1) -> None:
+        """Slots of ``agent_id`` given back in the database (committed): give them back in the
+        Fleet.
+
+        With replicas the Fleet's count may already be the database's, from a sync that read
+        the rows after the commit: releasing as well would leave it low, and this replica would
+        then lose races for slots that are not free. So then the count is set from the
+        database (plus the placements in flight) instead.
+        """
+        with self.sync:
+            if agent_id not in self.fleet:
+                return
+            if self.free_slots is None:  # one process: the Fleet has seen every reservation
+                for _ in range(n):
+                    self.fleet.release(agent_id)
+                return
+            count = self.reserved_in_db(agent_id) + self.pending.get(agent_id, 0)
+            at = self.fleet.get(agent_id).last_heartbeat
+            self.fleet.heartbeat(agent_id, at, running_count=min(count, 65535))
 
     def reserved_in_db(self, agent_id: str) -> int:
         """The agent's committed reservations."""

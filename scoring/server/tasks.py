@@ -16,10 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
-from sqlalchemy import case, select, update
+from sqlalchemy import bindparam, case, select, update
+from sqlalchemy import text as sql
 
 from scoring import Decision, RunValidationError, validate_run
 from scoring.server import db
@@ -29,6 +30,15 @@ from scoring.server.ids import uuid7
 from scoring.server.state import ServerState
 
 ACTIVE = ("dispatched", "running")
+
+
+class Lost(NamedTuple):
+    """A placement the database refused: the agent was full (``agent_full``: another
+    dispatcher reserved its last slot first) or the task was no longer queued."""
+
+    task_id: str
+    agent_id: str
+    agent_full: bool
 
 
 def _event(conn: db.Connection, task_id: str, status: str, agent: str | None, at: float,
@@ -220,9 +230,7 @@ def complete(
             raise ApiError(409, "conflict", "the task changed meanwhile")
         _free_slot(conn, agent, 1)
         _event(conn, row.id, new["status"], agent, now, detail)
-    with state.sync:
-        if agent in state.fleet:
-            state.fleet.release(agent)
+    state.released(agent)
     state.wake.set()
     return {"task_id": row.id, "task_status": new["status"]}
 
@@ -241,46 +249,123 @@ def commit_placements(
     task_ids: Sequence[str],
     decisions: Sequence[Decision],
     explains: dict[str, str],
-) -> list[str]:
+    conn: db.Connection | None = None,
+) -> list[Lost]:
     """Commit the placed decisions (and changed explanations) in one transaction.
 
     Each placement reserves a slot by a conditional UPDATE of the agent's row and moves the
     task from ``queued`` by another; a placement whose agent is full in the database (another
-    dispatcher won the slot) or whose task is no longer queued is dropped and its agent id is
-    returned, so the caller gives the slot back to its Fleet. ``explains`` holds the new
-    explanations of tasks left queued.
+    dispatcher won the slot) or whose task is no longer queued is dropped and returned as a
+    :class:`Lost`, so the caller gives the slot back to its Fleet (and may pick again).
+    ``explains`` holds the new explanations of tasks left queued. With ``conn`` the writes join
+    that transaction (the caller commits); without, they are committed here.
+
+    Agents' rows are updated in the order of their ids, whatever the order of the decisions:
+    two dispatchers committing at once then lock the rows they share in the same order and
+    never deadlock.
+    """
+    if conn is None:
+        with state.database.begin() as own:
+            return commit_placements(state, task_ids, decisions, explains, own)
+    if not state.database.is_sqlite:
+        return _commit_claimed(conn, task_ids, decisions, explains)
+    now = time.time()
+    lost: list[Lost] = []
+    a, t = db.agents, db.tasks
+    placed = sorted(
+        ((d.agent_id, task_id, d) for task_id, d in zip(task_ids, decisions, strict=True)
+         if d.agent_id is not None),
+        key=lambda p: (p[0], p[1]),
+    )  # fmt: skip
+    # Explanations first: they touch only this round's own tasks, and the agents' rows below
+    # are then locked for the shortest time (until the caller's commit).
+    for task_id, text in explains.items():
+        conn.execute(
+            update(t).where(t.c.id == task_id, t.c.status == "queued").values(explain=text)
+        )
+    for agent, task_id, decision in placed:
+        reserved = conn.execute(
+            update(a)
+            .where(a.c.id == agent, a.c.running_count < a.c.gpu_capacity)
+            .values(running_count=a.c.running_count + 1)
+        ).rowcount
+        if reserved != 1:
+            lost.append(Lost(task_id, agent, agent_full=True))
+            continue
+        moved = conn.execute(
+            update(t)
+            .where(t.c.id == task_id, t.c.status == "queued")
+            .values(status="dispatched", agent_id=agent, explain=decision.explain(),
+                    updated_at=now)
+        ).rowcount  # fmt: skip
+        if moved != 1:
+            _free_slot(conn, agent, 1)
+            lost.append(Lost(task_id, agent, agent_full=False))
+            continue
+        _event(conn, task_id, "dispatched", agent, now)
+    return lost
+
+
+#: Reserve up to ``k`` slots of agent ``id``; returns how many were granted (no row: none).
+_GRANT = sql(
+    "UPDATE agents SET running_count = LEAST(agents.gpu_capacity, old.running_count + :k) "
+    "FROM (SELECT id, running_count FROM agents WHERE id = :id FOR UPDATE) AS old "
+    "WHERE agents.id = old.id AND old.running_count < agents.gpu_capacity "
+    "RETURNING agents.running_count - old.running_count"
+)
+
+
+def _commit_claimed(
+    conn: db.Connection,
+    task_ids: Sequence[str],
+    decisions: Sequence[Decision],
+    explains: dict[str, str],
+) -> list[Lost]:
+    """:func:`commit_placements` on PostgreSQL, where the caller's transaction has claimed the
+    tasks (``FOR UPDATE``): they are still queued, so only the agents' slots can be refused.
+
+    One conditional UPDATE per agent reserves as many of its placements as it has free slots
+    (the others are lost races, picked again), then one batch moves the tasks and one
+    writes their events: a few round trips per round instead of three per placement, which keeps
+    the agents' rows locked for as short a time as possible.
     """
     now = time.time()
-    lost: list[str] = []
-    a, t = db.agents, db.tasks
-    with state.database.begin() as conn:
-        for task_id, decision in zip(task_ids, decisions, strict=True):
-            agent = decision.agent_id
-            if agent is None:
-                continue
-            reserved = conn.execute(
-                update(a)
-                .where(a.c.id == agent, a.c.running_count < a.c.gpu_capacity)
-                .values(running_count=a.c.running_count + 1)
-            ).rowcount
-            if reserved != 1:
-                lost.append(agent)
-                continue
-            moved = conn.execute(
-                update(t)
-                .where(t.c.id == task_id, t.c.status == "queued")
-                .values(status="dispatched", agent_id=agent, explain=decision.explain(),
-                        updated_at=now)
-            ).rowcount  # fmt: skip
-            if moved != 1:
-                _free_slot(conn, agent, 1)
-                lost.append(agent)
-                continue
-            _event(conn, task_id, "dispatched", agent, now)
-        for task_id, text in explains.items():
-            conn.execute(
-                update(t).where(t.c.id == task_id, t.c.status == "queued").values(explain=text)
-            )
+    t = db.tasks
+    if explains:
+        conn.execute(
+            update(t).where(t.c.id == bindparam("tid")).values(explain=bindparam("text")),
+            [{"tid": k, "text": v} for k, v in explains.items()],
+        )
+    by_agent: dict[str, list[tuple[str, Decision]]] = {}
+    for task_id, d in zip(task_ids, decisions, strict=True):
+        if d.agent_id is not None:
+            by_agent.setdefault(d.agent_id, []).append((task_id, d))
+    lost: list[Lost] = []
+    moves: list[dict[str, Any]] = []
+    for agent in sorted(by_agent):  # one lock order for every replica: no deadlock
+        placed = by_agent[agent]
+        # As many of the agent's placements as it has free slots, in the order picked: the
+        # row is locked and read, then raised by the slots granted, in one statement.
+        granted = conn.execute(_GRANT, {"id": agent, "k": len(placed)}).scalar() or 0
+        lost.extend(Lost(task_id, agent, agent_full=True) for task_id, _ in placed[granted:])
+        moves.extend(
+            {"tid": task_id, "agent": agent, "text": d.explain()} for task_id, d in placed[:granted]
+        )
+    if moves:
+        moved = conn.execute(
+            update(t)
+            .where(t.c.id == bindparam("tid"), t.c.status == "queued")
+            .values(status="dispatched", agent_id=bindparam("agent"), explain=bindparam("text"),
+                    updated_at=now),
+            moves,
+        ).rowcount  # fmt: skip
+        if moved != len(moves):  # a claimed task changed: roll the whole attempt back
+            raise RuntimeError(f"{len(moves) - moved} claimed tasks were no longer queued")
+        conn.execute(
+            db.task_events.insert(),
+            [{"task_id": m["tid"], "status": "dispatched", "agent_id": m["agent"], "at": now,
+              "detail": ""} for m in moves],
+        )  # fmt: skip
     return lost
 
 
@@ -303,17 +388,17 @@ def requeue_unstarted(state: ServerState, agent_id: str, cutoff: float) -> int:
         )
         moved = 0
         for task_id in ids:
-            moved += conn.execute(
+            one = conn.execute(
                 update(t)
                 .where(t.c.id == task_id, t.c.status == "dispatched", t.c.agent_id == agent_id)
                 .values(status="queued", agent_id=None, updated_at=now,
                         explain=f"queued again: {agent_id} stopped sending heartbeats")
             ).rowcount  # fmt: skip
-            _event(conn, task_id, "queued", agent_id, now, "agent heartbeats stopped")
+            if one:  # another replica may have queued it again first
+                moved += one
+                _event(conn, task_id, "queued", agent_id, now, "agent heartbeats stopped")
         if moved:
             _free_slot(conn, agent_id, moved)
-    with state.sync:
-        for _ in range(moved):
-            if agent_id in state.fleet:
-                state.fleet.release(agent_id)
+    if moved:
+        state.released(agent_id, moved)
     return moved

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ class LoadResult:
 
 
 def run_load(
-    server: ServerProcess,
+    servers: ServerProcess | Sequence[ServerProcess],
     runs: int = 2000,
     clients: int = 16,
     capacity: int = 2,
@@ -52,10 +53,19 @@ def run_load(
     kill_after: int | None = None,
     deadline_s: float = 60.0,
     drain_s: float = 30.0,
+    on_kill: Callable[[], None] | None = None,
 ) -> LoadResult:
     """Submit ``runs`` runs from ``clients`` threads with every demo agent working; with
-    ``kill_after``, SIGKILL the server once that many runs were accepted and start it again.
-    Submitting stops after ``deadline_s``; then at most ``drain_s`` more for the last tasks."""
+    ``kill_after``, SIGKILL the server once that many runs were accepted and start it again
+    (or call ``on_kill`` instead). Submitting stops after ``deadline_s``; then at most
+    ``drain_s`` more for the last tasks.
+
+    With several ``servers`` (replicas on one database) clients and agents are spread over them
+    round-robin, and one that finds its replica unreachable moves on to the next, as behind a
+    load balancer.
+    """
+    replicas = [servers] if isinstance(servers, ServerProcess) else list(servers)
+    server = replicas[0]
     demo = server.demo
     with server.client() as client:
         body = example_body(upload(client))
@@ -63,10 +73,13 @@ def run_load(
     result = LoadResult()
     lock = threading.Lock()
     stop_agents = threading.Event()
+    urls = [r.url for r in replicas]
     result.agents = [
-        FakeAgent(server.url, key, agent_id, capacity=capacity, task_seconds=task_seconds)
-        for agent_id, key in demo["agent_keys"].items()
-    ]
+        FakeAgent(urls[i % len(urls)], key, agent_id, capacity=capacity,
+                  task_seconds=task_seconds,
+                  fallback_urls=tuple(urls[(i + j) % len(urls)] for j in range(1, len(urls))))
+        for i, (agent_id, key) in enumerate(demo["agent_keys"].items())
+    ]  # fmt: skip
     agent_threads = [threading.Thread(target=a.run, args=(stop_agents, 0.2), daemon=True)
                      for a in result.agents]  # fmt: skip
     for t in agent_threads:
@@ -74,9 +87,12 @@ def run_load(
     remaining = [runs]
     killed = threading.Event()
     end_by = time.monotonic() + deadline_s
+    kill = on_kill or (lambda: _restart(server))
 
-    def client_loop() -> None:
-        with server.client() as http:
+    def client_loop(index: int) -> None:
+        https = [r.client(demo["api_key"]) for r in replicas]
+        at = index % len(https)
+        try:
             while time.monotonic() < end_by:
                 with lock:
                     if remaining[0] <= 0:
@@ -84,9 +100,10 @@ def run_load(
                     remaining[0] -= 1
                 t0 = time.perf_counter()
                 try:
-                    r = http.post(path, json=body)
+                    r = https[at].post(path, json=body)
                 except httpx.TransportError:
                     r = None
+                    at = (at + 1) % len(https)  # the next replica, as a load balancer would
                 dt = time.perf_counter() - t0
                 with lock:
                     if r is not None and r.status_code == 202:
@@ -103,10 +120,13 @@ def run_load(
                         and (len(result.accepted) >= kill_after)
                     ):
                         killed.set()
-                        threading.Thread(target=_restart, args=(server,)).start()
+                        threading.Thread(target=kill).start()
+        finally:
+            for http in https:
+                http.close()
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
