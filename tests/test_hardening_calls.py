@@ -18,7 +18,6 @@ import uuid
 from functools import partial
 from typing import Any
 
-import numba
 import numpy as np
 import pytest
 from hypothesis import event, given, settings

@@ -137,7 +137,9 @@ def test_policy_merges_weights_and_is_immutable():
 def test_default_policy_weights_are_all_positive():
     assert all(w > 0 for _, w in ScoringPolicy().weights.items())
     assert ScoringPolicy().heartbeat_timeout_s == 30.0 and ScoringPolicy().tie_band == 0.0
-    assert ScoringPolicy().locality_wait_s == 60.0  # chosen by the trace replay (notebooks/WEIGHTS.md)
+    assert (
+        ScoringPolicy().locality_wait_s == 60.0
+    )  # chosen by the trace replay (notebooks/WEIGHTS.md)
 
 
 def test_copies_are_validated_and_recompute_cached_values():

@@ -17,7 +17,7 @@ from scoring import S3FileStore, ScoringPolicy
 from scoring.server import db, demo, errors, heartbeats, storage, tasks
 from scoring.server.auth import Authenticator, Principal, load_secret, require
 from scoring.server.config import Settings
-from scoring.server.dispatch import Dispatcher
+from scoring.server.dispatch import Dispatcher, warm_up
 from scoring.server.errors import ApiError, not_found
 from scoring.server.replicas import FleetSync
 from scoring.server.schemas import (
@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         # More worker threads than a few only take turns on the GIL and on SQLite's single
         # writer: anyio's default of 40 served fewer runs per second in the load test than 8.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
+        await anyio.to_thread.run_sync(warm_up, state.policy)
         if sync is not None:
             sync.start()
         dispatcher.start()

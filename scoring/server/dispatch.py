@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from scoring import Decision, DispatchRequest, Fleet, ScoringPolicy, assign
+from scoring import Agent, Decision, DispatchRequest, Fleet, ScoringPolicy, assign, pick_agent
 from scoring.server import db, tasks
 from scoring.server.heartbeats import PERSIST_EVERY_S
 from scoring.server.replicas import sync_fleet
@@ -53,6 +54,22 @@ def place(
     or no free eligible agent); a placed one has already reserved its slot on the Fleet.
     """
     return assign(fleet, requests, policy, now)
+
+
+def warm_up(policy: ScoringPolicy) -> None:
+    """Compile the engine's kernels on a throwaway fleet before the server takes requests.
+
+    Compiling (seconds, without numba's on-disk cache) inside the first dispatch round would
+    hold the Fleet's lock that long, and every heartbeat would wait behind it.
+    """
+    team = uuid.UUID(int=1)
+    agent = Agent(agent_id="warm-up", team_id=team, status="idle", labels={"comfyui"},
+                  last_heartbeat=0.0, gpu_capacity=1, cached_models={"m"})  # fmt: skip
+    request = DispatchRequest(team_id=team, required_models={"m"}, submitted_at=0.0)
+    for wait in (0.0, 60.0):
+        fleet = Fleet.from_agents([agent])
+        assign(fleet, [request, request], policy.model_copy(update={"locality_wait_s": wait}), 1.0)
+    pick_agent(Fleet.from_agents([agent]), request, policy, now=1.0).explain()
 
 
 class Dispatcher:
