@@ -122,8 +122,14 @@ class FakeAgent:
                 self.running[task_id] = time.time() + self.task_seconds
 
     def busy_slots(self) -> int:
-        """Slots in use: running, finished but unreported, or handed out and being started."""
-        return len(self.running) + len(self.to_report) + len(self.to_start)
+        """Slots in use: tasks running, or handed out and being started.
+
+        A finished task whose completion is not yet acknowledged holds no slot: its GPU work is
+        done. (Counting it made a completion the server committed but could not answer, as when
+        a replica is killed mid-request, look like an over-filled agent once another replica
+        reused the slot it had correctly freed.)
+        """
+        return len(self.running) + len(self.to_start)
 
     def run(self, stop: threading.Event, interval: float = 1.0) -> None:
         """Step until ``stop`` is set, waking early when a task is due to finish."""
