@@ -19,11 +19,8 @@ import statistics
 import timeit
 from collections.abc import Callable
 
-from scoring import _kernels as K
-from scoring import pick
-from scoring.decision import Decision
+from scoring import pick, query
 from scoring.pick import pick_agent
-from scoring.query import build_query
 
 
 def per_call(fn: Callable[[], object], calls: int, number: int, repeat: int) -> dict[str, float]:
@@ -33,33 +30,18 @@ def per_call(fn: Callable[[], object], calls: int, number: int, repeat: int) -> 
     return {"best": min(times), "median": statistics.median(times)}
 
 
-def _finish(fleet, request, q, out, scratch) -> Decision:
-    """The part of ``scoring.pick.decide`` after the kernel (the same statements)."""
-    row, score, eligible, factors = out
-    _, counts, labels_and = scratch
-    n = q.rows.shape[0] + q.shared.shape[0]
-    tally = counts[: K.N_COUNTS].tolist()
-    considered = n - tally[K.SKIPPED] - tally[K.POOL]
-    rejected = tally[: K.N_REASONS]
-    rejected[K.POOL] = len(fleet) - considered
-    missing = pick._missing_labels(fleet, request, q, labels_and) if rejected[K.LABELS] else ()
-    if row < 0:
-        return Decision(None, None, (), eligible, rejected, considered, missing)
-    return Decision(
-        fleet.agent_id_at(row), score, factors, eligible, rejected, considered, missing, row
-    )
-
-
 def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7) -> dict:
     """``{"total": {...}, "steps": {step: {...}}, "profile": text}``, seconds per pick."""
     lock = fleet.lock
     entry = pick._pick_entry
     with lock:
-        queries = [build_query(fleet, r, policy, now) for r in requests]
+        parts = [query.translation(fleet, r, policy) for r in requests]
+        queries = [query.assemble(fleet, r, p, now) for r, p in zip(requests, parts, strict=True)]
         snapshots = []  # each request's query, kernel output and tally (copied from the scratch)
         for q in queries:
             out = entry(*fleet.columns, *q, *fleet.scratch())
-            snapshots.append((q, out, tuple(a.copy() for a in fleet.scratch())))
+            _, counts, labels_and = fleet.scratch()
+            snapshots.append((q, out, counts.copy(), labels_and.copy()))
     k = len(requests)
 
     def total():
@@ -77,15 +59,15 @@ def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7
 
     def translation():
         for r in requests:
-            build_query(fleet, r, policy, now)
+            query.assemble(fleet, r, query.translation(fleet, r, policy), now)
 
     def kernel():
         for q in queries:
             entry(*fleet.columns, *q, *fleet.scratch())
 
     def decision():
-        for r, (q, out, scratch) in zip(requests, snapshots, strict=True):
-            _finish(fleet, r, q, out, scratch)
+        for p, (q, out, counts, labels_and) in zip(parts, snapshots, strict=True):
+            pick.tally(fleet, p, q.rows.shape[0] + q.shared.shape[0], out, counts, labels_and)
 
     with lock:  # RLock: the steps inside take it again as pick_agent does, uncontended
         total()

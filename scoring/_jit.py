@@ -44,12 +44,15 @@ def jit(func):
 
 
 def jit_row(func):
-    """Compile ``func`` as a per-agent helper: no reference counting (``_nrt=False``).
+    """Compile ``func`` without reference counting (``_nrt=False``): for kernels that never
+    allocate, the per-agent helpers and the pick's flat entry point.
 
-    Row helpers take the fleet's columns and the query as namedtuples of arrays and never
-    allocate. With numba's reference counting on, every call would increment and decrement the
-    count of every array in both tuples: 90 ns per agent against 3.5 ns without (measured on a
-    10,000-agent fleet), which is the whole difference between a memory-bound scan and a slow one.
+    Row helpers take the fleet's columns and the query as namedtuples of arrays. With numba's
+    reference counting on, every call would increment and decrement the count of every array in
+    both tuples: 90 ns per agent against 3.5 ns without (measured on a 10,000-agent fleet), which
+    is the whole difference between a memory-bound scan and a slow one. Called from Python, an
+    entry point without it also borrows its arrays instead of wrapping each one in a counted
+    handle: 0.24 us against 0.87 us to call a function of the pick's 34 arguments (measured).
     """
     return njit(_nrt=False, **_OPTIONS)(func)
 

@@ -393,7 +393,7 @@ def _factor_rows(c, q, rows, out):
 # --- the flat entry point (see the module docstring for why it is flat) ------------------------
 
 
-@jit
+@jit_row  # borrows its arguments, allocates nothing: no reference counting
 def _pick_flat(
     team, status, opt_pos, team_pos, region, gpu_model, last_heartbeat, gpu_capacity,
     running_count, vram_gb, failure_rate, id_hash, labels, cached_models,

@@ -37,7 +37,7 @@ from scoring.fleet import Fleet
 from scoring.layout import Query
 from scoring.models import DispatchRequest, ScoringPolicy
 from scoring.pick import candidates, check_call
-from scoring.query import build_query
+from scoring.query import Parts, assemble, translation
 
 
 def assign(
@@ -87,7 +87,7 @@ def _submitted(request: DispatchRequest, now: float) -> float:
 
 class _Group(NamedTuple):
     query: Query
-    request: DispatchRequest  # the first of the group (any would do)
+    parts: Parts
 
 
 class _Batch:
@@ -105,7 +105,8 @@ class _Batch:
             g = index.get(key)
             if g is None:
                 g = index[key] = len(groups)
-                groups.append(_Group(build_query(fleet, r, policy, now), r))
+                parts = translation(fleet, r, policy)
+                groups.append(_Group(assemble(fleet, r, parts, now), parts))
             req_group[i] = g
         self.groups, self.req_group = groups, req_group
         self.req_hash = np.array([r.tie_key_hash for r in queue], np.uint64)
@@ -167,10 +168,9 @@ class _Batch:
                        self.warm_rows, self.counts, self.labels_and, self.considered,
                        self.eligible)  # fmt: skip
         self.missing = [
-            missing_label_names(self.fleet.labels, q.labels & ~self.labels_and[g],
-                                self.groups[g].request.labels_needed)
+            missing_label_names(group.parts.label_bits, self.labels_and[g].tolist())
             if self.counts[g, K.LABELS] else ()
-            for g, q in enumerate(qs)
+            for g, group in enumerate(self.groups)
         ]  # fmt: skip
 
     def run(self, select: np.ndarray, second_pass: bool) -> np.ndarray:

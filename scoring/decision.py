@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from scoring.models import FACTORS, REASONS
 
@@ -125,15 +124,17 @@ class Decision:
     __hash__ = None  # type: ignore[assignment]
 
 
-def missing_label_names(labels: Any, lacking: Any, needed: Iterable[str]) -> tuple[str, ...]:
-    """Sorted names of the required labels some label-rejected agent lacks.
+def missing_label_names(
+    label_bits: Iterable[tuple[str, int, int]], labels_and: Sequence[int]
+) -> tuple[str, ...]:
+    """Names of the required labels some label-rejected agent lacks, in the order given.
 
-    ``lacking`` is the kernels' bitset of those labels among the names ``labels`` (the fleet's
-    label interner) knows; the ``needed`` labels it does not know are lacked by every agent.
+    ``label_bits`` holds each required label as ``(name, word, bit)``, its bit in the fleet's
+    label bitsets, with word -1 for a label the fleet does not know (every agent lacks it);
+    ``labels_and`` is the AND of the label words of the label-rejected agents (the kernels'), so
+    a known label is lacked by one of them exactly when its bit is clear there.
     """
-    found = set(labels.names_of_bits(lacking))
-    found.update(label for label in needed if labels.get(label) < 0)
-    return tuple(sorted(found))
+    return tuple(name for name, word, bit in label_bits if word < 0 or not labels_and[word] & bit)
 
 
 def _same(a: float | None, b: float | None) -> bool:

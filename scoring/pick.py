@@ -21,11 +21,12 @@ from scoring.layout import Query
 from scoring.models import (
     DEFAULT_POLICY,
     FACTORS,
+    MAX_TIMESTAMP,
     REASONS,
     DispatchRequest,
     ScoringPolicy,
 )
-from scoring.query import build_query
+from scoring.query import Parts, assemble, build_query, translation
 
 #: Fleets at least this large are scanned by the parallel kernel, when numba has more than one
 #: thread and the machine has idle cores (:func:`cores_idle`). Measured on 2 idle cores (OpenMP
@@ -75,7 +76,8 @@ def decide(
     the indexed pick with); the decision is the same.
     """
     policy, now = _check(fleet, request, policy, now)
-    q = build_query(fleet, request, policy, now, full_scan)
+    parts = translation(fleet, request, policy)
+    q = assemble(fleet, request, parts, now, full_scan)
     n = q.rows.shape[0] + q.shared.shape[0]
     if n >= PARALLEL_THRESHOLD and (threads := numba.get_num_threads()) > 1 and cores_idle(threads):
         out = K._pick_parallel(fleet.columns, q, threads * CHUNKS_PER_THREAD)
@@ -83,26 +85,30 @@ def decide(
     else:
         masks, counts, labels_and = fleet.scratch()
         row, score, eligible, factors = _pick_entry(*fleet.columns, *q, masks, counts, labels_and)
-    tally = counts[: K.N_COUNTS].tolist()
-    considered = n - tally[K.SKIPPED] - tally[K.POOL]  # a full scan counts outsiders under pool
-    rejected = tally[: K.N_REASONS]
+    return tally(fleet, parts, n, (row, score, eligible, factors), counts, labels_and)
+
+
+def tally(
+    fleet: Fleet,
+    parts: Parts,
+    n: int,
+    out: tuple[int, float, int, tuple[float, ...]],
+    counts: np.ndarray,
+    labels_and: np.ndarray,
+) -> Decision:
+    """The Decision of a pick over ``n`` candidates, from the kernel's output and tallies."""
+    row, score, eligible, factors = out
+    rejected = counts[: K.N_COUNTS].tolist()
+    considered = n - rejected.pop() - rejected[K.POOL]  # pop: SKIPPED, the last count
     rejected[K.POOL] = len(fleet) - considered  # each agent outside the pool, once
-    missing = _missing_labels(fleet, request, q, labels_and) if rejected[K.LABELS] else ()
+    missing = (
+        missing_label_names(parts.label_bits, labels_and.tolist()) if rejected[K.LABELS] else ()
+    )
     if row < 0:
         return Decision(None, None, (), eligible, rejected, considered, missing)
     return Decision(
         fleet.agent_id_at(row), score, factors, eligible, rejected, considered, missing, row
     )
-
-
-def _missing_labels(
-    fleet: Fleet, request: DispatchRequest, q: Query, labels_and: np.ndarray
-) -> tuple[str, ...]:
-    """Required labels that some label-rejected agent of the pool lacks, resolved now (the
-    decision is a snapshot)."""
-    words = q.labels.shape[0]
-    lacking = q.labels & ~labels_and[:words]
-    return missing_label_names(fleet.labels, lacking, request.labels_needed)
 
 
 def _dispatch(fleet: Fleet, request: DispatchRequest, policy: Any, now: Any) -> Decision:
@@ -279,6 +285,8 @@ def _check_policy_now(policy: Any, now: Any) -> tuple[ScoringPolicy, float]:
         raise ValueError(f"policy must be a ScoringPolicy, got {_kind(policy)}")
     if now is None:
         return policy, time.time()
+    if type(now) is float and 0.0 <= now <= MAX_TIMESTAMP:  # the common case, checked fast
+        return policy, now
     return policy, checks.timestamp(now, "now")
 
 

@@ -33,6 +33,11 @@ def build_query(
     The candidates are the request's pool (its team's rows, plus the community index for a
     community request); with ``full_scan`` every row of the fleet (the reference path).
     """
+    return assemble(fleet, request, translation(fleet, request, policy), now, full_scan)
+
+
+def translation(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> Parts:
+    """The request's translated parts, from ``fleet.query_cache`` when it can. Under the lock."""
     cache = fleet.query_cache
     version = fleet.names_version
     if cache.get("version") != version:
@@ -51,18 +56,25 @@ def build_query(
             cache.clear()
             cache["version"] = version
         parts = cache[key] = _translate(fleet, request, policy)
+    return parts
+
+
+def assemble(
+    fleet: Fleet, request: DispatchRequest, parts: Parts, now: float, full_scan: bool = False
+) -> Query:
+    """:func:`build_query` from the request's translated parts (see :func:`translation`)."""
     team = fleet.teams.get(request.team_id.int, -1)
-    community = request.target_pool == "community"
     if full_scan:
         rows, shared = np.arange(len(fleet), dtype=np.int32), _NO_SHARED
     else:
         rows = fleet.team_rows(team)
-        shared = fleet.shared_rows() if community else _NO_SHARED
+        shared = fleet.shared_rows() if request.target_pool == "community" else _NO_SHARED
+    policy = parts.policy
     return Query(
         now,
         policy.heartbeat_timeout_s,
         team,
-        community,
+        request.target_pool == "community",
         parts.labels,
         parts.labels_unknown,
         np.nan if request.min_vram_gb is None else request.min_vram_gb,
@@ -79,25 +91,35 @@ def build_query(
     )
 
 
-class _Parts(NamedTuple):
+class Parts(NamedTuple):
+    """What a request translates to, apart from its pool, exclusions, tie key and the time."""
+
     policy: ScoringPolicy
     labels: np.ndarray
     labels_unknown: bool
     models: np.ndarray
     region_table: np.ndarray
     gpu_table: np.ndarray
+    #: ``(name, word, bit)`` of each required label, sorted by name; word -1: unknown to the
+    #: fleet (see :func:`scoring.decision.missing_label_names`)
+    label_bits: tuple[tuple[str, int, int], ...]
 
 
-def _translate(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> _Parts:
+def _translate(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> Parts:
     labels, labels_unknown = _bitset(fleet, "labels", request.labels_needed)
     models, _ = _bitset(fleet, "cached_models", request.required_models)
-    return _Parts(
+    label_bits = []
+    for name in sorted(request.labels_needed):
+        bit = fleet.labels.get(name)
+        label_bits.append((name, -1, 0) if bit < 0 else (name, bit >> 6, 1 << (bit & 63)))
+    return Parts(
         policy,
         labels,
         labels_unknown,
         models,
         _region_table(fleet, policy, request),
         _gpu_table(fleet, request.preferred_gpu),
+        tuple(label_bits),
     )
 
 
