@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -35,6 +36,7 @@ from scoring.server.schemas import (
     Uploaded,
     WorkflowOut,
 )
+from scoring.server.shares import SlotShares
 from scoring.server.state import ServerState
 from scoring.server.workflows import to_json
 
@@ -107,6 +109,8 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     settings = settings or Settings()
     state = state or build_state(settings)
     replicated = settings.sync_interval > 0
+    if replicated and settings.slot_shares and state.shares is None:
+        state.shares = SlotShares(uuid.uuid4().hex)
     dispatcher = Dispatcher(
         state,
         interval=settings.dispatch_interval_s,

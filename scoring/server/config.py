@@ -35,6 +35,9 @@ class Settings:
     #: With replicas (a sync interval), also read the agents' counts at the start of each
     #: dispatch round. Off: measured, it did not lower lost races (``tests/server/herding.py``).
     refresh_each_round: bool = False
+    #: With replicas, leave a freshly freed slot of another replica's agent to that replica
+    #: while the queue is longer than the free slots (:mod:`scoring.server.shares`).
+    slot_shares: bool = True
     #: ``ScoringPolicy.tie_band``: agents within this score of the best are picked among by the
     #: task id's hash, which spreads replicas' picks (DESIGN section 11).
     tie_band: float = 0.0

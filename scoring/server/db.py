@@ -134,6 +134,15 @@ agents = Table(
     Column("last_heartbeat", Float, nullable=True),
 )
 
+#: Server replicas on this database, each refreshing its row at every sync (slot shares:
+#: :mod:`scoring.server.shares`). Added within schema version 1: ``create_all`` adds it.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("seen_at", Float, nullable=False),
+)
+
 tasks = Table(
     "tasks",
     metadata,

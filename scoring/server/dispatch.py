@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from scoring import Agent, Decision, DispatchRequest, Fleet, ScoringPolicy, assign, pick_agent
-from scoring.server import db, tasks
+from scoring.server import db, shares, tasks
 from scoring.server.heartbeats import PERSIST_EVERY_S
 from scoring.server.replicas import sync_fleet
 from scoring.server.state import ServerState
@@ -198,11 +198,20 @@ class Dispatcher:
         (still ``pending`` until the transaction commits) and the lost races to pick again."""
         state = self.state
         t0 = time.perf_counter()
+        batch = [requests[i] for i in ids]
         with state.sync:
             t1 = time.perf_counter()
-            decisions = place(state.fleet, [requests[i] for i in ids], state.policy, now)
+            held = set() if state.shares is None else state.shares.held(state.fleet, now)
+            restricted = shares.restrict(state.fleet, batch, held)
+            decisions = place(state.fleet, restricted, state.policy, now)
             placed = [d.agent_id for d in decisions if d.agent_id is not None]
             state.pending.update(placed)
+            if explain and held:  # explain a waiting run by its own request, slots held or not
+                decisions = [
+                    self._unrestricted(r, d, now) if d.agent_id is None and c is not r else d
+                    for r, c, d in zip(batch, restricted, decisions, strict=True)
+                ]  # fmt: skip
+        self.stats["held_slots"] += len(held)
         t2 = time.perf_counter()
         explains = self._explanations(ids, decisions, now) if explain else {}
         try:
@@ -226,6 +235,14 @@ class Dispatcher:
                 self._explained.pop(task_id, None)
         accepted = list((Counter(placed) - refused).elements())
         return accepted, [x for x in lost if x.agent_full]
+
+    def _unrestricted(self, request: DispatchRequest, d: Decision, now: float) -> Decision:
+        """A waiting run's decision with the counts of its own request (the agents held for
+        other replicas are not its exclusions), for its explanation."""
+        p = pick_agent(self.state.fleet, request, self.state.policy, now)
+        rejected = list(p.rejected.values())
+        return Decision(None, None, (), p.eligible, rejected, p.considered, p.missing_labels,
+                        deferred=d.deferred, waiting_for=d.waiting_for)  # fmt: skip
 
     def _claim_size(self) -> int:
         """How many queued tasks an attempt claims: about what the free slots can take (the

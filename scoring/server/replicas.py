@@ -20,7 +20,7 @@ from uuid import UUID
 from sqlalchemy import select
 
 from scoring import Agent
-from scoring.server import db
+from scoring.server import db, shares
 from scoring.server.state import ServerState
 
 log = logging.getLogger("scoring.server.replicas")
@@ -106,5 +106,17 @@ class FleetSync:
             try:
                 if sync_fleet(self.state, self._seen):
                     self.state.wake.set()
+                if self.state.shares is not None:
+                    sync_shares(self.state, self.state.shares)
             except Exception:  # keep polling through a busy or restarting database
                 log.exception("fleet sync failed")
+
+
+def sync_shares(state: ServerState, slot_shares: shares.SlotShares) -> None:
+    """Say this replica is alive, and tell ``slot_shares`` the live replicas and whether the
+    queue is longer than the free slots (call after :func:`sync_fleet`)."""
+    with state.database.begin() as conn:
+        live = shares.heartbeat(conn, slot_shares.replica_id, time.time())
+        queued = shares.queued_count(conn)
+    free = state.free_slots
+    slot_shares.update(live, saturated=free is not None and queued > free)

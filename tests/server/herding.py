@@ -8,7 +8,9 @@ per combination. A measurement, not a test: it runs for minutes.
 
 Variants: ``baseline`` picks on the counts of the last poll with exact ties only; ``tie_band``
 spreads picks among agents within 0.05 of the best score by the task id's hash; ``refresh``
-reads the counts at the start of every round (``--refresh-each-round``).
+reads the counts at the start of every round (``--refresh-each-round``); ``slot_shares`` (the
+default) leaves a freshly freed slot of another replica's agent to its owner while the queue is
+longer than the free slots (:mod:`scoring.server.shares`). The first three race for every slot.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from .load import check, run_load
 from .replicas import dispatch_figures, replicas
 
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "baseline": ("--tie-band", "0"),
-    "tie_band": ("--tie-band", "0.05"),
-    "refresh": ("--refresh-each-round", "--tie-band", "0"),
+    "baseline": ("--no-slot-shares", "--tie-band", "0"),
+    "tie_band": ("--no-slot-shares", "--tie-band", "0.05"),
+    "refresh": ("--no-slot-shares", "--refresh-each-round", "--tie-band", "0"),
+    "slot_shares": ("--tie-band", "0"),
 }
 
 

@@ -1,0 +1,186 @@
+"""Slot shares (:mod:`scoring.server.shares`): who owns which agent, which free slots a replica
+leaves to their owners, and the requests it places with them held.
+
+Plain unit and property tests on a Fleet and a SQLite database; the herding they remove is
+measured by ``tests/server/herding.py`` on PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, assign
+from scoring.models import MAX_EXCLUDED
+from scoring.server import db, shares
+from scoring.server.shares import SlotShares, owner, restrict
+
+TEAM = uuid.UUID(int=7)
+ids = st.text(alphabet="abcdefgh0123456789-", min_size=1, max_size=12)
+
+
+def agent(agent_id: str, running: int = 0, capacity: int = 1, models: set[str] = frozenset()):
+    return Agent(agent_id=agent_id, team_id=TEAM, status="busy" if running else "idle",
+                 labels={"comfyui"}, last_heartbeat=100.0, gpu_capacity=capacity,
+                 running_count=running, cached_models=set(models))  # fmt: skip
+
+
+def two_replicas(agents: list[str]) -> tuple[str, str, list[str], list[str]]:
+    """Replica ids ``a`` and ``b``, and which of ``agents`` each owns."""
+    mine = [x for x in agents if owner(x, ("a", "b")) == "a"]
+    return "a", "b", mine, [x for x in agents if x not in mine]
+
+
+# --- ownership ---------------------------------------------------------------------------------
+
+
+@given(st.sets(ids, min_size=1, max_size=40), st.sets(ids, min_size=2, max_size=6))
+def test_every_agent_has_one_owner_among_the_replicas(agents, replicas):
+    order = sorted(replicas)
+    for a in agents:
+        assert owner(a, order) in replicas
+        assert owner(a, order) == owner(a, order[::-1])  # not the order given
+
+
+@given(st.sets(ids, min_size=1, max_size=40), st.sets(ids, min_size=2, max_size=6), st.data())
+def test_a_replica_that_goes_moves_only_its_own_agents(agents, replicas, data):
+    gone = data.draw(st.sampled_from(sorted(replicas)))
+    rest = sorted(replicas - {gone})
+    for a in agents:
+        before = owner(a, sorted(replicas))
+        if before != gone:
+            assert owner(a, rest) == before
+
+
+def test_ownership_spreads_agents_over_replicas():
+    counts = Counter(owner(f"gpu-{i}", ("r1", "r2", "r3", "r4")) for i in range(4000))
+    assert set(counts) == {"r1", "r2", "r3", "r4"}
+    assert min(counts.values()) > 850  # 1,000 each expected; 850 is 4.7 standard deviations off
+
+
+# --- held slots --------------------------------------------------------------------------------
+
+
+def test_a_saturated_replica_holds_only_other_replicas_free_agents_and_only_for_the_grace():
+    names = [f"gpu-{i}" for i in range(12)]
+    me, other, mine, theirs = two_replicas(names)
+    assert mine and theirs
+    full = {names[0], names[1]}
+    fleet = Fleet.from_agents([agent(x, running=1 if x in full else 0) for x in names])
+    shares_ = SlotShares(me, grace_s=1.0)
+    shares_.update([me, other], saturated=True)
+    assert shares_.held(fleet, now=10.0) == set(theirs) - full
+    assert shares_.held(fleet, now=10.9) == set(theirs) - full
+    assert shares_.held(fleet, now=11.0) == set()  # the owner had its second: anyone's now
+
+
+def test_a_slot_freed_again_is_held_again_from_when_it_freed():
+    names = [f"gpu-{i}" for i in range(12)]
+    me, other, _, theirs = two_replicas(names)
+    x = theirs[0]
+    fleet = Fleet.from_agents([agent(n) for n in names])
+    shares_ = SlotShares(me, grace_s=1.0)
+    shares_.update([me, other], saturated=True)
+    assert x in shares_.held(fleet, now=10.0)
+    fleet.heartbeat(x, 100.0, running_count=1)  # taken
+    assert x not in shares_.held(fleet, now=10.5)
+    fleet.heartbeat(x, 100.0, running_count=0)  # free again, first seen so at 12.0
+    assert x in shares_.held(fleet, now=12.0)
+    assert x in shares_.held(fleet, now=12.9)
+    assert x not in shares_.held(fleet, now=13.0)
+
+
+@pytest.mark.parametrize("replicas, saturated", [(["a"], True), (["a", "b"], False)])
+def test_nothing_is_held_by_a_lone_replica_or_when_slots_outnumber_the_queue(replicas, saturated):
+    fleet = Fleet.from_agents([agent(f"gpu-{i}") for i in range(12)])
+    shares_ = SlotShares("a")
+    shares_.update(replicas, saturated=saturated)
+    assert shares_.held(fleet, now=10.0) == set()
+
+
+def test_a_replica_that_goes_hands_its_agents_to_the_others():
+    names = [f"gpu-{i}" for i in range(12)]
+    me, other, _, theirs = two_replicas(names)
+    fleet = Fleet.from_agents([agent(n) for n in names])
+    shares_ = SlotShares(me)
+    shares_.update([me, other], saturated=True)
+    assert shares_.held(fleet, now=10.0) == set(theirs)
+    shares_.update([me], saturated=True)  # the other one stopped refreshing its row
+    assert shares_.held(fleet, now=10.1) == set()
+
+
+# --- requests placed with slots held -----------------------------------------------------------
+
+
+def test_restrict_excludes_held_agents_but_never_a_warm_one():
+    fleet = Fleet.from_agents([agent("warm", models={"sdxl"}), agent("cold"), agent("mine")])
+    warm_run = DispatchRequest(team_id=TEAM, required_models={"sdxl"}, tie_key="1")
+    any_run = DispatchRequest(team_id=TEAM, tie_key="2")
+    excluded = DispatchRequest(team_id=TEAM, exclude_agents={"cold"}, tie_key="3")
+    out = restrict(fleet, [warm_run, any_run, excluded], {"warm", "cold"})
+    assert out[0].exclude_agents == {"cold"}  # "warm" has its model: a warm placement stays open
+    assert out[1].exclude_agents == {"warm", "cold"}  # no model to be warm for
+    assert out[2].exclude_agents == {"warm", "cold"}
+    assert [r.tie_key for r in out] == ["1", "2", "3"]
+    assert restrict(fleet, out, set()) == out
+
+
+def test_requests_of_one_template_keep_one_template():
+    fleet = Fleet.from_agents([agent(f"gpu-{i}") for i in range(5)])
+    runs = [DispatchRequest(team_id=TEAM, tie_key=str(i)) for i in range(4)]
+    out = restrict(fleet, runs, {"gpu-1", "gpu-3"})
+    assert len({r.template for r in out}) == 1
+
+
+def test_restrict_keeps_a_request_within_the_exclusion_limit():
+    fleet = Fleet.from_agents([agent(f"gpu-{i}") for i in range(MAX_EXCLUDED + 10)])
+    run = DispatchRequest(team_id=TEAM, exclude_agents={"gpu-0"})
+    held = {f"gpu-{i}" for i in range(MAX_EXCLUDED + 10)}
+    (out,) = restrict(fleet, [run], held)
+    assert len(out.exclude_agents) == MAX_EXCLUDED and "gpu-0" in out.exclude_agents
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_assign_with_slots_held_never_takes_a_held_cold_slot(data):
+    n = data.draw(st.integers(2, 10))
+    models = [data.draw(st.sets(st.sampled_from(["m1", "m2"]))) for _ in range(n)]
+    fleet = Fleet.from_agents([agent(f"gpu-{i}", models=models[i]) for i in range(n)])
+    held = {f"gpu-{i}" for i in data.draw(st.sets(st.integers(0, n - 1)))}
+    runs = [
+        DispatchRequest(team_id=TEAM, tie_key=str(k),
+                        required_models=data.draw(st.sets(st.sampled_from(["m1", "m2"]))))
+        for k in range(data.draw(st.integers(1, 12)))
+    ]  # fmt: skip
+    policy = ScoringPolicy(locality_wait_s=0.0)
+    decisions = assign(fleet, restrict(fleet, runs, held), policy, now=100.0)
+    for run, d in zip(runs, decisions, strict=True):
+        if d.agent_id in held:  # only where every required model is cached
+            assert run.required_models and run.required_models <= models[int(d.agent_id[4:])]
+    # the slots left free are held ones or nobody wanted them
+    if any(d.agent_id is None for d in decisions):
+        assert all(fleet.get(f"gpu-{i}").running_count == 1 or f"gpu-{i}" in held
+                   for i in range(n))  # fmt: skip
+
+
+# --- the registry of live replicas -------------------------------------------------------------
+
+
+def test_replicas_register_and_expire(tmp_path: Path):
+    database = db.Database(f"sqlite:///{tmp_path / 'r.db'}")
+    database.create()
+    with database.begin() as conn:
+        assert shares.heartbeat(conn, "b", 100.0) == ("b",)
+        assert shares.heartbeat(conn, "a", 101.0) == ("a", "b")
+        assert shares.heartbeat(conn, "a", 102.0) == ("a", "b")
+        assert shares.heartbeat(conn, "a", 103.5) == ("a",)  # b unseen for more than TTL_S
+        shares.heartbeat(conn, "a", 100.0 + 10 * shares.TTL_S + 1)
+        rows = conn.execute(db.replicas.select()).all()
+    assert [r.id for r in rows] == ["a"]  # long gone rows are deleted
+    with database.read() as conn:
+        assert shares.queued_count(conn) == 0
+    database.dispose()
