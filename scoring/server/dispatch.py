@@ -226,6 +226,9 @@ class Dispatcher:
                   t1 - t0, t2 - t1, t3 - t2)  # fmt: skip
         refused = Counter(x.agent_id for x in lost)
         self.stats["lost_races"] += sum(x.agent_full for x in lost)
+        if state.shares is not None:  # whose agent the lost slot was (see shares.py)
+            own = sum(x.agent_full and state.shares.owns(x.agent_id) for x in lost)
+            self.stats["lost_races_own_agent"] += own
         self.stats["lost_tasks"] += sum(not x.agent_full for x in lost)
         self._give_back(list(refused.elements()))  # and their agents' counts resynced
         taken = {x.task_id for x in lost}

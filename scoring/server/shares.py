@@ -9,9 +9,10 @@ help there: the contention is for the slots, not for the best one among many.
 So each agent has one owner among the live replicas (rendezvous hashing of the agent id with the
 replica ids: when a replica goes, only its agents change owner). While the queue is longer than
 the free slots, a replica leaves a slot of another replica's agent to its owner for
-:data:`GRACE_S` after it first saw the slot free. After that anyone may take it (the owner had no
-use for it, or is gone), and a run whose required models are all cached there may take it at
-once, so holding a slot never turns a warm placement into a cold load. With one replica, or a
+:data:`GRACE_S` after it last saw the agent's count change while free. After that anyone may
+take it (the owner had no use for it, or is gone), and a run whose required models are all
+cached there may take it at once, so holding a slot never turns a warm placement into a cold
+load. With one replica, or a
 queue shorter than the free slots, nothing is held.
 
 The live replicas are rows of the ``replicas`` table that each replica refreshes at every sync
@@ -78,7 +79,7 @@ class SlotShares:
         self._replicas: tuple[str, ...] = (replica_id,)
         self._saturated = False
         self._owners: dict[str, bool] = {}  # agent id -> owned by another replica
-        self._free_since: dict[str, float] = {}
+        self._free_since: dict[str, tuple[int, float]] = {}  # agent -> (count, seen since)
         self._lock = threading.Lock()
 
     def update(self, replicas: Iterable[str], saturated: bool) -> None:
@@ -99,20 +100,32 @@ class SlotShares:
         with self._lock:
             replicas, saturated = self._replicas, self._saturated
         columns = fleet.columns
-        free_rows = np.flatnonzero(columns.running_count < columns.gpu_capacity).tolist()
-        free = {fleet.agent_id_at(row) for row in free_rows}
+        free_rows = np.flatnonzero(columns.running_count < columns.gpu_capacity)
+        counts = columns.running_count[free_rows].tolist()
+        free = {
+            fleet.agent_id_at(row): n for row, n in zip(free_rows.tolist(), counts, strict=True)
+        }
         since = self._free_since
         for agent in list(since):
             if agent not in free:
                 del since[agent]
-        for agent in free:
-            since.setdefault(agent, now)
+        for agent, n in free.items():
+            # The grace runs from the last change of the agent's count seen free: an owner that
+            # keeps the agent busy changes it between syncs, an owner with no use for it not.
+            if since.get(agent, (None, 0.0))[0] != n:
+                since[agent] = (n, now)
         if len(replicas) < 2 or not saturated:
             return set()
         return {
             agent for agent in free
-            if now - since[agent] < self.grace_s and self._foreign(agent, replicas)
+            if now - since[agent][1] < self.grace_s and self._foreign(agent, replicas)
         }  # fmt: skip
+
+    def owns(self, agent: str) -> bool:
+        """Whether this replica owns ``agent`` among the live replicas it knows."""
+        with self._lock:
+            replicas = self._replicas
+        return not self._foreign(agent, replicas)
 
     def _foreign(self, agent: str, replicas: tuple[str, ...]) -> bool:
         foreign = self._owners.get(agent)

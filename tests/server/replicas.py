@@ -52,6 +52,8 @@ def dispatch_figures(servers: Sequence[ServerProcess]) -> dict[str, float]:
         "replicas": len(servers),
         "placements": placements,
         "lost_races": lost,
+        "lost_races_own_agent": total.get("lost_races_own_agent", 0),
+        "held_slots": total.get("held_slots", 0),
         "lost_tasks": total.get("lost_tasks", 0),
         "repicks": total.get("repicks", 0),
         "rounds": total.get("rounds", 0),

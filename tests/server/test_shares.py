@@ -94,6 +94,20 @@ def test_a_slot_freed_again_is_held_again_from_when_it_freed():
     assert x not in shares_.held(fleet, now=13.0)
 
 
+def test_an_agent_its_owner_keeps_busy_stays_held():
+    """Seen free at every sync, but its count changes: the owner is using it."""
+    names = [f"gpu-{i}" for i in range(12)]
+    me, other, _, theirs = two_replicas(names)
+    x = theirs[0]
+    fleet = Fleet.from_agents([agent(n, capacity=3) for n in names])
+    shares_ = SlotShares(me, grace_s=1.0)
+    shares_.update([me, other], saturated=True)
+    for k, now in enumerate((10.0, 10.8, 11.6, 12.4)):
+        fleet.heartbeat(x, 100.0, running_count=k % 3)
+        assert x in shares_.held(fleet, now=now)
+    assert x not in shares_.held(fleet, now=13.4)  # unchanged for the grace: anyone's now
+
+
 @pytest.mark.parametrize("replicas, saturated", [(["a"], True), (["a", "b"], False)])
 def test_nothing_is_held_by_a_lone_replica_or_when_slots_outnumber_the_queue(replicas, saturated):
     fleet = Fleet.from_agents([agent(f"gpu-{i}") for i in range(12)])
