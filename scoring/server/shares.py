@@ -99,13 +99,16 @@ class SlotShares:
         Fleet's lock, or the lock that orders its changes)."""
         with self._lock:
             replicas, saturated = self._replicas, self._saturated
+        since = self._free_since
+        if len(replicas) < 2 or not saturated:
+            since.clear()  # nothing held: at the next saturation every free slot starts fresh
+            return set()
         columns = fleet.columns
         free_rows = np.flatnonzero(columns.running_count < columns.gpu_capacity)
         counts = columns.running_count[free_rows].tolist()
         free = {
             fleet.agent_id_at(row): n for row, n in zip(free_rows.tolist(), counts, strict=True)
         }
-        since = self._free_since
         for agent in list(since):
             if agent not in free:
                 del since[agent]
@@ -114,8 +117,6 @@ class SlotShares:
             # keeps the agent busy changes it between syncs, an owner with no use for it not.
             if since.get(agent, (None, 0.0))[0] != n:
                 since[agent] = (n, now)
-        if len(replicas) < 2 or not saturated:
-            return set()
         return {
             agent for agent in free
             if now - since[agent][1] < self.grace_s and self._foreign(agent, replicas)
