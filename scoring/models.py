@@ -451,7 +451,8 @@ class DispatchRequest(_Record):
     def template(self) -> tuple[Any, ...]:
         """Everything but the tie key and the submission time that decides which agents are
         eligible and how they score: requests with equal templates rank a fleet alike."""
-        return (self.team_id, self.target_pool, self.labels_needed, self.min_vram_gb,
+        # the team as its int: a tuple's hash is not kept, and a UUID hashes in Python
+        return (self.team_id.int, self.target_pool, self.labels_needed, self.min_vram_gb,
                 self.required_models, self.exclude_agents, self.submitter_region,
                 self.preferred_gpu)  # fmt: skip
 
