@@ -18,6 +18,10 @@ from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, assign
 from scoring.models import MAX_EXCLUDED
 from scoring.server import db, shares
 from scoring.server.shares import SlotShares, owner, restrict
+from scoring.sim.policies import Scorer
+from scoring.sim.simulation import SimConfig, prepare, simulate
+
+from .shares_sim import Replicated, run
 
 TEAM = uuid.UUID(int=7)
 ids = st.text(alphabet="abcdefgh0123456789-", min_size=1, max_size=12)
@@ -172,9 +176,10 @@ def test_assign_with_slots_held_never_takes_a_held_cold_slot(data):
     ]  # fmt: skip
     policy = ScoringPolicy(locality_wait_s=0.0)
     decisions = assign(fleet, restrict(fleet, runs, held), policy, now=100.0)
-    for run, d in zip(runs, decisions, strict=True):
+    for request, d in zip(runs, decisions, strict=True):
         if d.agent_id in held:  # only where every required model is cached
-            assert run.required_models and run.required_models <= models[int(d.agent_id[4:])]
+            needed = request.required_models
+            assert needed and needed <= models[int(d.agent_id[4:])]
     # the slots left free are held ones or nobody wanted them
     if any(d.agent_id is None for d in decisions):
         assert all(fleet.get(f"gpu-{i}").running_count == 1 or f"gpu-{i}" in held
@@ -198,3 +203,25 @@ def test_replicas_register_and_expire(tmp_path: Path):
     with database.read() as conn:
         assert shares.queued_count(conn) == 0
     database.dispose()
+
+
+# --- what holding costs in the simulation (tests/server/shares_sim.py) --------------------------
+
+
+def test_one_replica_in_the_simulation_is_the_plain_scorer():
+    """Nothing is held by a lone replica: the same run, metric for metric."""
+    config = SimConfig(n_agents=24, n_tasks=600, load=0.9, seed=3)
+    plain = run(config, [1])[1]
+    workload, agents = prepare(config)
+    alone = simulate(config, Replicated(Scorer(config.scoring_policy(), 3), 1), workload, agents)
+    drop = {"wall_s", "tasks_per_wall_s"}
+    assert {k: v for k, v in alone.metrics.items() if k not in drop} == {
+        k: v for k, v in plain.items() if k not in drop
+    }
+
+
+def test_replicas_holding_slots_still_complete_every_task():
+    config = SimConfig(n_agents=24, n_tasks=600, load=0.9, seed=3)
+    for r, metrics in run(config, [2, 4]).items():
+        assert metrics["completed"] == metrics["tasks"] == 600, r
+        assert metrics["waiting"] == metrics["in_flight"] == 0, r
