@@ -31,7 +31,7 @@ test-jit: $(STAMP)
 test-nojit: $(STAMP)
 	NUMBA_DISABLE_JIT=1 $(PY) -m pytest
 
-# The whole ladder up to 1,000,000 agents (about 10 minutes), then the report and the plot.
+# The whole ladder up to 1,000,000 agents (about 5 minutes on an idle 2-core machine), then the report and the plot.
 bench: $(STAMP)
 	mkdir -p out/bench
 	$(PY) -m pytest benchmarks --benchmark-json=out/bench/benchmark.json
