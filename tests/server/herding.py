@@ -28,7 +28,7 @@ from scoring.server import db
 
 from .conftest import ROOT, new_database, postgres_cluster
 from .load import check, run_load
-from .replicas import dispatch_figures, replicas
+from .replicas import dispatch_figures, replicas, write_rows
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "baseline": ("--no-slot-shares", "--tie-band", "0"),
@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"variant": name, **measure(url, n, VARIANTS[name], a.runs)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+    write_rows(a.out, rows)
     return 0
 
 

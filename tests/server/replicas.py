@@ -59,3 +59,10 @@ def dispatch_figures(servers: Sequence[ServerProcess]) -> dict[str, float]:
         "rounds": total.get("rounds", 0),
         "lost_races_per_placement": lost / placements if placements else 0.0,
     }
+
+
+def write_rows(path: str | Path, rows: list[dict[str, object]]) -> None:
+    """The rows of a measurement script, as indented JSON (parent directories made)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")

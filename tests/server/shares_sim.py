@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 from collections.abc import Hashable, Sequence
-from pathlib import Path
 from typing import Any
 
 from scoring import DispatchRequest, Fleet
@@ -30,6 +29,7 @@ from scoring.sim.trace import find_trace
 from scoring.sim.view import FleetView
 
 from .conftest import ROOT
+from .replicas import write_rows
 
 
 class Replicated(Policy):
@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                        **{k: metrics.get(k) for k in KEYS}}  # fmt: skip
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+    write_rows(a.out, rows)
     return 0
 
 
