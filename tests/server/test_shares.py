@@ -225,3 +225,60 @@ def test_replicas_holding_slots_still_complete_every_task():
     for r, metrics in run(config, [2, 4]).items():
         assert metrics["completed"] == metrics["tasks"] == 600, r
         assert metrics["waiting"] == metrics["in_flight"] == 0, r
+
+
+# --- the dispatch loop with slots held (in process, on SQLite) ---------------------------------
+
+
+def test_the_dispatch_loop_leaves_a_fresh_slot_to_its_owner_and_explains_by_the_run(tmp_path):
+    """A queued run whose only agent belongs to another replica waits out the grace, with an
+    explanation of its own request (the held agent is not one of its exclusions), then runs."""
+    import json
+    import time as clock
+
+    from scoring.server.app import build_state
+    from scoring.server.auth import Principal
+    from scoring.server.config import Settings
+    from scoring.server.dispatch import Dispatcher
+    from scoring.server.heartbeats import heartbeat
+
+    state = build_state(Settings(database=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                                 files_dir=str(tmp_path / "files"),
+                                 demo=str(tmp_path / "demo.json"), demo_agents=1))  # fmt: skip
+    try:
+        demo = json.loads((tmp_path / "demo.json").read_text())
+        agent_id = next(iter(demo["agent_keys"]))
+        team = uuid.UUID(demo["team_id"])
+        me = "replica-me"
+        other = next(f"replica-{k}" for k in range(100) if owner(agent_id, (me, f"replica-{k}"))
+                     != me)  # fmt: skip
+        state.shares = SlotShares(me, grace_s=1.0)
+        state.shares.update([me, other], saturated=True)
+        heartbeat(
+            state,
+            Principal("agent", team, agent_id=agent_id),
+            {"status": "idle", "gpu_capacity": 1, "running_count": 0, "labels": ["gpu", "comfyui"]},
+        )
+        request = DispatchRequest(team_id=team, required_labels={"gpu"})
+        now = clock.time()
+        with state.database.begin() as conn:
+            conn.execute(db.tasks.insert().values(
+                id=str(uuid.uuid4()), team_id=str(team), workflow_id=demo["workflow_id"],
+                workflow_version=1, dispatch_target="agent", tool_type="comfyui",
+                status="queued", agent_id=None, parameters={}, attempts=0, excluded=[],
+                request=request.model_dump(mode="json"), explain="queued", outputs=None,
+                created_at=now, updated_at=now))  # fmt: skip
+        dispatcher = Dispatcher(state)
+        assert dispatcher.run_once(now) == 0  # held for its owner
+        with state.database.read() as conn:
+            (row,) = conn.execute(db.tasks.select()).all()
+        assert row.status == "queued"
+        assert row.explain == "1/1 agents eligible"  # its own request: nothing excluded
+        assert dispatcher.stats["held_slots"] == 1
+        assert dispatcher.run_once(now + 0.9) == 0
+        assert dispatcher.run_once(now + 1.0) == 1  # the owner had no use for it: anyone's
+        with state.database.read() as conn:
+            (row,) = conn.execute(db.tasks.select()).all()
+        assert (row.status, row.agent_id) == ("dispatched", agent_id)
+    finally:
+        state.database.dispose()
