@@ -58,10 +58,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="with replicas, read the agents' counts at the start of every dispatch round",
     )
     p.add_argument(
-        "--no-slot-shares",
-        dest="slot_shares",
+        "--no-slot-holds",
+        dest="slot_holds",
         action="store_false",
-        help="with replicas, race for every free slot instead of leaving fresh ones to owners",
+        help="give a freshly freed slot to the first run that fits (no hold for warm runs or, "
+        "with replicas, for the agent's owner)",
     )
     p.add_argument(
         "--tie-band", type=float, default=d.tie_band, help="pick among agents this near the best"
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         demo_agents=a.demo_agents, s3_bucket=a.s3_bucket, s3_endpoint=a.s3_endpoint,
         heartbeat_timeout_s=a.heartbeat_timeout, max_attempts=a.max_attempts, threads=a.threads,
         sync_interval_s=a.sync_interval, tie_band=a.tie_band,
-        refresh_each_round=a.refresh_each_round, slot_shares=a.slot_shares, stats_path=a.stats,
+        refresh_each_round=a.refresh_each_round, slot_holds=a.slot_holds, stats_path=a.stats,
     )  # fmt: skip
 
 

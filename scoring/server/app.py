@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from scoring import S3FileStore, ScoringPolicy
+from scoring.holds import SlotHolds
 from scoring.server import db, demo, errors, heartbeats, storage, tasks
 from scoring.server.auth import Authenticator, Principal, load_secret, require
 from scoring.server.config import Settings
@@ -36,7 +37,6 @@ from scoring.server.schemas import (
     Uploaded,
     WorkflowOut,
 )
-from scoring.server.shares import SlotShares
 from scoring.server.state import ServerState
 from scoring.server.workflows import to_json
 
@@ -109,8 +109,8 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     settings = settings or Settings()
     state = state or build_state(settings)
     replicated = settings.sync_interval > 0
-    if replicated and settings.slot_shares and state.shares is None:
-        state.shares = SlotShares(uuid.uuid4().hex)
+    if settings.slot_holds and state.holds is None:
+        state.holds = SlotHolds(uuid.uuid4().hex)
     dispatcher = Dispatcher(
         state,
         interval=settings.dispatch_interval_s,

@@ -35,9 +35,10 @@ class Settings:
     #: With replicas (a sync interval), also read the agents' counts at the start of each
     #: dispatch round. Off: measured, it did not lower lost races (``tests/server/herding.py``).
     refresh_each_round: bool = False
-    #: With replicas, leave a freshly freed slot of another replica's agent to that replica
-    #: while the queue is longer than the free slots (:mod:`scoring.server.shares`).
-    slot_shares: bool = True
+    #: While the queue is longer than the free slots, keep a freshly freed slot a moment for runs
+    #: with their models cached there and, with replicas, for the agent's owner
+    #: (:mod:`scoring.holds`).
+    slot_holds: bool = True
     #: ``ScoringPolicy.tie_band``: agents within this score of the best are picked among by the
     #: task id's hash, which spreads replicas' picks (DESIGN section 11).
     tie_band: float = 0.0

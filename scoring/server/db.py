@@ -134,8 +134,8 @@ agents = Table(
     Column("last_heartbeat", Float, nullable=True),
 )
 
-#: Server replicas on this database, each refreshing its row at every sync (slot shares:
-#: :mod:`scoring.server.shares`). Added within schema version 1: ``create_all`` adds it.
+#: Server replicas on this database, each refreshing its row at every sync (the owners of
+#: agents: :mod:`scoring.server.shares`). Added within schema version 1: ``create_all`` adds it.
 replicas = Table(
     "replicas",
     metadata,

@@ -21,8 +21,17 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from scoring import Agent, Decision, DispatchRequest, Fleet, ScoringPolicy, assign, pick_agent
-from scoring.server import db, shares, tasks
+from scoring import (
+    Agent,
+    Decision,
+    DispatchRequest,
+    Fleet,
+    ScoringPolicy,
+    assign,
+    holds,
+    pick_agent,
+)
+from scoring.server import db, tasks
 from scoring.server.heartbeats import PERSIST_EVERY_S
 from scoring.server.replicas import sync_fleet
 from scoring.server.state import ServerState
@@ -201,8 +210,8 @@ class Dispatcher:
         batch = [requests[i] for i in ids]
         with state.sync:
             t1 = time.perf_counter()
-            held = set() if state.shares is None else state.shares.held(state.fleet, now)
-            restricted = shares.restrict(state.fleet, batch, held)
+            held = self._held(len(ids), now)
+            restricted = holds.restrict(state.fleet, batch, held)
             decisions = place(state.fleet, restricted, state.policy, now)
             placed = [d.agent_id for d in decisions if d.agent_id is not None]
             state.pending.update(placed)
@@ -211,7 +220,7 @@ class Dispatcher:
                     self._unrestricted(r, d, now) if d.agent_id is None and c is not r else d
                     for r, c, d in zip(batch, restricted, decisions, strict=True)
                 ]  # fmt: skip
-        self.stats["held_slots"] += len(held)
+        self.stats["held_slots"] += len(held.fresh | held.foreign)
         t2 = time.perf_counter()
         explains = self._explanations(ids, decisions, now) if explain else {}
         try:
@@ -226,8 +235,8 @@ class Dispatcher:
                   t1 - t0, t2 - t1, t3 - t2)  # fmt: skip
         refused = Counter(x.agent_id for x in lost)
         self.stats["lost_races"] += sum(x.agent_full for x in lost)
-        if state.shares is not None:  # whose agent the lost slot was (see shares.py)
-            own = sum(x.agent_full and state.shares.owns(x.agent_id) for x in lost)
+        if state.holds is not None:  # whose agent the lost slot was (see scoring.holds)
+            own = sum(x.agent_full and state.holds.owns(x.agent_id) for x in lost)
             self.stats["lost_races_own_agent"] += own
         self.stats["lost_tasks"] += sum(not x.agent_full for x in lost)
         self._give_back(list(refused.elements()))  # and their agents' counts resynced
@@ -238,6 +247,17 @@ class Dispatcher:
                 self._explained.pop(task_id, None)
         accepted = list((Counter(placed) - refused).elements())
         return accepted, [x for x in lost if x.agent_full]
+
+    def _held(self, queued: int, now: float) -> holds.Held:
+        """The slots held from this round's runs (call under ``sync``). A lone process (no
+        sync thread) judges the queue by the tasks this round took against the Fleet's free
+        slots; replicas by the database's counts, at every sync."""
+        state = self.state
+        if state.holds is None:
+            return holds.Held()
+        if state.free_slots is None:
+            state.holds.update((), saturated=queued > holds.free_slots(state.fleet))
+        return state.holds.held(state.fleet, now)
 
     def _unrestricted(self, request: DispatchRequest, d: Decision, now: float) -> Decision:
         """A waiting run's decision with the counts of its own request (the agents held for

@@ -20,6 +20,7 @@ from uuid import UUID
 from sqlalchemy import select
 
 from scoring import Agent
+from scoring.holds import SlotHolds
 from scoring.server import db, shares
 from scoring.server.state import ServerState
 
@@ -106,17 +107,17 @@ class FleetSync:
             try:
                 if sync_fleet(self.state, self._seen):
                     self.state.wake.set()
-                if self.state.shares is not None:
-                    sync_shares(self.state, self.state.shares)
+                if self.state.holds is not None:
+                    sync_holds(self.state, self.state.holds)
             except Exception:  # keep polling through a busy or restarting database
                 log.exception("fleet sync failed")
 
 
-def sync_shares(state: ServerState, slot_shares: shares.SlotShares) -> None:
-    """Say this replica is alive, and tell ``slot_shares`` the live replicas and whether the
-    queue is longer than the free slots (call after :func:`sync_fleet`)."""
+def sync_holds(state: ServerState, holds: SlotHolds) -> None:
+    """Say this replica is alive, and tell ``holds`` the live replicas and whether the queue is
+    longer than the free slots (call after :func:`sync_fleet`)."""
     with state.database.begin() as conn:
-        live = shares.heartbeat(conn, slot_shares.replica_id, time.time())
+        live = shares.heartbeat(conn, holds.replica_id, time.time())
         queued = shares.queued_count(conn)
     free = state.free_slots
-    slot_shares.update(live, saturated=free is not None and queued > free)
+    holds.update(live, saturated=free is not None and queued > free)

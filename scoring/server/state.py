@@ -17,9 +17,9 @@ from uuid import UUID
 from sqlalchemy import select
 
 from scoring import Agent, Fleet, ScoringPolicy
+from scoring.holds import SlotHolds
 from scoring.server import db
 from scoring.server.auth import Authenticator
-from scoring.server.shares import SlotShares
 from scoring.server.storage import UploadStore
 from scoring.server.workflows import WorkflowRepository
 
@@ -46,8 +46,8 @@ class ServerState:
     wake: threading.Event = field(default_factory=threading.Event)
     #: Free slots of live agents in the database at the last sync (replicas only; None: unknown).
     free_slots: int | None = None
-    #: Replicas only: the slots this replica leaves to other replicas (see shares.py).
-    shares: SlotShares | None = None
+    #: The freshly freed slots kept for warm runs and for their owner replica (scoring.holds).
+    holds: SlotHolds | None = None
     #: Last heartbeat record written to the database per agent, and when (see heartbeats.py).
     persisted: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
 

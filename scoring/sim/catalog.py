@@ -8,6 +8,10 @@ from scoring import ScoringPolicy
 from scoring.sim.emulate import ColdRule
 from scoring.sim.policies import _CHOOSERS, POLICY_NAMES, Delay, Policy, Scorer
 
+#: The scorer without :mod:`scoring.holds` (accepted by :func:`make_policy`, not in the default
+#: list of policies).
+NO_HOLD = "scorer-no-hold"
+
 
 def make_policy(
     name: str, policy: ScoringPolicy, seed: int = 0, wait_s: float | None = None
@@ -17,6 +21,8 @@ def make_policy(
     the waiting budget of ``delay`` (default: ``policy.locality_wait_s``)."""
     if name == "scorer":
         return Scorer(policy, seed)
+    if name == NO_HOLD:  # the engine without the dispatcher's slot holds, for comparison
+        return Scorer(policy, seed, name=NO_HOLD, hold_s=0.0)
     if name.startswith("cold:"):  # experiments on cold placement (scoring.sim.emulate)
         return ColdRule(policy, seed, name.removeprefix("cold:"))
     if name == "delay":

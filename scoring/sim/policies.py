@@ -22,6 +22,7 @@ from collections.abc import Callable, Hashable, Sequence
 import numpy as np
 
 from scoring import DispatchRequest, Fleet, ScoringPolicy, assign
+from scoring.holds import HOLD_S, SlotHolds, free_slots, restrict
 from scoring.pick import eligible_agents, evaluate
 from scoring.sim.view import LOAD_ESTIMATE_S, AgentView, FleetView
 
@@ -83,15 +84,20 @@ class Policy(ABC):
 
 
 class Scorer(Policy):
-    """The engine with its policy: ``scoring.assign`` on the batch (warm-first, deferring up to
-    ``policy.locality_wait_s``)."""
+    """The engine with its policy, as the API server's dispatch loop runs it: ``scoring.assign``
+    on the batch (warm-first, deferring up to ``policy.locality_wait_s``), with freshly freed
+    slots held for warm runs for ``hold_s`` while the batch outnumbers the free slots
+    (:mod:`scoring.holds`; ``hold_s=0``: no hold)."""
 
     name = "scorer"
 
-    def __init__(self, policy: ScoringPolicy, seed: int = 0, name: str = "scorer") -> None:
+    def __init__(
+        self, policy: ScoringPolicy, seed: int = 0, name: str = "scorer", hold_s: float = HOLD_S
+    ) -> None:
         super().__init__(policy, seed)
         self.name = name
         self.wait_s = policy.locality_wait_s
+        self.holds = SlotHolds(hold_s=hold_s) if hold_s > 0 else None
 
     def assign(
         self,
@@ -101,6 +107,9 @@ class Scorer(Policy):
         submitted: Sequence[float],
         now: float,
     ) -> list[Outcome]:
+        if self.holds is not None:
+            self.holds.update((), saturated=len(requests) > free_slots(fleet))
+            requests = restrict(fleet, requests, self.holds.held(fleet, now))
         decisions = assign(fleet, list(requests), self.policy, now=now)
         # Held back while no agent at all is free for it: to the dispatcher that is "no room"
         # (its class waits for capacity instead of being offered on every event).

@@ -1,16 +1,17 @@
-"""What slot shares cost in decisions: the trace replayed with the scorer placing as one
-dispatcher, and as 2 and 4 replicas that hold other replicas' freshly freed slots.
+"""What slot holds do to decisions: the trace replayed with the scorer placing as one dispatcher
+without holds, with them (the default), and as 2 and 4 replicas that also leave each other's
+freshly freed slots to their owners (:mod:`scoring.holds`).
 
 ``python -m tests.server.shares_sim [--trace auto] [--loads 0.1 0.2 0.3] [--seeds 0 1]`` prints,
 per load and seed, the cold-load rate, the end-to-end p95 and the dispatcher's overhead p95 of
 each, and writes them to ``--out`` (JSON). A measurement, not a test.
 
 The simulation has one exact view of the fleet, so replicas never race here: what it shows is
-only the price of holding. Each dispatch event's batch (oldest first) is dealt to the replicas in
-turn, as replicas claiming the queue's oldest tasks concurrently would share it; each replica
-then places its share on the fleet as the server's dispatch loop does, with the agents it holds
-for their owners excluded (:func:`scoring.server.shares.restrict`). The queue counts as longer
-than the free slots when the batch is.
+only what holding does to the decisions. Each dispatch event's batch (oldest first) is dealt to
+the replicas in turn, as replicas claiming the queue's oldest tasks concurrently would share it;
+each replica then places its share on the fleet as the server's dispatch loop does, with the
+agents it holds excluded (:func:`scoring.holds.restrict`). The queue counts as longer than the
+free slots when the batch is.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 from scoring import DispatchRequest, Fleet
-from scoring.server.shares import GRACE_S, SlotShares, restrict
+from scoring.holds import HOLD_S, SlotHolds, free_slots, restrict
 from scoring.sim.policies import Outcome, Policy, Scorer
 from scoring.sim.simulation import SimConfig, prepare, simulate
 from scoring.sim.trace import find_trace
@@ -33,14 +34,14 @@ from .replicas import write_rows
 
 
 class Replicated(Policy):
-    """``inner`` placing as ``replicas`` server replicas with slot shares would."""
+    """The scorer placing as ``replicas`` server replicas with slot holds would."""
 
-    def __init__(self, inner: Scorer, replicas: int, grace_s: float = GRACE_S) -> None:
-        super().__init__(inner.policy)
-        self.inner = inner
-        self.name = f"{inner.name}-x{replicas}"
-        self.wait_s = inner.wait_s
-        self.shares = [SlotShares(f"replica-{k}", grace_s) for k in range(replicas)]
+    def __init__(self, config: SimConfig, replicas: int) -> None:
+        super().__init__(config.scoring_policy())
+        self.inner = Scorer(config.scoring_policy(), config.seed, hold_s=0.0)
+        self.name = f"scorer-x{replicas}"
+        self.wait_s = self.inner.wait_s
+        self.shares = [SlotHolds(f"replica-{k}") for k in range(replicas)]
         self.ids = tuple(s.replica_id for s in self.shares)
 
     def bind(self, view: FleetView, transfer: Any) -> None:
@@ -55,9 +56,7 @@ class Replicated(Policy):
         submitted: Sequence[float],
         now: float,
     ) -> list[Outcome]:
-        c = fleet.columns
-        free = int((c.gpu_capacity.astype(int) - c.running_count).clip(min=0).sum())
-        saturated = len(requests) > free
+        saturated = len(requests) > free_slots(fleet)
         out: list[Outcome] = [(None, False)] * len(requests)
         n = len(self.shares)
         for k, shares in enumerate(self.shares):
@@ -75,12 +74,16 @@ class Replicated(Policy):
 
 
 def run(config: SimConfig, replicas: Sequence[int]) -> dict[int, dict[str, float]]:
-    """The scorer's metrics as ``r`` replicas, for each ``r`` (1: the plain scorer)."""
+    """The scorer's metrics as ``r`` replicas, for each ``r`` (1: the default scorer, one
+    dispatcher with holds; 0: one dispatcher without them)."""
     workload, agents = prepare(config)
     out = {}
     for r in replicas:
-        scorer = Scorer(config.scoring_policy(), config.seed)
-        policy: Policy = scorer if r == 1 else Replicated(scorer, r)
+        policy: Policy
+        if r <= 1:
+            policy = Scorer(config.scoring_policy(), config.seed, hold_s=0.0 if r == 0 else HOLD_S)
+        else:
+            policy = Replicated(config, r)
         out[r] = simulate(config, policy, workload, agents).metrics
     return out
 
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=None, help="trace rows (default: all)")
     p.add_argument("--loads", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--replicas", type=int, nargs="+", default=[0, 1, 2, 4],
+                   help="0: one dispatcher without holds")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "out" / "server" / "shares_sim.json"))
     a = p.parse_args(argv)
     trace = find_trace() if a.trace == "auto" else (None if a.trace == "none" else a.trace)

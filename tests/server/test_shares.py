@@ -1,8 +1,10 @@
-"""Slot shares (:mod:`scoring.server.shares`): who owns which agent, which free slots a replica
-leaves to their owners, and the requests it places with them held.
+"""Slot holds (:mod:`scoring.holds`) and the replica registry (:mod:`scoring.server.shares`):
+who owns which agent, which free slots a dispatcher holds for warm runs and for their owner, the
+requests it places with them held, and the dispatch loop doing so.
 
-Plain unit and property tests on a Fleet and a SQLite database; the herding they remove is
-measured by ``tests/server/herding.py`` on PostgreSQL."""
+Plain unit and property tests on a Fleet, the simulation and a SQLite database; the herding the
+holds remove is measured by ``tests/server/herding.py`` on PostgreSQL, what they do to decisions
+by ``tests/server/shares_sim.py`` on the trace."""
 
 from __future__ import annotations
 
@@ -15,10 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, assign
+from scoring.holds import Held, SlotHolds, owner, restrict
 from scoring.models import MAX_EXCLUDED
 from scoring.server import db, shares
-from scoring.server.shares import SlotShares, owner, restrict
-from scoring.sim.policies import Scorer
 from scoring.sim.simulation import SimConfig, prepare, simulate
 
 from .shares_sim import Replicated, run
@@ -69,17 +70,19 @@ def test_ownership_spreads_agents_over_replicas():
 # --- held slots --------------------------------------------------------------------------------
 
 
-def test_a_saturated_replica_holds_only_other_replicas_free_agents_and_only_for_the_grace():
+def test_a_saturated_replica_holds_fresh_slots_for_warm_runs_and_others_for_their_owner():
     names = [f"gpu-{i}" for i in range(12)]
     me, other, mine, theirs = two_replicas(names)
     assert mine and theirs
     full = {names[0], names[1]}
     fleet = Fleet.from_agents([agent(x, running=1 if x in full else 0) for x in names])
-    shares_ = SlotShares(me, grace_s=1.0)
-    shares_.update([me, other], saturated=True)
-    assert shares_.held(fleet, now=10.0) == set(theirs) - full
-    assert shares_.held(fleet, now=10.9) == set(theirs) - full
-    assert shares_.held(fleet, now=11.0) == set()  # the owner had its second: anyone's now
+    holds = SlotHolds(me, hold_s=1.0, grace_s=1.5)
+    holds.update([me, other], saturated=True)
+    free = set(names) - full
+    assert holds.held(fleet, now=10.0) == (free, set(theirs) - full)
+    assert holds.held(fleet, now=10.9) == (free, set(theirs) - full)
+    assert holds.held(fleet, now=11.0) == (set(), set(theirs) - full)  # warm runs had their second
+    assert holds.held(fleet, now=11.5) == (set(), set())  # the owner had its time: anyone's now
 
 
 def test_a_slot_freed_again_is_held_again_from_when_it_freed():
@@ -87,15 +90,16 @@ def test_a_slot_freed_again_is_held_again_from_when_it_freed():
     me, other, _, theirs = two_replicas(names)
     x = theirs[0]
     fleet = Fleet.from_agents([agent(n) for n in names])
-    shares_ = SlotShares(me, grace_s=1.0)
+    shares_ = SlotHolds(me, hold_s=0.5, grace_s=1.0)
     shares_.update([me, other], saturated=True)
-    assert x in shares_.held(fleet, now=10.0)
+    assert x in shares_.held(fleet, now=10.0).foreign
     fleet.heartbeat(x, 100.0, running_count=1)  # taken
-    assert x not in shares_.held(fleet, now=10.5)
+    assert x not in shares_.held(fleet, now=10.5).foreign
     fleet.heartbeat(x, 100.0, running_count=0)  # free again, first seen so at 12.0
-    assert x in shares_.held(fleet, now=12.0)
-    assert x in shares_.held(fleet, now=12.9)
-    assert x not in shares_.held(fleet, now=13.0)
+    assert x in shares_.held(fleet, now=12.0).fresh
+    assert x not in shares_.held(fleet, now=12.5).fresh
+    assert x in shares_.held(fleet, now=12.9).foreign
+    assert x not in shares_.held(fleet, now=13.0).foreign
 
 
 def test_an_agent_its_owner_keeps_busy_stays_held():
@@ -104,31 +108,39 @@ def test_an_agent_its_owner_keeps_busy_stays_held():
     me, other, _, theirs = two_replicas(names)
     x = theirs[0]
     fleet = Fleet.from_agents([agent(n, capacity=3) for n in names])
-    shares_ = SlotShares(me, grace_s=1.0)
+    shares_ = SlotHolds(me, hold_s=0.5, grace_s=1.0)
     shares_.update([me, other], saturated=True)
     for k, now in enumerate((10.0, 10.8, 11.6, 12.4)):
         fleet.heartbeat(x, 100.0, running_count=k % 3)
-        assert x in shares_.held(fleet, now=now)
-    assert x not in shares_.held(fleet, now=13.4)  # unchanged for the grace: anyone's now
+        assert x in shares_.held(fleet, now=now).foreign
+    assert x not in shares_.held(fleet, now=13.4).foreign  # unchanged for the grace: anyone's
 
 
-@pytest.mark.parametrize("replicas, saturated", [(["a"], True), (["a", "b"], False)])
-def test_nothing_is_held_by_a_lone_replica_or_when_slots_outnumber_the_queue(replicas, saturated):
+@pytest.mark.parametrize("replicas", [["a"], ["a", "b"]])
+def test_nothing_is_held_when_slots_outnumber_the_queue(replicas):
     fleet = Fleet.from_agents([agent(f"gpu-{i}") for i in range(12)])
-    shares_ = SlotShares("a")
-    shares_.update(replicas, saturated=saturated)
-    assert shares_.held(fleet, now=10.0) == set()
+    holds = SlotHolds("a")
+    holds.update(replicas, saturated=False)
+    assert not holds.held(fleet, now=10.0)
+
+
+def test_a_lone_dispatcher_holds_fresh_slots_for_warm_runs_only():
+    names = [f"gpu-{i}" for i in range(12)]
+    fleet = Fleet.from_agents([agent(n, running=1 if n == "gpu-0" else 0) for n in names])
+    holds = SlotHolds("a")
+    holds.update(["a"], saturated=True)
+    assert holds.held(fleet, now=10.0) == (set(names) - {"gpu-0"}, set())
 
 
 def test_a_replica_that_goes_hands_its_agents_to_the_others():
     names = [f"gpu-{i}" for i in range(12)]
     me, other, _, theirs = two_replicas(names)
     fleet = Fleet.from_agents([agent(n) for n in names])
-    shares_ = SlotShares(me)
-    shares_.update([me, other], saturated=True)
-    assert shares_.held(fleet, now=10.0) == set(theirs)
-    shares_.update([me], saturated=True)  # the other one stopped refreshing its row
-    assert shares_.held(fleet, now=10.1) == set()
+    holds = SlotHolds(me)
+    holds.update([me, other], saturated=True)
+    assert holds.held(fleet, now=10.0).foreign == set(theirs)
+    holds.update([me], saturated=True)  # the other one stopped refreshing its row
+    assert holds.held(fleet, now=10.1).foreign == set()
 
 
 # --- requests placed with slots held -----------------------------------------------------------
@@ -139,26 +151,30 @@ def test_restrict_excludes_held_agents_but_never_a_warm_one():
     warm_run = DispatchRequest(team_id=TEAM, required_models={"sdxl"}, tie_key="1")
     any_run = DispatchRequest(team_id=TEAM, tie_key="2")
     excluded = DispatchRequest(team_id=TEAM, exclude_agents={"cold"}, tie_key="3")
-    out = restrict(fleet, [warm_run, any_run, excluded], {"warm", "cold"})
+    foreign = Held(foreign=frozenset({"warm", "cold"}))
+    out = restrict(fleet, [warm_run, any_run, excluded], foreign)
     assert out[0].exclude_agents == {"cold"}  # "warm" has its model: a warm placement stays open
     assert out[1].exclude_agents == {"warm", "cold"}  # no model to be warm for
     assert out[2].exclude_agents == {"warm", "cold"}
     assert [r.tie_key for r in out] == ["1", "2", "3"]
-    assert restrict(fleet, out, set()) == out
+    assert restrict(fleet, out, Held()) == out
+    # held for warm runs only: a run with no model to load is not held back
+    out = restrict(fleet, [warm_run, any_run], Held(fresh=frozenset({"warm", "cold"})))
+    assert out[0].exclude_agents == {"cold"} and out[1].exclude_agents == set()
 
 
 def test_requests_of_one_template_keep_one_template():
     fleet = Fleet.from_agents([agent(f"gpu-{i}") for i in range(5)])
     runs = [DispatchRequest(team_id=TEAM, tie_key=str(i)) for i in range(4)]
-    out = restrict(fleet, runs, {"gpu-1", "gpu-3"})
+    out = restrict(fleet, runs, Held(foreign=frozenset({"gpu-1", "gpu-3"})))
     assert len({r.template for r in out}) == 1
 
 
 def test_restrict_keeps_a_request_within_the_exclusion_limit():
     fleet = Fleet.from_agents([agent(f"gpu-{i}") for i in range(MAX_EXCLUDED + 10)])
     run = DispatchRequest(team_id=TEAM, exclude_agents={"gpu-0"})
-    held = {f"gpu-{i}" for i in range(MAX_EXCLUDED + 10)}
-    (out,) = restrict(fleet, [run], held)
+    held = frozenset(f"gpu-{i}" for i in range(MAX_EXCLUDED + 10))
+    (out,) = restrict(fleet, [run], Held(foreign=held))
     assert len(out.exclude_agents) == MAX_EXCLUDED and "gpu-0" in out.exclude_agents
 
 
@@ -168,18 +184,21 @@ def test_assign_with_slots_held_never_takes_a_held_cold_slot(data):
     n = data.draw(st.integers(2, 10))
     models = [data.draw(st.sets(st.sampled_from(["m1", "m2"]))) for _ in range(n)]
     fleet = Fleet.from_agents([agent(f"gpu-{i}", models=models[i]) for i in range(n)])
-    held = {f"gpu-{i}" for i in data.draw(st.sets(st.integers(0, n - 1)))}
+    held = frozenset(f"gpu-{i}" for i in data.draw(st.sets(st.integers(0, n - 1))))
     runs = [
         DispatchRequest(team_id=TEAM, tie_key=str(k),
                         required_models=data.draw(st.sets(st.sampled_from(["m1", "m2"]))))
         for k in range(data.draw(st.integers(1, 12)))
     ]  # fmt: skip
     policy = ScoringPolicy(locality_wait_s=0.0)
-    decisions = assign(fleet, restrict(fleet, runs, held), policy, now=100.0)
+    fresh = data.draw(st.booleans())  # held for warm runs, or for another replica
+    decisions = assign(fleet, restrict(fleet, runs, Held(held) if fresh else Held(foreign=held)),
+                       policy, now=100.0)  # fmt: skip
     for request, d in zip(runs, decisions, strict=True):
-        if d.agent_id in held:  # only where every required model is cached
+        if d.agent_id in held:  # only where every required model is cached, or none is needed
             needed = request.required_models
-            assert needed and needed <= models[int(d.agent_id[4:])]
+            warm = needed and needed <= models[int(d.agent_id[4:])]
+            assert warm or (fresh and not needed)
     # the slots left free are held ones or nobody wanted them
     if any(d.agent_id is None for d in decisions):
         assert all(fleet.get(f"gpu-{i}").running_count == 1 or f"gpu-{i}" in held
@@ -208,12 +227,12 @@ def test_replicas_register_and_expire(tmp_path: Path):
 # --- what holding costs in the simulation (tests/server/shares_sim.py) --------------------------
 
 
-def test_one_replica_in_the_simulation_is_the_plain_scorer():
-    """Nothing is held by a lone replica: the same run, metric for metric."""
+def test_one_replica_in_the_simulation_is_the_default_scorer():
+    """A lone replica holds what the default scorer holds: the same run, metric for metric."""
     config = SimConfig(n_agents=24, n_tasks=600, load=0.9, seed=3)
     plain = run(config, [1])[1]
     workload, agents = prepare(config)
-    alone = simulate(config, Replicated(Scorer(config.scoring_policy(), 3), 1), workload, agents)
+    alone = simulate(config, Replicated(config, 1), workload, agents)
     drop = {"wall_s", "tasks_per_wall_s"}
     assert {k: v for k, v in alone.metrics.items() if k not in drop} == {
         k: v for k, v in plain.items() if k not in drop
@@ -252,8 +271,9 @@ def test_the_dispatch_loop_leaves_a_fresh_slot_to_its_owner_and_explains_by_the_
         me = "replica-me"
         other = next(f"replica-{k}" for k in range(100) if owner(agent_id, (me, f"replica-{k}"))
                      != me)  # fmt: skip
-        state.shares = SlotShares(me, grace_s=1.0)
-        state.shares.update([me, other], saturated=True)
+        state.holds = SlotHolds(me, grace_s=1.0)
+        state.holds.update([me, other], saturated=True)  # what a replica's sync thread tells it
+        state.free_slots = 0  # a replica: its sync thread judges the queue
         heartbeat(
             state,
             Principal("agent", team, agent_id=agent_id),
