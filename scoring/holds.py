@@ -16,9 +16,11 @@ the next runs may have wanted. Two holds keep such a slot for a moment:
   the same few free slots at once and all but one lose the race (``scoring.server.shares``).
 
 After its hold a slot is anyone's: a hold delays a placement by at most a second, never forever.
-With a queue shorter than the free slots nothing is held. Holds are exclusions added to the
-requests (:func:`restrict`), so ``assign`` itself is unchanged and still groups requests of one
-template.
+The owner's grace applies only while the queue is longer than the free slots (the races it
+prevents need that); the hold for warm runs always (a cold run then takes a slot that has been
+free a while, when there is one, rather than the one a warm run may be about to want). Holds
+are exclusions added to the requests (:func:`restrict`), so ``assign`` itself is unchanged and
+still groups requests of one template.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ class SlotHolds:
     """One dispatcher's holds: when each free slot last changed, and who owns which agent.
 
     :meth:`update` gives it the live replicas (just itself for a lone dispatcher) and whether the
-    queue is longer than the free slots; :meth:`held` is called before each placement, with the
-    Fleet about to be placed on, under the lock that orders the Fleet's changes.
+    queue is longer than the free slots (the owner's grace needs both); :meth:`held` is called
+    before each placement, with the Fleet about to be placed on, under the lock that orders the
+    Fleet's changes.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class SlotHolds:
         self._saturated = False
         self._owners: dict[str, bool] = {}  # agent id -> owned by another replica
         self._free_since: dict[str, tuple[int, float]] = {}  # agent -> (count, seen since)
+        self._release: float | None = None
         self._lock = threading.Lock()
 
     def update(self, replicas: Iterable[str], saturated: bool) -> None:
@@ -100,9 +104,6 @@ class SlotHolds:
         with self._lock:
             replicas, saturated = self._replicas, self._saturated
         since = self._free_since
-        if not saturated:
-            since.clear()  # nothing held: at the next saturation every free slot starts fresh
-            return Held()
         columns = fleet.columns
         free_rows = np.flatnonzero(columns.running_count < columns.gpu_capacity)
         counts = columns.running_count[free_rows].tolist()
@@ -118,13 +119,21 @@ class SlotHolds:
             if since.get(agent, (None, 0.0))[0] != n:
                 since[agent] = (n, now)
         fresh = frozenset(a for a in free if now - since[a][1] < self.hold_s)
-        if len(replicas) < 2:
-            return Held(fresh)
-        foreign = frozenset(
-            a for a in free
-            if now - since[a][1] < self.grace_s and self._foreign(a, replicas)
-        )  # fmt: skip
+        ends = [since[a][1] + self.hold_s for a in fresh]
+        foreign: frozenset[str] = frozenset()
+        if len(replicas) > 1 and saturated:
+            foreign = frozenset(
+                a for a in free
+                if now - since[a][1] < self.grace_s and self._foreign(a, replicas)
+            )  # fmt: skip
+            ends += [since[a][1] + self.grace_s for a in foreign]
+        self._release = min(ends, default=None)
         return Held(fresh, foreign)
+
+    def release_at(self) -> float | None:
+        """When the first slot held at the last :meth:`held` opens to every run (``None``: none
+        was held)."""
+        return self._release
 
     def owns(self, agent: str) -> bool:
         """Whether this replica owns ``agent`` among the live replicas it knows."""

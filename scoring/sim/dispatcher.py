@@ -15,6 +15,10 @@ opted in). A batch holds, per class and model, at most as many tasks as there ar
 tasks of one class and one model are alike to every policy except by age, and the older ones
 come first, so the younger ones could not be placed in that batch anyway.
 
+A policy that holds free slots back (the scorer's slot holds, :mod:`scoring.holds`) says when
+the first of them opens to every run (``Policy.release_at``); the dispatcher wakes then and offers
+every waiting class again, as the API server's dispatch loop runs at least once a second.
+
 A task whose attempt failed, or whose agent disconnected, is retried with that agent in
 ``exclude_agents``. If the exclusions leave no eligible agent, the dispatcher tries once more
 without them: running on an agent that once failed beats waiting for ever (a one-agent team).
@@ -134,6 +138,7 @@ class Dispatcher:
         self.community: set[tuple[Any, ...]] = set()
         self.blocked: set[tuple[Any, ...]] = set()
         self.expiries: list[tuple[float, int, TaskState]] = []  # deferrals, earliest first
+        self.rechecks: list[float] = []  # when slots the policy held open to every run
         self.next_wake = math.inf
         self.picks = 0  # requests handed to the policy
         self.batches = 0  # assign calls
@@ -185,6 +190,13 @@ class Dispatcher:
             _, _, state = heapq.heappop(self.expiries)
             if state.queued:
                 keys.add(state.key)
+        recheck = False
+        while self.rechecks and self.rechecks[0] <= now:
+            heapq.heappop(self.rechecks)
+            recheck = True
+        if recheck:  # a held slot opened: every waiting class may use it now
+            self.blocked.clear()
+            keys.update(self.classes)
         self._offer_classes(keys - self.blocked)
         self._schedule()
 
@@ -229,6 +241,9 @@ class Dispatcher:
                 retry.append(state)
             else:
                 self.blocked.add(state.key)
+        release = getattr(self.policy, "release_at", None)  # a Policy has it; a stand-in may not
+        if self.classes and release is not None and (at := release()) is not None:
+            self._recheck(at)
         if retry:
             outcomes = self._assign(retry, [s.plain_request for s in retry], now)
             for state, (agent_id, _) in zip(retry, outcomes, strict=True):
@@ -255,9 +270,18 @@ class Dispatcher:
             heapq.heappush(self.expiries, (at, state.seq, state))
             self._schedule()
 
+    def _recheck(self, at: float) -> None:
+        """Offer the waiting classes again at ``at``, when a slot the policy held opens."""
+        at += _EXPIRY_SLACK_S
+        if not self.rechecks or at < self.rechecks[0]:
+            heapq.heappush(self.rechecks, at)
+            self._schedule()
+
     def _schedule(self) -> None:
-        if self.expiries and self.expiries[0][0] < self.next_wake:
-            self.next_wake = self.expiries[0][0]
+        first = min(self.expiries[0][0] if self.expiries else math.inf,
+                    self.rechecks[0] if self.rechecks else math.inf)  # fmt: skip
+        if first < self.next_wake:
+            self.next_wake = first
             self.wake(self.next_wake)
 
     def _dequeue(self, state: TaskState) -> None:

@@ -78,6 +78,11 @@ class Policy(ABC):
         ``submitted[i]`` is when request i was submitted (seconds since the epoch).
         """
 
+    def release_at(self) -> float | None:
+        """When a slot this policy held back at its last :meth:`assign` opens to every run
+        (``None``: nothing held); the dispatcher offers its waiting runs again then."""
+        return None
+
     def _reserve(self, fleet: Fleet, agent_id: str, request: DispatchRequest, now: float) -> None:
         fleet.reserve(agent_id)  # one more running, busy: as Fleet.dispatch does for its pick
         self.view.reserve(agent_id, request.required_models, now)
@@ -118,6 +123,9 @@ class Scorer(Policy):
             if agent_id is not None:
                 self.view.reserve(agent_id, request.required_models, now)
         return out
+
+    def release_at(self) -> float | None:
+        return None if self.holds is None else self.holds.release_at()
 
 
 class Chooser(Policy):

@@ -8,9 +8,9 @@ per combination. A measurement, not a test: it runs for minutes.
 
 Variants: ``baseline`` picks on the counts of the last poll with exact ties only; ``tie_band``
 spreads picks among agents within 0.05 of the best score by the task id's hash; ``refresh``
-reads the counts at the start of every round (``--refresh-each-round``); ``slot_shares`` (the
+reads the counts at the start of every round (``--refresh-each-round``); ``slot_holds`` (the
 default) leaves a freshly freed slot of another replica's agent to its owner while the queue is
-longer than the free slots (:mod:`scoring.server.shares`). The first three race for every slot.
+longer than the free slots (:mod:`scoring.holds`). The first three race for every slot.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from .load import check, run_load
 from .replicas import dispatch_figures, replicas, write_rows
 
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "baseline": ("--no-slot-shares", "--tie-band", "0"),
-    "tie_band": ("--no-slot-shares", "--tie-band", "0.05"),
-    "refresh": ("--no-slot-shares", "--refresh-each-round", "--tie-band", "0"),
-    "slot_shares": ("--tie-band", "0"),
+    "baseline": ("--no-slot-holds", "--tie-band", "0"),
+    "tie_band": ("--no-slot-holds", "--tie-band", "0.05"),
+    "refresh": ("--no-slot-holds", "--refresh-each-round", "--tie-band", "0"),
+    "slot_holds": ("--tie-band", "0"),
 }
 
 

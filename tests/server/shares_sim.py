@@ -44,6 +44,10 @@ class Replicated(Policy):
         self.shares = [SlotHolds(f"replica-{k}") for k in range(replicas)]
         self.ids = tuple(s.replica_id for s in self.shares)
 
+    def release_at(self) -> float | None:
+        ends = [at for s in self.shares if (at := s.release_at()) is not None]
+        return min(ends, default=None)
+
     def bind(self, view: FleetView, transfer: Any) -> None:
         super().bind(view, transfer)
         self.inner.bind(view, transfer)

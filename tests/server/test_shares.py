@@ -117,11 +117,15 @@ def test_an_agent_its_owner_keeps_busy_stays_held():
 
 
 @pytest.mark.parametrize("replicas", [["a"], ["a", "b"]])
-def test_nothing_is_held_when_slots_outnumber_the_queue(replicas):
-    fleet = Fleet.from_agents([agent(f"gpu-{i}") for i in range(12)])
+def test_with_slots_to_spare_fresh_slots_are_held_for_warm_runs_but_none_for_owners(replicas):
+    names = [f"gpu-{i}" for i in range(12)]
+    fleet = Fleet.from_agents([agent(n) for n in names])
     holds = SlotHolds("a")
     holds.update(replicas, saturated=False)
-    assert not holds.held(fleet, now=10.0)
+    assert holds.held(fleet, now=10.0) == (set(names), set())
+    assert holds.release_at() == 10.0 + holds.hold_s
+    assert not holds.held(fleet, now=10.0 + holds.hold_s)
+    assert holds.release_at() is None
 
 
 def test_a_lone_dispatcher_holds_fresh_slots_for_warm_runs_only():
