@@ -6,6 +6,11 @@ freshly freed slots to their owners (:mod:`scoring.holds`).
 per load and seed, the cold-load rate, the end-to-end p95 and the dispatcher's overhead p95 of
 each, and writes them to ``--out`` (JSON). A measurement, not a test.
 
+Known limit: since the simulation's dispatcher wakes whenever a held slot opens, 2 and 4 replicas
+are slow on the full trace (each wake-up offers every waiting class again, and the replicas'
+placements keep restarting each other's holds: a 3,000-task run at load 0.3 did not finish in
+5 minutes where one dispatcher takes 15 s). Rate-limiting those wake-ups is the next step.
+
 The simulation has one exact view of the fleet, so replicas never race here: what it shows is
 only what holding does to the decisions. Each dispatch event's batch (oldest first) is dealt to
 the replicas in turn, as replicas claiming the queue's oldest tasks concurrently would share it;
