@@ -215,14 +215,11 @@ class Dispatcher:
             decisions = place(state.fleet, restricted, state.policy, now)
             placed = [d.agent_id for d in decisions if d.agent_id is not None]
             state.pending.update(placed)
-            if explain and held:  # explain a waiting run by its own request, slots held or not
-                decisions = [
-                    self._unrestricted(r, d, now) if d.agent_id is None and c is not r else d
-                    for r, c, d in zip(batch, restricted, decisions, strict=True)
-                ]  # fmt: skip
         self.stats["held_slots"] += len(held.fresh | held.foreign)
         t2 = time.perf_counter()
-        explains = self._explanations(ids, decisions, now) if explain else {}
+        # a waiting run is explained by its own request, whatever was held from it
+        own = {i: r for i, r, c in zip(ids, batch, restricted, strict=True) if c is not r}
+        explains = self._explanations(ids, decisions, now, own) if explain else {}
         try:
             lost = tasks.commit_placements(state, ids, decisions, explains, conn)
         except Exception:
@@ -236,8 +233,8 @@ class Dispatcher:
         refused = Counter(x.agent_id for x in lost)
         self.stats["lost_races"] += sum(x.agent_full for x in lost)
         if state.holds is not None:  # whose agent the lost slot was (see scoring.holds)
-            own = sum(x.agent_full and state.holds.owns(x.agent_id) for x in lost)
-            self.stats["lost_races_own_agent"] += own
+            mine = sum(x.agent_full and state.holds.owns(x.agent_id) for x in lost)
+            self.stats["lost_races_own_agent"] += mine
         self.stats["lost_tasks"] += sum(not x.agent_full for x in lost)
         self._give_back(list(refused.elements()))  # and their agents' counts resynced
         taken = {x.task_id for x in lost}
@@ -301,10 +298,15 @@ class Dispatcher:
                     self._resync(agent)
 
     def _explanations(
-        self, ids: list[str], decisions: list[Decision], now: float
+        self,
+        ids: list[str],
+        decisions: list[Decision],
+        now: float,
+        own: dict[str, DispatchRequest],
     ) -> dict[str, str]:
         """The changed explanations of tasks left queued (each rewritten at most every
-        :data:`EXPLAIN_EVERY_S`)."""
+        :data:`EXPLAIN_EVERY_S`); ``own`` holds the requests of those placed with slots held
+        from them, explained by a pick of their own request (only when due)."""
         explains = {}
         for task_id, d in zip(ids, decisions, strict=True):
             if d.agent_id is not None:
@@ -312,7 +314,8 @@ class Dispatcher:
             last = self._explained.get(task_id)
             if last is not None and now - last[1] < EXPLAIN_EVERY_S:
                 continue
-            text = d.explain()
+            request = own.get(task_id)
+            text = (d if request is None else self._unrestricted(request, d, now)).explain()
             self._explained[task_id] = (text, now)
             if last is None or last[0] != text:
                 explains[task_id] = text
