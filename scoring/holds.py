@@ -95,10 +95,6 @@ class SlotHolds:
                 self._replicas, self._owners = live, {}
             self._saturated = saturated
 
-    @property
-    def replicas(self) -> tuple[str, ...]:
-        return self._replicas
-
     def held(self, fleet: Fleet, now: float) -> Held:
         """The agents held now (see :class:`Held`)."""
         with self._lock:
