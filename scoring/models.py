@@ -14,6 +14,7 @@ arguments of the fleet's and the pick's calls the same way.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -428,6 +429,11 @@ class Agent(_Record):
     failure_rate: Annotated[Fraction, AfterValidator(_failure_steps)] = 0.0
 
 
+MAX_TEMPLATE_IDS = 65_536  # templates numbered by DispatchRequest.template_id before a restart
+_TEMPLATE_IDS: dict[tuple[Any, ...], int] = {}
+_TEMPLATE_NUMBERS = itertools.count()  # never reused, so a cleared table cannot merge templates
+
+
 class DispatchRequest(_Record):
     """One task asking for an agent: who submits it, from where, and what it needs.
 
@@ -455,6 +461,23 @@ class DispatchRequest(_Record):
         return (self.team_id.int, self.target_pool, self.labels_needed, self.min_vram_gb,
                 self.required_models, self.exclude_agents, self.submitter_region,
                 self.preferred_gpu)  # fmt: skip
+
+    @cached
+    def template_id(self) -> int:
+        """A number for :attr:`template`: requests with different templates never share one.
+
+        Grouping a queue by it costs an int's hash instead of the template's (a tuple's hash is
+        not kept, and two equal templates compare their sets element by element). Equal templates
+        share a number unless the process-wide table filled up (``MAX_TEMPLATE_IDS``) and was
+        cleared between their first reads; then they are merely grouped apart.
+        """
+        template = self.template
+        number = _TEMPLATE_IDS.get(template)
+        if number is None:
+            if len(_TEMPLATE_IDS) >= MAX_TEMPLATE_IDS:
+                _TEMPLATE_IDS.clear()  # bounded whatever templates arrive
+            number = _TEMPLATE_IDS.setdefault(template, next(_TEMPLATE_NUMBERS))
+        return number
 
     @cached
     def labels_needed(self) -> frozenset[str]:

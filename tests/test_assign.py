@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, assign, pick_agent
+from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, assign, models, pick_agent
 from scoring import reference as R
 from tests.strategies import NOW, agent_lists, policies, requests
 
@@ -150,3 +150,32 @@ def test_when_every_run_is_cold_they_are_all_placed_in_the_second_pass():
                             submitted_at=NOW, tie_key=f"run-{i}") for i in range(2)]  # fmt: skip
     decisions = assign(fleet, runs, WAIT, now=NOW)
     assert sorted(d.agent_id for d in decisions) == ["cold", "warm"]
+
+
+# --- grouping by template number ----------------------------------------------------------------
+
+
+def test_equal_templates_share_a_number_and_different_ones_never_do():
+    a = DispatchRequest(team_id=TEAM, required_models={MODEL}, tie_key="a", submitted_at=1.0)
+    b = DispatchRequest(team_id=TEAM, required_models={MODEL}, tie_key="b", submitted_at=2.0)
+    c = DispatchRequest(team_id=TEAM, required_models={MODEL}, min_vram_gb=8.0)
+    assert a.template == b.template and a.template_id == b.template_id
+    assert c.template != a.template and c.template_id != a.template_id
+
+
+@settings(max_examples=50)
+@given(queues())
+def test_assign_is_a_dispatch_loop_when_equal_templates_get_different_numbers(queue):
+    """The template table cleared at every new template (its bound at 1): equal templates are
+    grouped apart, which may cost speed but never changes a decision."""
+    agents, reqs, policy = queue
+    policy = policy.model_copy(update={"locality_wait_s": 0.0})
+    reqs = [r.model_copy() for r in reqs]  # fresh records: no number read yet
+    fleet, loop = Fleet.from_agents(agents), Fleet.from_agents(agents)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "MAX_TEMPLATE_IDS", 1)
+        got = assign(fleet, reqs, policy, now=NOW)
+    order = sorted(range(len(reqs)), key=lambda i: (reqs[i].submitted_at or NOW, i))
+    expected = {i: loop.dispatch(reqs[i], policy, now=NOW) for i in order}
+    assert got == [expected[i] for i in range(len(reqs))]
+    assert fleet.agents() == loop.agents()
