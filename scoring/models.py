@@ -429,9 +429,30 @@ class Agent(_Record):
     failure_rate: Annotated[Fraction, AfterValidator(_failure_steps)] = 0.0
 
 
-MAX_TEMPLATE_IDS = 65_536  # templates numbered by DispatchRequest.template_id before a restart
-_TEMPLATE_IDS: dict[tuple[Any, ...], int] = {}
-_TEMPLATE_NUMBERS = itertools.count()  # never reused, so a cleared table cannot merge templates
+class Numbering:
+    """Numbers for values, so that grouping or looking them up costs an int's hash.
+
+    Different values never share a number (numbers are never reused). Equal values share one
+    unless the table filled up (``limit``) and was cleared between their first lookups; callers
+    only lose a cache hit or a grouping then, never correctness. Bounded whatever values arrive.
+    """
+
+    def __init__(self, limit: int = 65_536) -> None:
+        self.limit = limit
+        self._numbers: dict[Any, int] = {}
+        self._next = itertools.count()
+
+    def __call__(self, value: Any) -> int:
+        number = self._numbers.get(value)
+        if number is None:
+            if len(self._numbers) >= self.limit:
+                self._numbers.clear()
+            number = self._numbers.setdefault(value, next(self._next))
+        return number
+
+
+TEMPLATES = Numbering()  # DispatchRequest.template_id
+TRANSLATIONS = Numbering()  # DispatchRequest.translation_id
 
 
 class DispatchRequest(_Record):
@@ -464,20 +485,17 @@ class DispatchRequest(_Record):
 
     @cached
     def template_id(self) -> int:
-        """A number for :attr:`template`: requests with different templates never share one.
+        """A number for :attr:`template` (:class:`Numbering`: different templates never share
+        one): grouping a queue by it costs an int's hash instead of the template's (a tuple's
+        hash is not kept, and two equal templates compare their sets element by element)."""
+        return TEMPLATES(self.template)
 
-        Grouping a queue by it costs an int's hash instead of the template's (a tuple's hash is
-        not kept, and two equal templates compare their sets element by element). Equal templates
-        share a number unless the process-wide table filled up (``MAX_TEMPLATE_IDS``) and was
-        cleared between their first reads; then they are merely grouped apart.
-        """
-        template = self.template
-        number = _TEMPLATE_IDS.get(template)
-        if number is None:
-            if len(_TEMPLATE_IDS) >= MAX_TEMPLATE_IDS:
-                _TEMPLATE_IDS.clear()  # bounded whatever templates arrive
-            number = _TEMPLATE_IDS.setdefault(template, next(_TEMPLATE_NUMBERS))
-        return number
+    @cached
+    def translation_id(self) -> int:
+        """A number for the fields a fleet translates into bit masks and tables (required labels
+        and models, region, preferred GPU); the key of ``scoring.query``'s cache."""
+        return TRANSLATIONS((self.labels_needed, self.required_models, self.submitter_region,
+                             self.preferred_gpu))  # fmt: skip
 
     @cached
     def labels_needed(self) -> frozenset[str]:

@@ -43,13 +43,7 @@ def translation(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -
     if cache.get("version") != version:
         cache.clear()
         cache["version"] = version
-    key = (
-        request.labels_needed,
-        request.required_models,
-        request.submitter_region,
-        request.preferred_gpu,
-        id(policy),
-    )
+    key = (request.translation_id, id(policy))
     parts = cache.get(key)
     if parts is None or parts.policy is not policy:  # holding the policy keeps its id unique
         if len(cache) >= _CACHE_LIMIT:

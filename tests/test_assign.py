@@ -173,9 +173,16 @@ def test_assign_is_a_dispatch_loop_when_equal_templates_get_different_numbers(qu
     reqs = [r.model_copy() for r in reqs]  # fresh records: no number read yet
     fleet, loop = Fleet.from_agents(agents), Fleet.from_agents(agents)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(models, "MAX_TEMPLATE_IDS", 1)
+        patch.setattr(models.TEMPLATES, "limit", 1)
         got = assign(fleet, reqs, policy, now=NOW)
     order = sorted(range(len(reqs)), key=lambda i: (reqs[i].submitted_at or NOW, i))
     expected = {i: loop.dispatch(reqs[i], policy, now=NOW) for i in order}
     assert got == [expected[i] for i in range(len(reqs))]
     assert fleet.agents() == loop.agents()
+
+
+def test_a_numbering_stays_bounded_and_never_gives_two_values_one_number():
+    numbers = models.Numbering(limit=2)
+    a, b, c = numbers("a"), numbers("b"), numbers("c")  # "c" clears the table: it was full
+    assert len({a, b, c}) == 3 and numbers("c") == c and len(numbers._numbers) == 1
+    assert numbers("a") not in (a, b, c)  # "a" again after the clear: a new number, not "b"'s
