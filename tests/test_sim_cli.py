@@ -132,3 +132,12 @@ def test_goal_command_writes_tables(tmp_path, capsys):
     assert [(s["load"], s["seed"]) for s in doc["scenarios"]] == [(0.2, 0), (0.3, 0)]
     assert set(doc["scenarios"][0]["metrics"]) == set(POLICY_NAMES)
     assert (tmp_path / "goals.md").read_text().startswith("#### load 0.2, seed 0")
+    # Re-running only the scorer against the anchors' earlier metrics gives the same tables.
+    again = tmp_path / "again"
+    reuse = ["--reuse", str(tmp_path / "goals.json"), "--policies", "scorer", "--out", str(again)]
+    assert goals([*argv[:-2], *reuse]) == 0
+    assert (again / "goals.md").read_text() == (tmp_path / "goals.md").read_text()
+    with pytest.raises(SystemExit):  # nothing to compare the scorer with
+        goals([*argv[:-2], "--policies", "scorer", "--out", str(again)])
+    with pytest.raises(SystemExit):  # the earlier run has no load 0.5
+        goals([*argv[:-2], *reuse, "--loads", "0.5"])

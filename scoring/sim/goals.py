@@ -111,6 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(seeds="0,1")
     p.add_argument("--loads", default="0.1,0.2,0.3", help="comma-separated offered loads")
     p.add_argument("--policies", default=",".join(POLICY_NAMES))
+    p.add_argument(
+        "--reuse",
+        metavar="GOALS_JSON",
+        help="take the metrics of policies not in --policies from this earlier goals.json (the "
+        "simulation is deterministic: re-run only the scorer after changing it)",
+    )
     p.add_argument("--out", default="out/goals")
     args = p.parse_args(argv)
     base = scenario(args)
@@ -118,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [n for n in args.policies.split(",") if n]
     scenarios = [(load, seed) for load in loads for seed in seeds]
+    earlier = _earlier_metrics(p, args.reuse, scenarios, names)
+    if "scorer" not in names or not any(
+        a in names or a in earlier.get(sc, {}) for sc in scenarios for a in ANCHORS
+    ):
+        p.error("the goals compare 'scorer' with an anchor: list both in --policies (or --reuse)")
     jobs = [Job(replace(base, load=ld, seed=s), n) for ld, s in scenarios for n in names]
     began = time.perf_counter()
     client = None if args.serial else connect(args.scheduler, args.workers)
@@ -129,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     document: dict[str, Any] = {"config": _jsonable(vars(args)), "scenarios": []}
     sections = []
     for k, (load, seed) in enumerate(scenarios):
-        metrics = dict(zip(names, results[k * len(names) : (k + 1) * len(names)], strict=True))
+        metrics = {**earlier.get((load, seed), {}),
+                   **dict(zip(names, results[k * len(names) : (k + 1) * len(names)],
+                              strict=True))}  # fmt: skip
         rows = check(metrics)
         title = f"load {load:g}, seed {seed}"
         sections.append(markdown(title, rows))
@@ -144,6 +157,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "goals.md").write_text(text + "\n")
     (out / "goals.json").write_text(json.dumps(_jsonable(document), indent=1) + "\n")
     return 0
+
+
+def _earlier_metrics(
+    parser: argparse.ArgumentParser,
+    path: str | None,
+    scenarios: Sequence[tuple[float, int]],
+    names: Sequence[str],
+) -> dict[tuple[float, int], dict[str, Any]]:
+    """``--reuse``: every scenario's metrics of the policies not re-run, from a goals.json."""
+    if path is None:
+        return {}
+    try:
+        document = json.loads(Path(path).read_text())
+        found = {(sc["load"], sc["seed"]): sc["metrics"] for sc in document["scenarios"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        parser.error(f"--reuse {path}: not a goals.json ({err})")
+    missing = [sc for sc in scenarios if sc not in found]
+    if missing:
+        parser.error(f"--reuse {path}: no metrics for load, seed {missing}")
+    return {sc: {k: v for k, v in found[sc].items() if k not in names} for sc in scenarios}
 
 
 if __name__ == "__main__":
