@@ -205,13 +205,14 @@ def _init_group(c, q, g, heap, warm, warm_rows, counts, labels_and, considered):
 
 @jit
 def _busy_warm(c, q, g, warm, warm_rows):
-    """Whether some warm row of the pool fails only ``capacity`` (a deferral can wait for it)."""
-    base, n = warm[2][g], warm[4][g]
+    """The busy slots of the pool's warm rows that fail only ``capacity`` (what a deferral can
+    wait for: each frees when its run ends)."""
+    base, n, slots = warm[2][g], warm[4][g], 0
     for k in range(n):
         r = warm_rows[base + k]
         if _mask(c, q, r, False) == CAPACITY_BIT and not _is_excluded(q, r):
-            return True
-    return False
+            slots += c.running_count[r]
+    return slots
 
 
 @jit
@@ -258,13 +259,16 @@ def _account(c, common, groups, r, counts, eligible):
 
 @jit
 def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, warm, warm_rows,
-            counts, eligible, tie_rows, tie_scores, out):  # fmt: skip
+            deferrals, counts, eligible, tie_rows, tie_scores, out):  # fmt: skip
     """Place requests (in the order of ``req_group``) and write what happened to each into
     ``out`` = ``(state, row, score, factors, eligible, counts)``.
 
     A young request (``req_young``) with required models takes a warm row, else is deferred when
-    a warm row is merely full, else is marked LATER (to place in a second call, ``req_later``).
+    a warm row is merely full and fewer than ``per_slot`` times its busy slots were deferred in
+    its template before it, else is marked LATER (to place in a second call, ``req_later``).
+    ``deferrals`` = ``(per_slot, template of each group, deferred so far per template)``.
     """
+    per_slot, template, deferred = deferrals
     state, out_row, out_score, out_factors, out_eligible, out_counts = out
     for i in range(req_group.shape[0]):
         g = req_group[i]
@@ -277,7 +281,12 @@ def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, 
                                   tie_scores)  # fmt: skip
             warm[3][g] = size
             if r < 0:
-                state[i] = DEFERRED if _busy_warm(c, q, g, warm, warm_rows) else LATER
+                t = template[g]
+                if deferred[t] < per_slot * _busy_warm(c, q, g, warm, warm_rows):
+                    state[i] = DEFERRED
+                    deferred[t] += 1
+                else:
+                    state[i] = LATER
                 continue
         else:
             r, s, f, size = _take(c, q, heap[0], heap[1], heap[2][g], heap[3][g], tie_rows,

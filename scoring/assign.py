@@ -11,12 +11,17 @@ matching, in two passes over the queue:
    placed as ``dispatch`` would place it: it is never deferred nor passed over. A younger request
    with required models takes the best free eligible agent that has all of them cached, if there
    is one; otherwise, if some agent of its pool that fails only ``capacity`` has them cached, it is
-   deferred (``Decision.deferred``, naming those agents). Anything else waits for pass 2.
+   deferred (``Decision.deferred``, naming those agents), as long as fewer requests of its
+   template were deferred before it than ``policy.deferrals_per_slot`` times those agents' busy
+   slots. Anything else waits for pass 2.
 2. The requests left (young, and cold on every free agent) are placed oldest first on what
    remains, as ``dispatch`` would place them.
 
 So a freed slot goes to a run whose model is cached there before one that would load cold, and a
-cold run still takes a slot that no warm run wanted in the same call.
+cold run still takes a slot that no warm run wanted in the same call. The bound on deferrals per
+busy slot keeps a burst of runs for one hot model from all waiting out the budget for the few
+slots that have it: each busy slot frees when its one run ends, so only that many runs can be
+served warm soon; the others load cold at once, which also puts the model on more agents.
 
 Requests sharing their pool and requirements are grouped, so the whole queue costs one scan of
 each group's pool plus O(log n) per placement (:mod:`scoring._assign_kernels`), not a scan per
@@ -107,6 +112,7 @@ class _Group(NamedTuple):
     query: Query
     parts: Parts
     has_models: bool  # its requests may be deferred for a warm agent
+    template: tuple[Any, ...]
 
 
 class _Batch:
@@ -131,7 +137,7 @@ class _Batch:
                 g = index[key] = len(groups)
                 parts = translation(fleet, r, policy)
                 groups.append(_Group(assemble(fleet, r, parts, now), parts,
-                                     bool(r.required_models)))  # fmt: skip
+                                     bool(r.required_models), r.template))  # fmt: skip
             req_group[i] = g
         self.groups, self.req_group = groups, req_group
         self.req_hash = np.array([r.tie_key_hash for r in queue], np.uint64)
@@ -180,6 +186,12 @@ class _Batch:
         self.heap = (np.empty(total), np.empty(total, np.int64), base, np.zeros(n_groups, np.int64))
         self.warm = (np.empty(total), np.empty(total, np.int64), base, np.zeros(n_groups, np.int64),
                      np.zeros(n_groups, np.int64))  # fmt: skip
+        # Deferrals are bounded per template, not per group: equal templates may be numbered
+        # apart (scoring.models.Numbering), and then they are two groups of one template.
+        templates: dict[tuple[Any, ...], int] = {}
+        template = [templates.setdefault(g.template, len(templates)) for g in self.groups]
+        self.deferrals = (self.policy.deferrals_per_slot, np.array(template, np.int64),
+                          np.zeros(len(templates), np.int64))  # fmt: skip
         self.warm_rows = np.empty(total, np.int64)
         self.counts = np.zeros((n_groups, K.N_REASONS), np.int64)
         self.labels_and = np.full((n_groups, q0.labels.shape[0]), K._ALL)
@@ -206,7 +218,8 @@ class _Batch:
         sub = tuple(np.empty((len(positions), *a.shape[1:]), a.dtype) for a in self.out)
         A._assign(self.fleet.columns, self.common, self.packed, self.req_group[positions],
                   self.req_hash[positions], self.young[positions], later, self.heap, self.warm,
-                  self.warm_rows, self.counts, self.eligible, *self.ties, sub)  # fmt: skip
+                  self.warm_rows, self.deferrals, self.counts, self.eligible, *self.ties,
+                  sub)  # fmt: skip
         for whole, part in zip(self.out, sub, strict=True):
             whole[positions] = part
         return self.out[0]

@@ -604,6 +604,12 @@ class ScoringPolicy(_Record):
     back for a warm agent (0 never defers; at most a day). Its default, 60 s, comes from replaying
     the production trace at loads 0.1 to 0.3 (notebooks/WEIGHTS.md): cold loads fall from
     0.33-0.47 to 0.15-0.32 and the e2e p95 by 4-9% where queues are long.
+
+    ``deferrals_per_slot`` bounds how many requests of one template ``assign`` defers in a call:
+    at most this many per busy slot of the warm agents they wait for, oldest first (each slot
+    frees when its run ends, so a deferral beyond them waits for a second run to end: longer
+    than the cold load it avoids). The rest load cold at once. ``MAX_SLOTS`` is no bound in
+    practice (delay scheduling as published). Default 1, from the replay (notebooks/WEIGHTS.md).
     """
 
     weights: Weights = Weights()
@@ -621,6 +627,7 @@ class ScoringPolicy(_Record):
         Field(ge=0.0, le=MAX_LOCALITY_WAIT_S, allow_inf_nan=False),
         BeforeValidator(_float_input),
     ] = 60.0
+    deferrals_per_slot: Capacity = 1
 
     @cached
     def affinity_map(self) -> Mapping[tuple[str, str], float]:

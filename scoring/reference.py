@@ -247,6 +247,7 @@ def assign(
     order = sorted(range(len(requests)), key=lambda i: (submitted(requests[i]), i))
     out: list[Assignment | None] = [None] * len(requests)
     cold = []
+    deferred: dict[tuple, int] = {}  # requests deferred so far, by template
     for i in order:
         r = requests[i]
         young = now - submitted(r) < policy.locality_wait_s
@@ -255,11 +256,14 @@ def assign(
             continue
         warm = [a for a in fleet.values() if r.required_models <= a.cached_models]
         free = [a for a in warm if not reject_reasons(a, r, policy, now)]
-        full = [a.agent_id for a in warm if reject_reasons(a, r, policy, now) == ["capacity"]]
+        full = [a for a in warm if reject_reasons(a, r, policy, now) == ["capacity"]]
+        busy_slots = sum(a.running_count for a in full)  # each frees when its run ends
         if free:
             out[i] = place(r, free)
-        elif full:
-            out[i] = Assignment(None, deferred=True, waiting_for=tuple(sorted(full)))
+        elif deferred.get(r.template, 0) < policy.deferrals_per_slot * busy_slots:
+            deferred[r.template] = deferred.get(r.template, 0) + 1
+            waiting_for = tuple(sorted(a.agent_id for a in full))
+            out[i] = Assignment(None, deferred=True, waiting_for=waiting_for)
         else:
             cold.append(i)
     for i in cold:

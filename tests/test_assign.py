@@ -25,7 +25,12 @@ def queues(draw, max_agents: int = 30, max_requests: int = 12):
         r = draw(requests(ids))
         queue.append(r.model_copy(update={"submitted_at": None if age is None else NOW - age}))
     policy = draw(policies())
-    return agents, queue, policy.model_copy(update={"locality_wait_s": draw(waits)})
+    per_slot = draw(st.sampled_from([1, 1, 2, models.MAX_SLOTS]))
+    return (
+        agents,
+        queue,
+        policy.model_copy(update={"locality_wait_s": draw(waits), "deferrals_per_slot": per_slot}),
+    )
 
 
 def _outcome(decisions):
@@ -77,6 +82,15 @@ def test_assign_invariants(queue):
         assert agent.running_count == start.running_count + placed.get(agent.agent_id, 0)
         if placed.get(agent.agent_id):
             assert agent.running_count <= agent.gpu_capacity  # never over-filled
+    # Deferrals of one template: at most deferrals_per_slot per busy slot of the warm agents
+    # it waits for (their slots when the call ends: a call only fills slots).
+    by_template: dict[tuple, list[DispatchRequest]] = {}
+    for r, d in zip(reqs, decisions, strict=True):
+        if d.deferred:
+            by_template.setdefault(r.template, []).append(d)
+    for deferred in by_template.values():
+        slots = sum(fleet.get(a).running_count for a in deferred[-1].waiting_for)
+        assert len(deferred) <= policy.deferrals_per_slot * slots
     # A request neither placed nor deferred has no free eligible agent left.
     for r, d in zip(reqs, decisions, strict=True):
         if d.agent_id is None and not d.deferred:
@@ -116,6 +130,23 @@ def test_a_run_waits_two_seconds_for_the_warm_agent_instead_of_loading_cold():
     [d] = assign(fleet, [_run(NOW)], WAIT, now=NOW + 2.0)
     assert d.agent_id == "warm" and d.factors["warm"] == 1.0
     assert fleet.get("warm").running_count == 1
+
+
+def test_one_run_waits_per_busy_warm_slot_and_the_next_loads_cold_at_once():
+    fleet = _fleet()
+    fleet.upsert(Agent(agent_id="cold-2", team_id=TEAM, status="idle", labels={"comfyui"},
+                       last_heartbeat=NOW, gpu_capacity=1))  # fmt: skip
+    runs = [_run(NOW - 2.0).model_copy(update={"tie_key": f"run-{i}"}) for i in range(3)]
+    # "warm" has one busy slot: the oldest run waits for it; the two others would wait for a
+    # second run to end there, so they load cold now, on the two free agents.
+    first, second, third = assign(fleet, runs, WAIT, now=NOW)
+    assert first.deferred and first.waiting_for == ("warm",)
+    assert {second.agent_id, third.agent_id} == {"cold", "cold-2"}
+    # Two deferrals per busy slot: the second run waits too; the third loads cold.
+    fleet = _fleet()
+    two = WAIT.model_copy(update={"deferrals_per_slot": 2})
+    first, second, third = assign(fleet, runs, two, now=NOW)
+    assert first.deferred and second.deferred and third.agent_id == "cold"
 
 
 def test_a_run_at_the_bound_is_placed_cold():

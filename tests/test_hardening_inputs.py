@@ -146,6 +146,7 @@ NUMBER_FIELDS = [
     (ScoringPolicy, "heartbeat_timeout_s"),
     (ScoringPolicy, "tie_band"),
     (ScoringPolicy, "locality_wait_s"),
+    (ScoringPolicy, "deferrals_per_slot"),
     *[(Weights, f) for f in FACTORS],
 ]
 _number_ids = [f"{m.__name__}.{f}" for m, f in NUMBER_FIELDS]
@@ -313,6 +314,13 @@ def test_locality_wait_defaults_to_zero_and_is_bounded():
     assert ScoringPolicy(locality_wait_s=30).locality_wait_s == 30.0
     for bad in (-1.0, MAX_LOCALITY_WAIT_S + 1, math.inf, math.nan, True, "30"):
         _rejects(ScoringPolicy, "locality_wait_s", bad)
+
+
+def test_deferrals_per_slot_defaults_to_one_and_is_bounded():
+    assert ScoringPolicy().deferrals_per_slot == 1  # the default chosen by the trace replay
+    assert ScoringPolicy(deferrals_per_slot=MAX_SLOTS).deferrals_per_slot == MAX_SLOTS
+    for bad in (0, -1, MAX_SLOTS + 1, 1.5, True, "2", None):
+        _rejects(ScoringPolicy, "deferrals_per_slot", bad)
 
 
 def test_numpy_scalars_are_numbers():
@@ -679,6 +687,7 @@ POLICY_FIELDS = {
     ),
     "tie_band": st.floats(0, 1),
     "locality_wait_s": st.floats(0, MAX_LOCALITY_WAIT_S),
+    "deferrals_per_slot": st.integers(1, MAX_SLOTS),
 }
 
 
@@ -727,6 +736,7 @@ def _check_policy(p: ScoringPolicy) -> None:
     _check_weights(p.weights)
     assert _in(p.heartbeat_timeout_s, 0.0, MAX_TIMESTAMP) and p.heartbeat_timeout_s > 0
     assert _in(p.tie_band, 0.0, 1.0) and _in(p.locality_wait_s, 0.0, MAX_LOCALITY_WAIT_S)
+    assert type(p.deferrals_per_slot) is int and 1 <= p.deferrals_per_slot <= MAX_SLOTS
     for (a, b), affinity in p.region_affinity:
         assert _is_text(a) and _is_text(b) and a < b and _in(affinity, 0.0, 1.0)
 
