@@ -235,16 +235,17 @@ class _Batch:
         state, rows, scores, factors, eligible, counts = self.out
         groups = self.req_group
         counts[:, K.POOL] = len(self.fleet) - self.considered[groups]  # outsiders, once
-        ids, missing, considered = self.fleet.agent_id_at, self.missing, self.considered.tolist()
+        missing, considered = self.missing, self.considered.tolist()
         out: list[Any] = [None] * len(order)
         at = np.asarray(order, np.int64)
         placed = np.flatnonzero(state == A.PLACED)
-        for i, row, score, f, e, rejected, g in zip(
-            at[placed].tolist(), rows[placed].tolist(), scores[placed].tolist(),
-            factors[placed].tolist(), eligible[placed].tolist(), counts[placed].tolist(),
-            groups[placed].tolist(), strict=True,
+        placed_rows = rows[placed].tolist()
+        for i, agent, row, score, f, e, rejected, g in zip(
+            at[placed].tolist(), self.fleet.agent_ids_at(placed_rows), placed_rows,
+            scores[placed].tolist(), factors[placed].tolist(), eligible[placed].tolist(),
+            counts[placed].tolist(), groups[placed].tolist(), strict=True,
         ):  # fmt: skip
-            out[i] = Decision(ids(row), score, f, e, rejected, considered[g], missing[g], row)
+            out[i] = Decision(agent, score, f, e, rejected, considered[g], missing[g], row)
         rest = np.flatnonzero(state != A.PLACED)
         if rest.size:
             outcome = np.column_stack((groups[rest], state[rest], eligible[rest], counts[rest]))
