@@ -78,8 +78,12 @@ def assign(
             return []
         submitted = np.array([now if r.submitted_at is None else r.submitted_at
                               for r in requests])  # fmt: skip
-        order = np.argsort(submitted, kind="stable").tolist()  # stable: ties by index
-        batch = _Batch(fleet, [requests[i] for i in order], submitted[order], policy, now)
+        if (submitted[1:] >= submitted[:-1]).all():  # a queue usually comes in order
+            order, queue = list(range(len(requests))), requests
+        else:
+            order = np.argsort(submitted, kind="stable").tolist()  # stable: ties by index
+            queue, submitted = [requests[i] for i in order], submitted[order]
+        batch = _Batch(fleet, queue, submitted, policy, now)
         state = batch.run(np.ones(len(order), bool), second_pass=False)
         later = state == A.LATER
         if later.any():
@@ -215,13 +219,17 @@ class _Batch:
         """
         positions = np.flatnonzero(select)
         later = np.full(len(positions), second_pass)
-        sub = tuple(np.empty((len(positions), *a.shape[1:]), a.dtype) for a in self.out)
-        A._assign(self.fleet.columns, self.common, self.packed, self.req_group[positions],
-                  self.req_hash[positions], self.young[positions], later, self.heap, self.warm,
-                  self.warm_rows, self.deferrals, self.counts, self.eligible, *self.ties,
-                  sub)  # fmt: skip
-        for whole, part in zip(self.out, sub, strict=True):
-            whole[positions] = part
+        every = len(positions) == len(select)  # then the kernel writes the outcomes in place
+        sub = self.out if every else tuple(
+            np.empty((len(positions), *a.shape[1:]), a.dtype) for a in self.out)  # fmt: skip
+        parts = (self.req_group, self.req_hash, self.young)
+        group, tie, young = parts if every else tuple(a[positions] for a in parts)
+        A._assign(self.fleet.columns, self.common, self.packed, group, tie, young, later,
+                  self.heap, self.warm, self.warm_rows, self.deferrals, self.counts, self.eligible,
+                  *self.ties, sub)  # fmt: skip
+        if not every:
+            for whole, part in zip(self.out, sub, strict=True):
+                whole[positions] = part
         return self.out[0]
 
     def decisions(self, order: list[int]) -> list[Decision]:
@@ -235,16 +243,17 @@ class _Batch:
         state, rows, scores, factors, eligible, counts = self.out
         groups = self.req_group
         counts[:, K.POOL] = len(self.fleet) - self.considered[groups]  # outsiders, once
-        ids, missing, considered = self.fleet.agent_id_at, self.missing, self.considered.tolist()
+        missing, considered = self.missing, self.considered.tolist()
         out: list[Any] = [None] * len(order)
         at = np.asarray(order, np.int64)
         placed = np.flatnonzero(state == A.PLACED)
-        for i, row, score, f, e, rejected, g in zip(
-            at[placed].tolist(), rows[placed].tolist(), scores[placed].tolist(),
-            factors[placed].tolist(), eligible[placed].tolist(), counts[placed].tolist(),
-            groups[placed].tolist(), strict=True,
+        placed_rows = rows[placed].tolist()
+        for i, agent, row, score, f, e, rejected, g in zip(
+            at[placed].tolist(), self.fleet.agent_ids_at(placed_rows), placed_rows,
+            scores[placed].tolist(), factors[placed].tolist(), eligible[placed].tolist(),
+            counts[placed].tolist(), groups[placed].tolist(), strict=True,
         ):  # fmt: skip
-            out[i] = Decision(ids(row), score, f, e, rejected, considered[g], missing[g], row)
+            out[i] = Decision(agent, score, f, e, rejected, considered[g], missing[g], row)
         rest = np.flatnonzero(state != A.PLACED)
         if rest.size:
             outcome = np.column_stack((groups[rest], state[rest], eligible[rest], counts[rest]))

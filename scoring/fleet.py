@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -335,6 +336,13 @@ class Fleet:
 
     def agent_id_at(self, row: int) -> str:
         return self._ids[row]
+
+    def agent_ids_at(self, rows: Sequence[int]) -> list[str]:
+        """The agent ids at ``rows``, in order (one call for a batch's placements)."""
+        if not rows:
+            return []
+        found = itemgetter(*rows)(self._ids)
+        return [found] if len(rows) == 1 else list(found)
 
     # Interned names, for translating requests (see scoring.query).
     @property

@@ -31,6 +31,9 @@ def test_every_agent_reads_back_as_it_went_in(fleet_agents):
     assert fleet.agents() == fleet_agents
     for agent in fleet_agents:
         assert fleet.get(agent.agent_id) == agent and agent.agent_id in fleet
+    rows = list(range(len(fleet_agents)))[::-1]
+    assert fleet.agent_ids_at(rows) == [fleet.agent_id_at(r) for r in rows]
+    assert fleet.agent_ids_at(rows[:1]) == [fleet.agent_id_at(r) for r in rows[:1]]
 
 
 def test_duplicate_agent_id_is_an_error():
