@@ -266,9 +266,11 @@ def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, 
     A young request (``req_young``) with required models takes a warm row, else is deferred when
     a warm row is merely full and fewer than ``per_slot`` times its busy slots were deferred in
     its template before it, else is marked LATER (to place in a second call, ``req_later``).
-    ``deferrals`` = ``(per_slot, template of each group, deferred so far per template)``.
+    ``deferrals`` = ``(per_slot, template of each group, deferred so far per template, busy
+    warm slots per group)``; the last is a cache (-1: not counted yet), dropped whenever a
+    placement fills a row: only then can a group's busy warm slots change within a call.
     """
-    per_slot, template, deferred = deferrals
+    per_slot, template, deferred, busy = deferrals
     state, out_row, out_score, out_factors, out_eligible, out_counts = out
     for i in range(req_group.shape[0]):
         g = req_group[i]
@@ -282,7 +284,9 @@ def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, 
             warm[3][g] = size
             if r < 0:
                 t = template[g]
-                if deferred[t] < per_slot * _busy_warm(c, q, g, warm, warm_rows):
+                if busy[g] < 0:
+                    busy[g] = _busy_warm(c, q, g, warm, warm_rows)
+                if deferred[t] < per_slot * busy[g]:
                     state[i] = DEFERRED
                     deferred[t] += 1
                 else:
@@ -298,6 +302,8 @@ def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, 
         state[i], out_row[i], out_score[i] = PLACED, r, s
         for k in range(N_FACTORS):
             out_factors[i, k] = f[k]
+        if _full(c, r):
+            busy[:] = -1
         _account(c, common, groups, r, counts, eligible)
 
 

@@ -195,7 +195,8 @@ class _Batch:
         templates: dict[tuple[Any, ...], int] = {}
         template = [templates.setdefault(g.template, len(templates)) for g in self.groups]
         self.deferrals = (self.policy.deferrals_per_slot, np.array(template, np.int64),
-                          np.zeros(len(templates), np.int64))  # fmt: skip
+                          np.zeros(len(templates), np.int64),
+                          np.full(len(self.groups), -1, np.int64))  # fmt: skip
         self.warm_rows = np.empty(total, np.int64)
         self.counts = np.zeros((n_groups, K.N_REASONS), np.int64)
         self.labels_and = np.full((n_groups, q0.labels.shape[0]), K._ALL)
