@@ -2,8 +2,9 @@
 
 ``pick_agent`` is timed the way ``timeit`` times a statement (many calls per repeat, the best and
 the median repeat), then each step of it alone, over the same requests: the lock, the argument
-checks, the request translation (``build_query``), the kernel through its native entry point, and
-the tally and ``Decision`` built from the kernel's output. Whatever the sum of the steps leaves
+checks, finding the template's prebuilt kernel arguments (``scoring.pick.Bound``, built on a
+template's first pick against a fleet's state), the kernel through its entry point, and the
+tally and ``Decision`` built from the kernel's output. Whatever the sum of the steps leaves
 of the total is the calls between them. A cProfile run gives the same split by function.
 
     python -m benchmarks.profile_pick [--agents 100]
@@ -19,7 +20,7 @@ import statistics
 import timeit
 from collections.abc import Callable
 
-from scoring import pick, query
+from scoring import pick
 from scoring.pick import pick_agent
 
 
@@ -33,15 +34,15 @@ def per_call(fn: Callable[[], object], calls: int, number: int, repeat: int) -> 
 def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7) -> dict:
     """``{"total": {...}, "steps": {step: {...}}, "profile": text}``, seconds per pick."""
     lock = fleet.lock
-    entry = pick._pick_entry
     with lock:
-        parts = [query.translation(fleet, r, policy) for r in requests]
-        queries = [query.assemble(fleet, r, p, now) for r, p in zip(requests, parts, strict=True)]
-        snapshots = []  # each request's query, kernel output and tally (copied from the scratch)
-        for q in queries:
-            out = entry(*fleet.columns, *q, *fleet.scratch())
-            _, counts, labels_and = fleet.scratch()
-            snapshots.append((q, out, counts.copy(), labels_and.copy()))
+        for r in requests:  # binds each template's arguments (pick.Bound), as a dispatcher would
+            pick.decide(fleet, r, policy, now)
+        bounds = [fleet.pick_cache[r.template_id] for r in requests]
+        calls = [(b.call, (*b.args, now, r.tie_key_hash)) for b, r in zip(bounds, requests)]
+        snapshots = []  # each request's kernel output and tally (copied from the scratch)
+        for b, (call, args) in zip(bounds, calls, strict=True):
+            out = call(*args)
+            snapshots.append((b, out, b.counts.copy(), b.labels_and.copy()))
     k = len(requests)
 
     def total():
@@ -57,22 +58,26 @@ def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7
         for r in requests:
             pick._check(fleet, r, policy, now)
 
-    def translation():
+    def arguments():  # what decide does to find a template's prebuilt arguments
+        cache = fleet.pick_cache
         for r in requests:
-            query.assemble(fleet, r, query.translation(fleet, r, policy), now)
+            b = cache.get(r.template_id)
+            if b is None or b.version != fleet.version or b.policy is not policy:
+                raise AssertionError("a template's arguments were not kept")
+            (*b.args, now, r.tie_key_hash)
 
     def kernel():
-        for q in queries:
-            entry(*fleet.columns, *q, *fleet.scratch())
+        for call, args in calls:
+            call(*args)
 
     def decision():
-        for p, (q, out, counts, labels_and) in zip(parts, snapshots, strict=True):
-            pick.tally(fleet, p, q.rows.shape[0] + q.shared.shape[0], out, counts, labels_and)
+        for b, out, counts, labels_and in snapshots:
+            pick.tally(fleet, b.parts, b.n, out, counts, labels_and)
 
     with lock:  # RLock: the steps inside take it again as pick_agent does, uncontended
         total()
         steps = {name: per_call(fn, k, number, repeat) for name, fn in (
-            ("lock", locking), ("checks", checks), ("request translation", translation),
+            ("lock", locking), ("checks", checks), ("prebuilt arguments", arguments),
             ("kernel (native entry)", kernel), ("tally and Decision", decision))}  # fmt: skip
     whole = per_call(total, k, number, repeat)
     steps["calls between steps (rest)"] = {

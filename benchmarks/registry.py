@@ -71,7 +71,7 @@ class _Kernel:
             row = K._pick_parallel(c, found[3], self.chunks)[0]
         else:
             with self.fleet.lock:  # the fleet's scratch is used under its lock
-                row = K._pick_flat(*c, *found[2], *self.fleet.scratch())[0]
+                row = K._pick_flat(*c, *self.fleet.scratch(), *found[2])[0]
         return None if row < 0 else self.fleet.agent_id_at(row)
 
 

@@ -57,6 +57,14 @@ def jit_row(func):
     return njit(_nrt=False, **_OPTIONS)(func)
 
 
+def jit_inline(func):
+    """:func:`jit_row`, inlined into its callers (numba's ``inline="always"``): for the scan's
+    steps, each called a few times per pick. Called, each passed the columns and the query as
+    structs of some 150 machine words; inlined, a pick over an empty pool went from 0.71 to
+    0.45 us end to end, and one over 69 agents from 1.46 to 1.08 us (measured)."""
+    return njit(_nrt=False, inline="always", **_OPTIONS)(func)
+
+
 def jit_parallel(func):
     """Compile ``func`` as a parallel kernel (``prange`` loops) with the package's options."""
     return njit(parallel=True, **_OPTIONS)(func)
@@ -88,6 +96,17 @@ class NativeEntry:
         elif self._check and tuple(typeof(a) for a in args) != self._types:
             raise TypeError("argument types differ from the compiled entry point's")
         return entry(*args)
+
+    def direct(self, args: tuple[Any, ...]) -> Callable[..., Any]:
+        """The callable to use for arguments of the types of ``args``: the compiled entry point
+        itself (no per-call work at all), or this checking wrapper when checks are on."""
+        entry = self._entry
+        if entry is None:
+            entry = self._resolve(args)
+        if self._check:
+            self(*args)  # raises if the types differ
+            return self
+        return entry
 
     def _resolve(self, args: tuple[Any, ...]) -> Callable[..., Any]:
         if config.DISABLE_JIT:  # type: ignore[attr-defined]  # a plain Python function

@@ -25,7 +25,7 @@ import inspect
 import numpy as np
 from numba import prange
 
-from scoring._jit import jit, jit_parallel, jit_row
+from scoring._jit import jit, jit_inline, jit_parallel, jit_row
 from scoring.layout import COLUMNS, FAILURE_STEPS, QUERY_FIELDS, VRAM_UNKNOWN, Columns, Query
 from scoring.layout import VRAM_STEPS_PER_GB as VRAM_STEPS
 from scoring.models import FACTORS, LAST_ELIGIBLE_STATUS, REASONS
@@ -179,7 +179,7 @@ def _in_pool(c, q, i):
 # --- the scan ----------------------------------------------------------------------------------
 
 
-@jit_row
+@jit_inline
 def _block_masks(c, q, block, skip, masks, counts, all_labels):
     """Phase 1 of a block: the masks of the candidate rows ``block`` into ``masks[:m]``; adds
     each filter's failures to ``counts`` and ANDs the labels of label-rejected rows into
@@ -203,7 +203,7 @@ def _block_masks(c, q, block, skip, masks, counts, all_labels):
             all_labels[w] &= labels
 
 
-@jit_row
+@jit_inline
 def _scan(c, q, lo, hi, cut, masks, counts, all_labels):
     """One fused pass over candidate positions ``[lo, hi)`` (``q.rows``, then ``q.shared``).
 
@@ -222,7 +222,7 @@ def _scan(c, q, lo, hi, cut, masks, counts, all_labels):
     return row, score, tie_hash, eligible
 
 
-@jit_row
+@jit_inline
 def _scan_part(c, q, rows, skip, lo, hi, cut, masks, counts, all_labels, best):
     """:func:`_scan` over ``rows[lo:hi]``, block by block, carrying ``best`` = ``(row, rank,
     score, tie_hash, eligible)`` from part to part.
@@ -257,7 +257,7 @@ def _scan_part(c, q, rows, skip, lo, hi, cut, masks, counts, all_labels, best):
     return best_row, best_rank, best_score, best_hash, eligible
 
 
-@jit_row
+@jit_inline
 def _count_excluded(c, q, counts):
     """Add the excluded rows that are in the request's pool to ``counts[EXCLUDED]``."""
     for k in range(q.excluded.shape[0]):
@@ -265,7 +265,7 @@ def _count_excluded(c, q, counts):
             counts[EXCLUDED] += 1
 
 
-@jit_row
+@jit_inline
 def _pick_rows(c, q, masks, counts, labels):
     """The serial pick over every candidate, tallying into scratch (see :func:`_scratch`).
 
@@ -289,7 +289,7 @@ def _pick_rows(c, q, masks, counts, labels):
     return best, best_score, eligible, _winner_factors(c, q, best)
 
 
-@jit_row
+@jit_inline
 def _winner_factors(c, q, best):
     if best < 0:
         nan = np.nan
@@ -418,32 +418,40 @@ def _factor_rows(c, q, rows, out):
 def _pick_flat(
     team, status, opt_pos, team_pos, region, gpu_model, last_heartbeat, gpu_capacity,
     running_count, vram_gb, failure_rate, id_hash, labels, cached_models,
-    q_now, q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown, q_min_vram_gb,
-    q_excluded, q_models, q_n_models, q_region_table, q_gpu_table, q_weights, q_tie_band,
-    q_tie_key_hash, q_rows, q_shared,
     masks, counts, labels_and,
+    q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown, q_min_vram_gb,
+    q_excluded, q_models, q_n_models, q_region_table, q_gpu_table, q_weights, q_tie_band,
+    q_rows, q_shared, q_now, q_tie_key_hash,
 ):  # fmt: skip
-    """Serial pick over flat arguments: the columns, the query (``q_`` + field), the scratch.
+    """Serial pick over flat arguments: the columns, the scratch, the query (``q_`` + field).
 
-    Returns ``(row, score, eligible, factors)``: no array, so nothing is allocated or boxed; the
-    counts are in ``counts[:N_COUNTS]`` and the required labels that label-rejected rows lack are
+    The query comes last, its per-call fields (``now``, the tie key) at the very end, so that a
+    caller can keep everything before them in one tuple. Returns ``(row, score, eligible,
+    factors)``: no array, so nothing is allocated or boxed; the counts are in
+    ``counts[:N_COUNTS]`` and the required labels that label-rejected rows lack are
     ``q_labels & ~labels_and[:words]``.
     """
     c = Columns(team, status, opt_pos, team_pos, region, gpu_model, last_heartbeat, gpu_capacity,
                 running_count, vram_gb, failure_rate, id_hash, labels, cached_models)  # fmt: skip
-    q = Query(q_now, q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown,
+    q = Query(q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown,
               q_min_vram_gb, q_excluded, q_models, q_n_models, q_region_table, q_gpu_table,
-              q_weights, q_tie_band, q_tie_key_hash, q_rows, q_shared)  # fmt: skip
+              q_weights, q_tie_band, q_rows, q_shared, q_now, q_tie_key_hash)  # fmt: skip
     return _pick_rows(c, q, masks, counts, labels_and)
 
 
 def _check_flat_signature() -> None:
-    """The flat entry point's parameters are the declared columns, then the query's fields."""
-    names = list(inspect.signature(getattr(_pick_flat, "py_func", _pick_flat)).parameters)
-    expected = [c.name for c in COLUMNS] + [f"q_{f.name}" for f in QUERY_FIELDS]
-    if names[: len(expected)] != expected or names[len(expected) :] != [
-        "masks", "counts", "labels_and"
-    ]:  # fmt: skip
+    """The flat entry point's parameters are the declared columns, the scratch, then the query's
+    fields; and it builds its two namedtuples from them in declared order."""
+    func = getattr(_pick_flat, "py_func", _pick_flat)
+    names = list(inspect.signature(func).parameters)
+    columns = [c.name for c in COLUMNS]
+    fields = [f"q_{f.name}" for f in QUERY_FIELDS]
+    source = " ".join(inspect.getsource(func).split())
+    if (
+        names != [*columns, "masks", "counts", "labels_and", *fields]
+        or f"Columns({', '.join(columns)})" not in source
+        or f"Query({', '.join(fields)})" not in source
+    ):
         raise ImportError("_pick_flat's parameters disagree with scoring.layout")
 
 

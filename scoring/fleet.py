@@ -84,7 +84,11 @@ class Fleet:
         # Translations of request parts into kernel arrays (scoring.query), valid while the
         # interned names stay as they are (see names_version).
         self.query_cache: dict[Any, Any] = {}
+        # Each request template's prebuilt pick arguments (scoring.pick), valid while
+        # self.version stays as it was when they were built.
+        self.pick_cache: dict[int, Any] = {}
         self._scratch: tuple[np.ndarray, ...] = ()
+        self._version = 0  # see the version property
 
     # --- construction -----------------------------------------------------------------------
 
@@ -109,6 +113,7 @@ class Fleet:
         """Insert ``agent``, or replace the record of the agent with its id."""
         _check_agent(agent)
         with self._lock:
+            self._version += 1
             row = self._rows.get(agent.agent_id)
             if row is None:
                 self._insert([agent])
@@ -132,6 +137,7 @@ class Fleet:
         """Drop an agent (O(1): the last row moves into its place)."""
         with self._lock:
             row = self._row(agent_id)
+            self._version += 1
             old = self._names_at(row)
             team = old["team"][0]
             self._unlink(row)
@@ -171,6 +177,7 @@ class Fleet:
             row = self._row(agent_id)
             old: dict[str, list[int]] = {}
             if models is not None:
+                self._version += 1
                 taken = {"cached_models": self._models.acquire(models)}
                 try:
                     staged = self._prepare(0, taken)
@@ -329,6 +336,13 @@ class Fleet:
         return self.nbytes / max(self._n, 1)
 
     @property
+    def version(self) -> int:
+        """Changes whenever rows, pool indexes, column arrays or interned names may have changed
+        (an insert, upsert, removal, or heartbeat with cached models); values written in place
+        (heartbeats, slots) leave it. A pick's prebuilt arguments are valid while it stays."""
+        return self._version
+
+    @property
     def names_version(self) -> tuple[int, ...]:
         """Changes whenever a label, model, region or GPU model gains or loses its index."""
         return (self._labels.version, self._models.version, self._regions.version,
@@ -373,6 +387,7 @@ class Fleet:
     # --- writing records: take names and memory, then write -----------------------------------
 
     def _insert(self, agents: list[Agent]) -> None:
+        self._version += 1
         names = self._acquire(agents)
         try:
             staged = self._prepare(len(agents), names, agents)

@@ -50,9 +50,10 @@ class Field(NamedTuple):
     doc: str
 
 
-#: A request translated against one fleet and one policy, in the kernels' argument order.
+#: A request translated against one fleet and one policy, in the kernels' argument order. The
+#: last :data:`PER_CALL` fields change from call to call; the others are the same for every
+#: request of one template against one state of the fleet (``scoring.pick`` keeps them).
 QUERY_FIELDS: tuple[Field, ...] = (
-    Field("now", "float64"),
     Field("heartbeat_timeout_s", "float64"),
     Field("team", "int64: interned team of the submitter, -1 if no agent of it is known"),
     Field("community", "bool: community pool"),
@@ -66,10 +67,13 @@ QUERY_FIELDS: tuple[Field, ...] = (
     Field("gpu_table", "float64 (gpu_models,): gpu factor by interned agent gpu_model"),
     Field("weights", "float64 (factors + 1,): the weights in FACTORS order, then their sum"),
     Field("tie_band", "float64"),
-    Field("tie_key_hash", "uint64"),
     Field("rows", "int32 (k,): candidate rows (the team's, or every row for a full scan)"),
     Field("shared", "int32 (j,): more candidate rows, those of the team skipped (community)"),
+    Field("now", "float64"),
+    Field("tie_key_hash", "uint64"),
 )
+PER_CALL = 2
+assert [f.name for f in QUERY_FIELDS[-PER_CALL:]] == ["now", "tie_key_hash"]
 if TYPE_CHECKING:
     Query = Any
 else:

@@ -7,7 +7,7 @@ import heapq
 import os
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -17,7 +17,7 @@ from scoring import checks
 from scoring._jit import NativeEntry
 from scoring.decision import Decision, RankedAgent, missing_label_names
 from scoring.fleet import Fleet
-from scoring.layout import Query
+from scoring.layout import PER_CALL, Query
 from scoring.models import (
     DEFAULT_POLICY,
     FACTORS,
@@ -36,6 +36,9 @@ PARALLEL_THRESHOLD = 250_000
 _pick_entry = NativeEntry(K._pick_flat)
 #: Chunks per thread in the parallel kernel, so an unlucky slow chunk does not idle the others.
 CHUNKS_PER_THREAD = 4
+#: Templates whose prebuilt pick arguments a fleet keeps (``fleet.pick_cache``) before it
+#: forgets them all; a dispatcher sees a bounded variety of templates in practice.
+_BOUND_LIMIT = 4096
 
 
 def pick_agent(
@@ -76,16 +79,55 @@ def decide(
     the indexed pick with); the decision is the same.
     """
     policy, now = _check(fleet, request, policy, now)
+    if not full_scan:
+        bound = fleet.pick_cache.get(request.template_id)
+        if bound is None or bound.version != fleet.version or bound.policy is not policy:
+            bound = _bind(fleet, request, policy)
+        if bound.args is not None:  # a serial pick
+            out = bound.call(*bound.args, now, request.tie_key_hash)
+            return tally(fleet, bound.parts, bound.n, out, bound.counts, bound.labels_and)
     parts = translation(fleet, request, policy)
     q = assemble(fleet, request, parts, now, full_scan)
     n = q.rows.shape[0] + q.shared.shape[0]
     if n >= PARALLEL_THRESHOLD and (threads := numba.get_num_threads()) > 1 and cores_idle(threads):
         out = K._pick_parallel(fleet.columns, q, threads * CHUNKS_PER_THREAD)
         row, score, eligible, factors, counts, labels_and = out
-    else:
-        masks, counts, labels_and = fleet.scratch()
-        row, score, eligible, factors = _pick_entry(*fleet.columns, *q, masks, counts, labels_and)
-    return tally(fleet, parts, n, (row, score, eligible, factors), counts, labels_and)
+        return tally(fleet, parts, n, (row, score, eligible, factors), counts, labels_and)
+    masks, counts, labels_and = fleet.scratch()
+    out = _pick_entry(*fleet.columns, masks, counts, labels_and, *q)
+    return tally(fleet, parts, n, out, counts, labels_and)
+
+
+class Bound(NamedTuple):
+    """A template's pick against one state of a fleet: every kernel argument but the per-call
+    ones (``now``, the tie key), prebuilt. Valid while ``fleet.version`` is ``version``."""
+
+    version: int
+    policy: ScoringPolicy
+    parts: Parts
+    n: int  # candidates
+    args: tuple[Any, ...] | None  # None: a pool large enough for the parallel kernel
+    call: Any  # the kernel's entry point for these arguments (see NativeEntry.direct)
+    counts: np.ndarray
+    labels_and: np.ndarray
+
+
+def _bind(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> Bound:
+    """Build and keep (in ``fleet.pick_cache``, by template) the request's :class:`Bound`."""
+    parts = translation(fleet, request, policy)
+    q = assemble(fleet, request, parts, 0.0)
+    n = q.rows.shape[0] + q.shared.shape[0]
+    scratch = fleet.scratch()
+    args, call = None, None
+    if n < PARALLEL_THRESHOLD:
+        args = (*fleet.columns, *scratch, *q[:-PER_CALL])
+        call = _pick_entry.direct((*args, *q[-PER_CALL:]))
+    bound = Bound(fleet.version, policy, parts, n, args, call, scratch[1], scratch[2])
+    cache = fleet.pick_cache
+    if len(cache) >= _BOUND_LIMIT:
+        cache.clear()
+    cache[request.template_id] = bound
+    return bound
 
 
 def tally(
@@ -98,9 +140,10 @@ def tally(
 ) -> Decision:
     """The Decision of a pick over ``n`` candidates, from the kernel's output and tallies."""
     row, score, eligible, factors = out
-    rejected = counts[: K.N_COUNTS].tolist()
-    considered = n - rejected.pop() - rejected[K.POOL]  # pop: SKIPPED, the last count
-    rejected[K.POOL] = len(fleet) - considered  # each agent outside the pool, once
+    tallies = counts.tolist()  # the whole array: slicing it first costs more than it saves
+    considered = n - tallies[K.SKIPPED] - tallies[K.POOL]
+    tallies[K.POOL] = len(fleet) - considered  # each agent outside the pool, once
+    rejected = tallies[: K.N_REASONS]
     missing = (
         missing_label_names(parts.label_bits, labels_and.tolist()) if rejected[K.LABELS] else ()
     )

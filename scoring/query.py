@@ -65,7 +65,6 @@ def assemble(
         shared = fleet.shared_rows() if request.target_pool == "community" else _NO_SHARED
     policy = parts.policy
     return Query(
-        now,
         policy.heartbeat_timeout_s,
         team,
         request.target_pool == "community",
@@ -79,9 +78,10 @@ def assemble(
         parts.gpu_table,
         policy.weights.array,
         policy.tie_band,
-        request.tie_key_hash,
         rows,
         shared,
+        now,
+        request.tie_key_hash,
     )
 
 

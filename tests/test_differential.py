@@ -99,7 +99,7 @@ def test_parallel_kernel_equals_serial(scenario, n_chunks, full_scan):
         q = pick_module.build_query(fleet, request, policy, NOW, full_scan)
         serial = K._pick(fleet.columns, q)
         scratch = fleet.scratch()
-        flat = K._pick_flat(*fleet.columns, *q, *scratch)
+        flat = K._pick_flat(*fleet.columns, *scratch, *q)
         flat_counts = scratch[1][: K.N_COUNTS].copy()
         parallel = K._pick_parallel(fleet.columns, q, n_chunks)
     np.testing.assert_equal(flat, serial[:4])  # the flat entry point with the fleet's scratch
