@@ -38,7 +38,8 @@ def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7
         for r in requests:  # binds each template's arguments (pick.Bound), as a dispatcher would
             pick.decide(fleet, r, policy, now)
         bounds = [fleet.pick_cache[r.template_id] for r in requests]
-        calls = [(b.call, (*b.args, now, r.tie_key_hash)) for b, r in zip(bounds, requests)]
+        pairs = zip(bounds, requests, strict=True)
+        calls = [(b.call, (*b.args, now, r.tie_key_hash)) for b, r in pairs]
         snapshots = []  # each request's kernel output and tally (copied from the scratch)
         for b, (call, args) in zip(bounds, calls, strict=True):
             out = call(*args)
@@ -64,7 +65,7 @@ def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7
             b = cache.get(r.template_id)
             if b is None or b.version != fleet.version or b.policy is not policy:
                 raise AssertionError("a template's arguments were not kept")
-            (*b.args, now, r.tie_key_hash)
+            _ = (*b.args, now, r.tie_key_hash)
 
     def kernel():
         for call, args in calls:

@@ -39,7 +39,7 @@ import numpy as np
 
 from scoring import _assign_kernels as A
 from scoring import _kernels as K
-from scoring.decision import Decision, missing_label_names
+from scoring.decision import Decision
 from scoring.fleet import Fleet
 from scoring.layout import Query
 from scoring.models import DispatchRequest, ScoringPolicy
@@ -208,7 +208,7 @@ class _Batch:
                        self.warm_rows, self.counts, self.labels_and, self.considered,
                        self.eligible)  # fmt: skip
         self.missing = [
-            missing_label_names(group.parts.label_bits, self.labels_and[g].tolist())
+            group.parts.missing(self.labels_and[g])
             if self.counts[g, K.LABELS] else ()
             for g, group in enumerate(self.groups)
         ]  # fmt: skip

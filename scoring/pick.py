@@ -15,7 +15,7 @@ import numpy as np
 from scoring import _kernels as K
 from scoring import checks
 from scoring._jit import NativeEntry
-from scoring.decision import Decision, RankedAgent, missing_label_names
+from scoring.decision import Decision, RankedAgent
 from scoring.fleet import Fleet
 from scoring.layout import PER_CALL, Query
 from scoring.models import (
@@ -144,9 +144,7 @@ def tally(
     considered = n - tallies[K.SKIPPED] - tallies[K.POOL]
     tallies[K.POOL] = len(fleet) - considered  # each agent outside the pool, once
     rejected = tallies[: K.N_REASONS]
-    missing = (
-        missing_label_names(parts.label_bits, labels_and.tolist()) if rejected[K.LABELS] else ()
-    )
+    missing = parts.missing(labels_and) if rejected[K.LABELS] else ()
     if row < 0:
         return Decision(None, None, (), eligible, rejected, considered, missing)
     return Decision(

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from scoring.decision import missing_label_names
 from scoring.fleet import Fleet
 from scoring.layout import Query
 from scoring.models import DispatchRequest, ScoringPolicy, gpu_tokens
@@ -19,6 +20,7 @@ from scoring.models import DispatchRequest, ScoringPolicy, gpu_tokens
 _NO_ROWS = np.zeros(0, np.int64)
 _NO_SHARED = np.zeros(0, np.int32)
 _CACHE_LIMIT = 4096  # entries; a long-lived fleet sees a bounded variety of requests in practice
+_MISSING_LIMIT = 64  # label ANDs remembered per translation
 
 
 def build_query(
@@ -97,6 +99,21 @@ class Parts(NamedTuple):
     #: ``(name, word, bit)`` of each required label, sorted by name; word -1: unknown to the
     #: fleet (see :func:`scoring.decision.missing_label_names`)
     label_bits: tuple[tuple[str, int, int], ...]
+    #: :meth:`missing`'s answers by the bytes of its argument
+    missing_memo: dict[bytes, tuple[str, ...]]
+
+    def missing(self, labels_and: np.ndarray) -> tuple[str, ...]:
+        """The required labels some label-rejected agent lacks, from the kernel's AND of their
+        label words (:func:`~scoring.decision.missing_label_names`), remembered: a pick that
+        rejects on labels would otherwise spend 0.6 us of its 3 us naming them (measured)."""
+        key = labels_and.tobytes()
+        found = self.missing_memo.get(key)
+        if found is None:
+            if len(self.missing_memo) >= _MISSING_LIMIT:
+                self.missing_memo.clear()
+            found = missing_label_names(self.label_bits, labels_and.tolist())
+            self.missing_memo[key] = found
+        return found
 
 
 def _translate(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> Parts:
@@ -114,6 +131,7 @@ def _translate(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) ->
         _region_table(fleet, policy, request),
         _gpu_table(fleet, request.preferred_gpu),
         tuple(label_bits),
+        {},
     )
 
 

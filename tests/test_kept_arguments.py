@@ -10,7 +10,7 @@ from __future__ import annotations
 from scoring import DispatchRequest, Fleet, ScoringPolicy, pick_agent
 from scoring import reference as R
 from scoring.pick import decide
-from tests.test_worked_examples import EQUAL, NOW, OTHER, TEAM, agent, request
+from tests.test_worked_examples import EQUAL, NOW, OTHER, agent, request
 
 
 def _check(fleet: Fleet, req: DispatchRequest, policy: ScoringPolicy = EQUAL):
@@ -85,8 +85,9 @@ def test_kept_arguments_follow_new_names_and_wider_bitsets():
 
 
 def test_each_policy_object_keeps_its_own_arguments():
-    fleet = Fleet.from_agents([agent("a", running_count=2), agent("b", team_id=OTHER,
-                                                                   community_opt_in=True)])
+    fleet = Fleet.from_agents(
+        [agent("a", running_count=2), agent("b", team_id=OTHER, community_opt_in=True)]
+    )
     req = request(target_pool="community")
     # pool factor: a 1 (the team's), b 0; load: a 0.5, b 1. Only the pool weight: a wins;
     # only the load weight: b wins. Alternating, each pick rebuilds what the other replaced.
