@@ -38,11 +38,10 @@ def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7
         for r in requests:  # binds each template's arguments (pick.Bound), as a dispatcher would
             pick.decide(fleet, r, policy, now)
         bounds = [fleet.pick_cache[r.template_id] for r in requests]
-        pairs = zip(bounds, requests, strict=True)
-        calls = [(b.call, (*b.args, now, r.tie_key_hash)) for b, r in pairs]
+        calls = [(b.pick, r.tie_key_hash) for b, r in zip(bounds, requests, strict=True)]
         snapshots = []  # each request's kernel output and tally (copied from the scratch)
-        for b, (call, args) in zip(bounds, calls, strict=True):
-            out = call(*args)
+        for b, (call, tie) in zip(bounds, calls, strict=True):
+            out = call(now, tie)
             snapshots.append((b, out, b.counts.copy(), b.labels_and.copy()))
     k = len(requests)
 
@@ -57,7 +56,7 @@ def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7
 
     def checks():
         for r in requests:
-            pick._check(fleet, r, policy, now)
+            pick._check(r, policy, now)
 
     def arguments():  # what decide does to find a template's prebuilt arguments
         cache = fleet.pick_cache
@@ -65,11 +64,10 @@ def breakdown(fleet, requests, policy, now, number: int = 2_000, repeat: int = 7
             b = cache.get(r.template_id)
             if b is None or b.version != fleet.version or b.policy is not policy:
                 raise AssertionError("a template's arguments were not kept")
-            _ = (*b.args, now, r.tie_key_hash)
 
     def kernel():
-        for call, args in calls:
-            call(*args)
+        for call, tie in calls:
+            call(now, tie)
 
     def decision():
         for b, out, counts, labels_and in snapshots:
