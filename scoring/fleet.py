@@ -85,8 +85,8 @@ class Fleet:
         # interned names stay as they are (see names_version).
         self.query_cache: dict[Any, Any] = {}
         # Each request template's prebuilt pick arguments (scoring.pick), valid while
-        # self.version stays as it was when they were built.
-        self.pick_cache: dict[int, Any] = {}
+        # self.version stays as it was when they were built (under the key None).
+        self.pick_cache: dict[int | None, Any] = {}
         self._scratch: tuple[np.ndarray, ...] = ()
         self._version = 0  # see the version property
 

@@ -129,8 +129,11 @@ def _bind(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> Boun
         serial = partial(_pick_entry.direct((*args, *q[-PER_CALL:])), *args)
     bound = Bound(fleet.version, policy, parts, n, serial, scratch[1], scratch[2])
     cache = fleet.pick_cache
-    if len(cache) >= _BOUND_LIMIT:
+    # Every template's arguments are forgotten once the fleet's version moves on: each holds the
+    # column arrays of its version, and kept past it would keep arrays the fleet replaced alive.
+    if len(cache) >= _BOUND_LIMIT or cache.get(None) != fleet.version:
         cache.clear()
+        cache[None] = fleet.version
     cache[request.template_id] = bound
     return bound
 

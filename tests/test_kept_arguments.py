@@ -98,3 +98,16 @@ def test_each_policy_object_keeps_its_own_arguments():
     for _ in range(2):
         assert _check(fleet, req, pool_only)[0].agent_id == "a"
         assert _check(fleet, req, load_only)[0].agent_id == "b"
+
+
+def test_a_new_version_forgets_every_template_and_its_arrays():
+    fleet = Fleet.from_agents([agent("a"), agent("b", team_id=OTHER, community_opt_in=True)])
+    team, community = request(), request(target_pool="community")
+    _check(fleet, team)
+    _check(fleet, community)
+    assert {team.template_id, community.template_id} <= fleet.pick_cache.keys()
+    fleet.upsert(agent("c", team_id=OTHER))  # a new version
+    _check(fleet, team)
+    # the community template's arguments (and the arrays they hold) are gone, not just stale
+    assert set(fleet.pick_cache) == {None, team.template_id}
+    assert fleet.pick_cache[None] == fleet.version
