@@ -5,6 +5,15 @@ interned to small integers, labels and cached models to bit positions of a bitse
 uint64 word at a time) as names arrive and narrows again when they go. Rows are dense: removing an
 agent moves the last row into its place.
 
+Rows are laid out by (opted in to the community pool, team): each team's rows are consecutive (in
+two runs: the agents not opted in, then those opted in), and so is the whole community index. The
+kernels read a consecutive block of rows as a range, which vectorises: 0.6 ns a row against 3.6
+for rows gathered from all over the fleet (measured). Updates do not keep that order (an insert
+goes at the end, a removal moves the last row, a team change stays where it is); they count the
+rows they put out of place, and once those are more than an eighth of the fleet the next update
+lays every row out again (:meth:`Fleet._reorder`, O(n log n): amortised, a few row moves per
+update).
+
 Two indexes let a pick read only the rows a request may use: each team's rows, and the rows of
 agents opted in to the community pool. Each row knows its place in both (``team_pos``,
 ``opt_pos``), so every update keeps them in O(1).
@@ -89,6 +98,7 @@ class Fleet:
         self.pick_cache: dict[int | None, Any] = {}
         self._scratch: tuple[np.ndarray, ...] = ()
         self._version = 0  # see the version property
+        self._strays = 0  # rows put out of layout order since the last _reorder
 
     # --- construction -----------------------------------------------------------------------
 
@@ -107,6 +117,7 @@ class Fleet:
             seen.add(agent.agent_id)
         with fleet._lock:
             fleet._insert(agents)
+            fleet._settle()
         return fleet
 
     def upsert(self, agent: Agent) -> None:
@@ -117,6 +128,7 @@ class Fleet:
             row = self._rows.get(agent.agent_id)
             if row is None:
                 self._insert([agent])
+                self._settle()
                 return
             names = self._acquire([agent])
             try:
@@ -126,12 +138,16 @@ class Fleet:
                 self._release(names)
                 raise
             # Nothing below can fail until the record is whole again.
+            opted = self._data["opt_pos"][row] >= 0
             self._commit(staged)
             self._unlink(row)
             self._write(staged)
             self._link(row)
+            team = int(self._data["team"][row])
+            self._strays += team != old["team"][0] or opted != (self._data["opt_pos"][row] >= 0)
             self._release(old)
             self._shrink(old["team"][0])
+            self._settle()
 
     def remove(self, agent_id: str) -> None:
         """Drop an agent (O(1): the last row moves into its place)."""
@@ -149,12 +165,14 @@ class Fleet:
                 moved = self._ids[last]
                 self._ids[row] = moved
                 self._rows[moved] = row
+                self._strays += 1
             self._ids.pop()
             del self._rows[agent_id]
             self._n = last
             self._view = None
             self._release(old)
             self._shrink(team)
+            self._settle()
 
     # --- updates ----------------------------------------------------------------------------
 
@@ -402,6 +420,7 @@ class Fleet:
             self._rows[agent.agent_id] = len(self._ids)
             self._ids.append(agent.agent_id)
         self._n += len(agents)
+        self._strays += len(agents)
         self._view = None
 
     def _acquire(self, agents: list[Agent]) -> dict[str, list[Any]]:
@@ -638,6 +657,47 @@ class Fleet:
                     self._team_rows[team] = smaller
         except MemoryError:
             pass
+
+    # --- the row layout ---------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Lay the rows out again once more than an eighth of them are out of place."""
+        if self._strays > self._n // 8:
+            self._reorder()
+
+    def _reorder(self) -> None:
+        """Lay every row out by (opted in, team) and rebuild both indexes to match.
+
+        Called after an update has been written, so it must not fail: the permuted copies are
+        built first, and without memory for them nothing changes (a later update tries again).
+        """
+        n, d = self._n, self._data
+        try:
+            opted = d["opt_pos"][:n] >= 0
+            order = np.lexsort((d["team"][:n], opted))  # the last key sorts first
+            moved = {name: column[:n][order] for name, column in d.items()}
+            ids = [self._ids[k] for k in order.tolist()]
+            rows = dict(zip(ids, range(n)))
+            teams = moved["team"]
+            by_team = np.argsort(teams, kind="stable").astype(np.int32)
+            starts = np.zeros(len(self._team_len) + 1, np.int64)
+            np.cumsum(np.bincount(teams, minlength=len(self._team_len)), out=starts[1:])
+            moved["team_pos"][by_team] = np.arange(n) - starts[teams[by_team]]
+            n_opted = int(np.count_nonzero(opted))
+            moved["opt_pos"][n - n_opted :] = np.arange(n_opted)
+            shared = np.arange(n - n_opted, n, dtype=np.int32)
+        except MemoryError:
+            return
+        # Nothing below allocates: every array keeps its size.
+        for name, column in d.items():
+            column[:n] = moved[name]
+        for team, team_rows in enumerate(self._team_rows):
+            team_rows[: self._team_len[team]] = by_team[starts[team] : starts[team + 1]]
+        self._shared[:n_opted] = shared
+        self._ids, self._rows = ids, rows
+        self._strays = 0
+        self._version += 1
+        self._view = None
 
     # --- internals --------------------------------------------------------------------------
 

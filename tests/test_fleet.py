@@ -28,7 +28,8 @@ def make(agent_id: str, **fields) -> Agent:
 def test_every_agent_reads_back_as_it_went_in(fleet_agents):
     fleet = Fleet.from_agents(fleet_agents)
     assert len(fleet) == len(fleet_agents)
-    assert fleet.agents() == fleet_agents
+    by_id = {a.agent_id: a for a in fleet_agents}  # rows follow the layout, not the input
+    assert {a.agent_id: a for a in fleet.agents()} == by_id and len(fleet.agents()) == len(by_id)
     for agent in fleet_agents:
         assert fleet.get(agent.agent_id) == agent and agent.agent_id in fleet
     rows = list(range(len(fleet_agents)))[::-1]

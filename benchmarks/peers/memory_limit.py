@@ -1,10 +1,11 @@
 """The machine's limit for a pick: one pass that only reads, once, the candidate rows' columns.
 
 The pass walks the same row lists the engine's pick walks (``Query.rows``, then ``Query.shared``:
-the team's index, then the community index) and reads, for each of those rows, every column that
-a pick reads. No filter, no score, no branch on the data: each value goes into an integer
-checksum, returned so that the compiler cannot drop the reads. A pick that reads the same bytes
-of the same rows cannot beat this pass; the benchmarks report the engine's time over it.
+the team's index, then the community index), block by block as the pick does, and reads, for
+each of those rows, every column that a pick reads. No filter, no score, no branch on the data:
+each value goes into an integer checksum, returned so that the compiler cannot drop the reads. A
+pick that reads the same bytes of the same rows cannot beat this pass; the benchmarks report the
+engine's time over it.
 
 Which columns a pick reads is taken from the kernels' own source (every ``c.<column>[...]`` in
 :mod:`scoring._kernels`), so a column the layout adds or a kernel starts reading is counted here
@@ -32,29 +33,52 @@ assert _READ <= {c.name for c in COLUMNS}, "a kernel reads a column the layout d
 
 
 def _kernel_source(n_scalars: int, n_bitsets: int) -> str:
-    """The pass with one parameter per column (scalars ``s0..``, bitsets ``b0..``)."""
+    """The pass with one parameter per column (scalars ``s0..``, bitsets ``b0..``).
+
+    Read as the engine's scan reads (``_kernels._block_masks``) and as fast as the machine
+    allows: the row lists in blocks, a block of consecutive rows as a range and any other row by
+    row, rows as unsigned numbers (a signed index costs a branch that keeps a loop from
+    vectorising), bitsets of one word without a loop over words. XOR-ing every value into one
+    word vectorises: a reduction of integers needs no reordering of float sums.
+    """
     scalars = [f"s{k}" for k in range(n_scalars)]
     bitsets = [f"b{k}" for k in range(n_bitsets)]
-    reads = " ^ ".join(f"np.uint64({name}[i])" for name in scalars) or "np.uint64(0)"
+    one_word = " ^ ".join([*(f"np.uint64({name}[i])" for name in scalars),
+                           *(f"{name}[i, 0]" for name in bitsets)]) or "np.uint64(0)"  # fmt: skip
+    narrow = " and ".join(f"{name}.shape[1] == 1" for name in bitsets) or "True"
     lines = [
         f"def _read_rows(rows, shared, {', '.join(scalars + bitsets)}):",
         "    s = np.uint64(0)",
-        "    n_rows = rows.shape[0]",
-        "    for p in range(n_rows + shared.shape[0]):",
-        "        i = rows[p] if p < n_rows else shared[p - n_rows]",
-        f"        s ^= {reads}",
+        "    for part in (rows, shared):",
+        "        for start in range(0, part.shape[0], BLOCK):",
+        "            block = part[start : min(start + BLOCK, part.shape[0])]",
+        "            m = block.shape[0]",
+        "            first = block[0]",
+        "            strays = 0",
+        "            for j in range(m):",
+        "                strays += block[j] != first + j",
+        "            base = np.uint64(first)",
+        f"            if strays == 0 and {narrow}:",
+        "                for j in range(m):",
+        "                    i = base + np.uint64(j)",
+        f"                    s ^= {one_word}",
+        "            else:",
+        "                for j in range(m):",
+        "                    i = np.uint64(block[j])",
+        f"                    s ^= {one_word}",
     ]
     for name in bitsets:
-        lines += [f"        for w in range({name}.shape[1]):", f"            s ^= {name}[i, w]"]
+        lines += [f"                    for w in range(1, {name}.shape[1]):",
+                  f"                        s ^= {name}[i, w]"]  # fmt: skip
     return "\n".join([*lines, "    return s", ""])
 
 
 def _compile(n_scalars: int, n_bitsets: int):
-    namespace = {"np": np}
+    namespace = {"np": np, "BLOCK": _kernels.BLOCK}
     exec(_kernel_source(n_scalars, n_bitsets), namespace)  # source built from the layout only
     # Not cached: numba caches only functions that live in a source file; this one compiles in
     # a fraction of a second, before any timing. Otherwise the package's options (no fastmath).
-    return njit(nogil=True, fastmath=False)(namespace["_read_rows"])
+    return njit(nogil=True, fastmath=False, error_model="numpy")(namespace["_read_rows"])
 
 
 def _read_rows(rows, shared, scalars, bitsets):
