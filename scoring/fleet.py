@@ -10,9 +10,11 @@ two runs: the agents not opted in, then those opted in), and so is the whole com
 kernels read a consecutive block of rows as a range, which vectorises: 0.6 ns a row against 3.6
 for rows gathered from all over the fleet (measured). Updates do not keep that order (an insert
 goes at the end, a removal moves the last row, a team change stays where it is); they count the
-rows they put out of place, and once those are more than an eighth of the fleet the next update
-lays every row out again (:meth:`Fleet._reorder`, O(n log n): amortised, a few row moves per
-update).
+rows they put out of place, and once those are more than a 32nd of the fleet the update that
+crossed the line lays every row out again (:meth:`Fleet._reorder`, O(n log n): amortised, some
+row moves per update). A block of rows with strays is still read as a range (when at most half
+are), the strays then one by one, so a fleet between two re-lays reads nearly as fast as a fresh
+one.
 
 Two indexes let a pick read only the rows a request may use: each team's rows, and the rows of
 agents opted in to the community pool. Each row knows its place in both (``team_pos``,
@@ -661,8 +663,8 @@ class Fleet:
     # --- the row layout ---------------------------------------------------------------------
 
     def _settle(self) -> None:
-        """Lay the rows out again once more than an eighth of them are out of place."""
-        if self._strays > self._n // 8:
+        """Lay the rows out again once more than a 32nd of them are out of place."""
+        if self._strays > self._n // 32:
             self._reorder()
 
     def _reorder(self) -> None:
