@@ -46,14 +46,14 @@ NONE, PLACED, DEFERRED, LATER = 0, 1, 2, 3
 @jit
 def _group_query(g, common, groups, tie_key_hash):
     """Group ``g``'s Query, for a request with ``tie_key_hash``."""
-    now, timeout, weights, tie_band, shared = common
+    now, timeout, weights, tie_band, shared, fleet_size = common
     (team, community, labels, labels_unknown, min_vram, ex_off, ex_flat, models, n_models,
      region_table, gpu_table, rows_off, rows_flat) = groups  # fmt: skip
     return Query(
         timeout, team[g], community[g], labels[g], labels_unknown[g], min_vram[g],
         ex_flat[ex_off[g] : ex_off[g + 1]], models[g], n_models[g], region_table[g],
         gpu_table[g], weights, tie_band, rows_flat[rows_off[g] : rows_off[g + 1]],
-        shared if community[g] else shared[:0], now, tie_key_hash,
+        shared if community[g] else shared[:0], fleet_size, now, tie_key_hash,
     )  # fmt: skip
 
 

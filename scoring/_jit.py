@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from numba import config, njit, typeof
+from numba.np.unsafe.ndarray import to_fixed_tuple
 
 _OPTIONS = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"}
 
@@ -71,6 +72,16 @@ def jit_inline(func):
 def jit_parallel(func):
     """Compile ``func`` as a parallel kernel (``prange`` loops) with the package's options."""
     return njit(parallel=True, **_OPTIONS)(func)
+
+
+if config.DISABLE_JIT:  # type: ignore[attr-defined]  # numba's intrinsic runs only compiled
+
+    def fixed_tuple(array: Any, length: int) -> tuple[Any, ...]:
+        """The first ``length`` items of ``array`` as a tuple (numba's ``to_fixed_tuple``)."""
+        return tuple(array[:length].tolist())
+
+else:
+    fixed_tuple: Callable[..., Any] = to_fixed_tuple  # type: ignore[no-redef]
 
 
 class NativeEntry:

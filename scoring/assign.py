@@ -163,7 +163,7 @@ class _Batch:
         n_groups = len(qs)
         q0 = qs[0]
         self.common = (q0.now, q0.heartbeat_timeout_s, q0.weights, q0.tie_band,
-                       self.fleet.shared_rows())  # fmt: skip
+                       self.fleet.shared_rows(), q0.fleet_size)  # fmt: skip
         ex_off = np.zeros(n_groups + 1, np.int64)
         ex_off[1:] = np.cumsum([q.excluded.shape[0] for q in qs])
         rows_off = np.zeros(n_groups + 1, np.int64)

@@ -124,6 +124,30 @@ class Decision:
     __hash__ = None  # type: ignore[assignment]
 
 
+_new = object.__new__
+
+
+def decided(
+    agent_id: str | None,
+    score: float | None,
+    factors: tuple[float, ...],
+    eligible: int,
+    rejected: tuple[int, ...],
+    considered: int,
+    missing_labels: tuple[str, ...],
+    row: int,
+) -> Decision:
+    """``Decision(agent_id, score, factors, eligible, rejected, considered, missing_labels,
+    row)`` from values already in the form a Decision keeps (tuples), for the pick's hot path:
+    without ``__init__``'s conversions a Decision is built in 0.17 us instead of 0.28
+    (measured)."""
+    d = _new(Decision)
+    d.agent_id, d.score, d._factors, d.eligible = agent_id, score, factors, eligible
+    d._rejected, d.considered, d.missing_labels, d.row = rejected, considered, missing_labels, row
+    d.deferred, d.waiting_for = False, ()
+    return d
+
+
 def missing_label_names(
     label_bits: Iterable[tuple[str, int, int]], labels_and: Sequence[int]
 ) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ import numpy as np
 from scoring import _kernels as K
 from scoring import checks
 from scoring._jit import NativeEntry
-from scoring.decision import Decision, RankedAgent
+from scoring.decision import Decision, RankedAgent, decided
 from scoring.fleet import Fleet
 from scoring.layout import PER_CALL, Query
 from scoring.models import (
@@ -67,7 +67,9 @@ def pick_agent(
         The best eligible agent (ties broken by a hash of ``tie_key`` and ``agent_id``), or a
         decision with ``agent_id=None`` and the reasons when no agent is eligible.
     """
-    with checked_fleet(fleet).lock:
+    if not isinstance(fleet, Fleet):  # checked_fleet, inline: this is the 2.5 us path
+        checked_fleet(fleet)
+    with fleet.lock:
         return decide(fleet, request, policy, now)
 
 
@@ -83,37 +85,36 @@ def decide(
     policy, now = _check(request, policy, now)
     if not full_scan:
         bound = fleet.pick_cache.get(request.template_id)
-        if bound is None or bound.version != fleet.version or bound.policy is not policy:
+        if bound is None or bound.policy is not policy:
             bound = _bind(fleet, request, policy)
-        _, _, parts, n, serial, counts, labels_and = bound
+        _, parts, serial, labels_and = bound
         if serial is not None:
-            out = serial(now, request.tie_key_hash)
-            return tally(fleet, parts, n, out, counts, labels_and)
+            return tally(fleet, parts, serial(now, request.tie_key_hash), labels_and)
     parts = translation(fleet, request, policy)
     q = assemble(fleet, request, parts, now, full_scan)
     n = q.rows.shape[0] + q.shared.shape[0]
     if n >= PARALLEL_THRESHOLD and (threads := numba.get_num_threads()) > 1 and cores_idle(threads):
         out = K._pick_parallel(fleet.columns, q, threads * CHUNKS_PER_THREAD)
         row, score, eligible, factors, counts, labels_and = out
-        return tally(fleet, parts, n, (row, score, eligible, factors), counts, labels_and)
+        rejected, considered = K._rejected(counts, n, q.fleet_size)
+        return tally(fleet, parts, (row, score, eligible, factors, rejected, considered),
+                     labels_and)  # fmt: skip
     masks, counts, labels_and = fleet.scratch()
-    out = _pick_entry(*fleet.columns, masks, counts, labels_and, *q)
-    return tally(fleet, parts, n, out, counts, labels_and)
+    return tally(fleet, parts, _pick_entry(*fleet.columns, masks, counts, labels_and, *q),
+                 labels_and)  # fmt: skip
 
 
 class Bound(NamedTuple):
     """A template's pick against one state of a fleet: every kernel argument but the per-call
-    ones (``now``, the tie key), prebuilt. Valid while ``fleet.version`` is ``version``."""
+    ones (``now``, the tie key), prebuilt. Kept in ``fleet.pick_cache``, which the fleet empties
+    whenever its ``version`` moves."""
 
-    version: int
     policy: ScoringPolicy
     parts: Parts
-    n: int  # candidates
     #: The kernel's entry point (see NativeEntry.direct) with every argument but the per-call
     #: ones bound (a partial: 0.14 us faster than unpacking a kept tuple into the call); None
     #: for a pool large enough for the parallel kernel
-    pick: Callable[[float, np.uint64], tuple[int, float, int, tuple[float, ...]]] | None
-    counts: np.ndarray
+    pick: Callable[[float, np.uint64], tuple[Any, ...]] | None
     labels_and: np.ndarray
 
 
@@ -127,13 +128,10 @@ def _bind(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> Boun
     if n < PARALLEL_THRESHOLD:
         args = (*fleet.columns, *scratch, *q[:-PER_CALL])
         serial = partial(_pick_entry.direct((*args, *q[-PER_CALL:])), *args)
-    bound = Bound(fleet.version, policy, parts, n, serial, scratch[1], scratch[2])
-    cache = fleet.pick_cache
-    # Every template's arguments are forgotten once the fleet's version moves on: each holds the
-    # column arrays of its version, and kept past it would keep arrays the fleet replaced alive.
-    if len(cache) >= _BOUND_LIMIT or cache.get(None) != fleet.version:
+    bound = Bound(policy, parts, serial, scratch[2])
+    cache = fleet.pick_cache  # emptied by the fleet when its version moves (Fleet._changed)
+    if len(cache) >= _BOUND_LIMIT:
         cache.clear()
-        cache[None] = fleet.version
     cache[request.template_id] = bound
     return bound
 
@@ -141,23 +139,17 @@ def _bind(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> Boun
 def tally(
     fleet: Fleet,
     parts: Parts,
-    n: int,
-    out: tuple[int, float, int, tuple[float, ...]],
-    counts: np.ndarray,
+    out: tuple[int, float, int, tuple[float, ...], tuple[int, ...], int],
     labels_and: np.ndarray,
 ) -> Decision:
-    """The Decision of a pick over ``n`` candidates, from the kernel's output and tallies."""
-    row, score, eligible, factors = out
-    tallies = counts.tolist()  # the whole array: slicing it first costs more than it saves
-    considered = n - tallies[K.SKIPPED] - tallies[K.POOL]
-    tallies[K.POOL] = len(fleet) - considered  # each agent outside the pool, once
-    rejected = tallies[: K.N_REASONS]
+    """The Decision of a pick from the kernel's output ``(row, score, eligible, factors,
+    rejected, considered)`` and the AND of the label-rejected rows' labels."""
+    row, score, eligible, factors, rejected, considered = out
     missing = parts.missing(labels_and) if rejected[K.LABELS] else ()
     if row < 0:
-        return Decision(None, None, (), eligible, rejected, considered, missing)
-    return Decision(
-        fleet.agent_id_at(row), score, factors, eligible, rejected, considered, missing, row
-    )
+        return decided(None, None, (), eligible, rejected, considered, missing, -1)
+    return decided(fleet.agent_id_at(row), score, factors, eligible, rejected, considered, missing,
+                   row)  # fmt: skip
 
 
 def _dispatch(fleet: Fleet, request: DispatchRequest, policy: Any, now: Any) -> Decision:
@@ -324,6 +316,11 @@ def _check(request: Any, policy: Any, now: Any) -> tuple[ScoringPolicy, float]:
     """Check one pick's arguments (the fleet is checked before its lock is taken)."""
     if not isinstance(request, DispatchRequest):
         raise ValueError(f"request must be a DispatchRequest, got {_kind(request)}")
+    if type(now) is float and 0.0 <= now <= MAX_TIMESTAMP:  # the common case, without a call
+        if policy is None:
+            return DEFAULT_POLICY, now
+        if type(policy) is ScoringPolicy:
+            return policy, now
     return _check_policy_now(policy, now)
 
 

@@ -82,6 +82,7 @@ def assemble(
         policy.tie_band,
         rows,
         shared,
+        len(fleet),
         now,
         request.tie_key_hash,
     )

@@ -7,6 +7,7 @@ the submitting team, shared regions, exact score ties, heartbeats right at the t
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import uuid
@@ -248,7 +249,7 @@ def check_fleet(fleet, model: dict, exact_width: bool = True) -> None:
     # the next re-lay: tests/test_layout.py; here a re-lay may have been skipped for want of
     # memory, which is allowed)
     keys = [(a.community_opt_in, fleet.teams.get(a.team_id.int)) for a in records]
-    descents = sum(b < a for a, b in zip(keys, keys[1:], strict=False))
+    descents = sum(b < a for a, b in itertools.pairwise(keys))
     assert descents <= 2 * fleet._strays
     assert len(fleet) == len(records) == len(model)
     for agent_id, agent in model.items():

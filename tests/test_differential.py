@@ -100,11 +100,14 @@ def test_parallel_kernel_equals_serial(scenario, n_chunks, full_scan):
         serial = K._pick(fleet.columns, q)
         scratch = fleet.scratch()
         flat = K._pick_flat(*fleet.columns, *scratch, *q)
-        flat_counts = scratch[1][: K.N_COUNTS].copy()
         parallel = K._pick_parallel(fleet.columns, q, n_chunks)
-    np.testing.assert_equal(flat, serial[:4])  # the flat entry point with the fleet's scratch
+    np.testing.assert_equal(flat[:4], serial[:4])  # the flat entry point with the fleet's scratch
     row, score, eligible, factors, counts, labels_and = serial
-    assert np.array_equal(flat_counts, counts)
+    # its tally: the pool's size, and each agent outside the pool once under pool
+    considered = len(q.rows) + len(q.shared) - counts[K.SKIPPED] - counts[K.POOL]
+    rejected = counts[: K.N_REASONS].copy()
+    rejected[K.POOL] = len(fleet) - considered
+    assert flat[4:] == (tuple(rejected.tolist()), considered)
     assert parallel[0] == row and parallel[2] == eligible
     assert np.array_equal(parallel[4], counts) and np.array_equal(parallel[5], labels_and)
     if row >= 0:
@@ -141,5 +144,10 @@ def test_pick_agent_path_equals_reference(threshold, scenario):
 @given(scenarios())
 def test_eligible_agents_equal_reference(scenario):
     agents, request, policy = scenario
-    got = eligible_agents(Fleet.from_agents(agents), request, policy, now=NOW)
-    assert got == [a.agent_id for a in agents if not R.reject_reasons(a, request, policy, NOW)]
+    fleet = Fleet.from_agents(agents)
+    got = eligible_agents(fleet, request, policy, now=NOW)
+    # in the fleet's order (its layout: by opt-in, then team), which Fleet.agents() lists
+    order = [a.agent_id for a in fleet.agents()]
+    by_id = {a.agent_id: a for a in agents}
+    assert sorted(order) == sorted(by_id)
+    assert got == [i for i in order if not R.reject_reasons(by_id[i], request, policy, NOW)]

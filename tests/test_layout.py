@@ -8,6 +8,7 @@ and that the two ways of reading a block agree on the same rows.
 
 from __future__ import annotations
 
+import itertools
 import random
 import uuid
 
@@ -34,7 +35,7 @@ def _keys(fleet: Fleet) -> list[tuple[bool, int]]:
 
 def _descents(fleet: Fleet) -> int:
     keys = _keys(fleet)
-    return sum(b < a for a, b in zip(keys, keys[1:], strict=False))
+    return sum(b < a for a, b in itertools.pairwise(keys))
 
 
 def test_rows_are_laid_out_by_opt_in_then_team():
@@ -145,5 +146,6 @@ def test_a_shuffled_fleet_picks_as_the_reference_does_on_both_paths():
                 got = pick_agent(fleet, req, DEFAULT_POLICY, now=NOW)
                 expected = R.pick_agent(list(model.values()), req, DEFAULT_POLICY, now=NOW)
                 assert (got.agent_id, got.score, got.rejected, got.considered) == (
-                    expected.agent_id, expected.score, expected.rejected, expected.considered)
+                    expected.agent_id, expected.score, expected.rejected, expected.considered,
+                )  # fmt: skip
     check_fleet(fleet, model)
