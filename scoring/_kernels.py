@@ -132,7 +132,8 @@ def _filters(c, q, i, wide):
 @jit_row
 def _factors(c, q, i):
     """Row ``i``'s factors, each in [0, 1], in FACTORS order."""
-    region = q.region_table[c.region[i]]
+    # codes and rows as unsigned numbers: no wraparound of a negative index (see _block_masks)
+    region = q.region_table[np.uint64(c.region[i])]
     load = max(0.0, 1.0 - c.running_count[i] / c.gpu_capacity[i])
     pool = 1.0 if c.team[i] == q.team else 0.0
     if q.n_models == 0:
@@ -142,7 +143,7 @@ def _factors(c, q, i):
         for w in range(q.models.shape[0]):
             hits += _popcount(c.cached_models[i, w] & q.models[w])
         warm = hits / q.n_models
-    gpu = q.gpu_table[c.gpu_model[i]]
+    gpu = q.gpu_table[np.uint64(c.gpu_model[i])]
     reliability = 1.0 - c.failure_rate[i] / FAILURE_STEPS
     return region, load, pool, warm, gpu, reliability
 
@@ -295,8 +296,8 @@ def _scan_part(c, q, rows, skip, lo, hi, cut, masks, counts, all_labels, best):
             masks[BLOCK + passed] = j
             passed += masks[j] == 0
         for k in range(passed):
-            i = block[masks[BLOCK + k]]
-            if _is_excluded(q, i):
+            i = np.uint64(block[masks[BLOCK + k]])  # unsigned: see _block_masks
+            if _is_excluded(q, np.int64(i)):
                 continue
             eligible += 1
             s = _score(c, q, i)
