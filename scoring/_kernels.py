@@ -139,8 +139,10 @@ def _factors(c, q, i):
     if q.n_models == 0:
         warm = 0.5
     else:
-        hits = 0
-        for w in range(q.models.shape[0]):
+        # a bitset has a word at least; the first outside the loop, which then runs only for
+        # wider bitsets (the loop alone: a vectorised loop's checks on every row)
+        hits = _popcount(c.cached_models[i, 0] & q.models[0])
+        for w in range(1, q.models.shape[0]):
             hits += _popcount(c.cached_models[i, w] & q.models[w])
         warm = hits / q.n_models
     gpu = q.gpu_table[np.uint64(c.gpu_model[i])]
