@@ -283,33 +283,38 @@ def _scan_part(c, q, rows, skip, lo, hi, cut, masks, counts, all_labels, best):
     """:func:`_scan` over ``rows[lo:hi]``, block by block, carrying ``best`` = ``(row, rank,
     score, tie_hash, eligible)`` from part to part.
 
-    Each block's masks come first (:func:`_block_masks`, into ``masks[:BLOCK]``), then the
-    positions of the rows that passed every filter (into ``masks[BLOCK:]``), then only those rows
-    are scored: a loop without a branch on a mask, whose reads of the rows' other columns overlap
-    (skipping failed rows inside one loop cost 5 ns a row at 1,000,000 agents, measured).
+    Each block's masks come first (:func:`_block_masks`, into ``masks[:BLOCK]``), then, 64 rows
+    at a time, a word with a bit set for each row that passed every filter, and only those rows
+    are scored, lowest first (a loop without a branch on a mask, whose reads of the rows' other
+    columns overlap: skipping failed rows inside one loop cost 5 ns a row at 1,000,000 agents,
+    measured). The word is built in a loop that vectorises; writing the passing rows' positions
+    to a list instead cost 0.42 ns a candidate against 0.24 (community requests, 100,000 agents).
     """
     banded = not np.isnan(cut)
     best_row, best_rank, best_score, best_hash, eligible = best
     for start in range(lo, hi, BLOCK):
         block = rows[start : min(start + BLOCK, hi)]
+        m = block.shape[0]
         _block_masks(c, q, block, skip, masks, counts, all_labels)
-        passed = 0
-        for j in range(block.shape[0]):
-            masks[BLOCK + passed] = j
-            passed += masks[j] == 0
-        for k in range(passed):
-            i = np.uint64(block[masks[BLOCK + k]])  # unsigned: see _block_masks
-            if _is_excluded(q, np.int64(i)):
-                continue
-            eligible += 1
-            s = _score(c, q, i)
-            if banded and s < cut:
-                continue
-            rank = 0.0 if banded else s
-            if rank >= best_rank:
-                h = _tie_hash(c.id_hash[i], q.tie_key_hash)
-                if rank > best_rank or h < best_hash:
-                    best_row, best_rank, best_score, best_hash = np.int64(i), rank, s, h
+        for w0 in range(0, m, 64):
+            passed = _NONE
+            for j in range(min(64, m - w0)):
+                passed |= np.uint64(masks[w0 + j] == 0) << np.uint64(j)
+            while passed:
+                j = w0 + _popcount((passed & (~passed + _ONE)) - _ONE)  # the lowest bit's
+                passed &= passed - _ONE
+                i = np.uint64(block[j])  # unsigned: see _block_masks
+                if _is_excluded(q, np.int64(i)):
+                    continue
+                eligible += 1
+                s = _score(c, q, i)
+                if banded and s < cut:
+                    continue
+                rank = 0.0 if banded else s
+                if rank >= best_rank:
+                    h = _tie_hash(c.id_hash[i], q.tie_key_hash)
+                    if rank > best_rank or h < best_hash:
+                        best_row, best_rank, best_score, best_hash = np.int64(i), rank, s, h
     return best_row, best_rank, best_score, best_hash, eligible
 
 
@@ -373,14 +378,13 @@ def _winner_factors(c, q, best):
 
 @jit
 def _scratch(label_words):
-    """Working memory of one serial pick: a block's masks then the positions of its rows that
-    passed (uint16: a position is below BLOCK), counts and label ANDs (each twice as long as one
-    pass needs: the tie band's pass tallies into the second half).
+    """Working memory of one serial pick: a block's masks, counts and label ANDs (the last two
+    twice as long as one pass needs: the tie band's pass tallies into the second halves).
 
     Python callers keep one (the fleet does, used under its lock), so a pick allocates nothing.
     """
     return (
-        np.empty(2 * BLOCK, np.uint16),
+        np.empty(BLOCK, np.uint16),
         np.zeros(2 * N_COUNTS, np.int64),
         np.full(2 * label_words, _ALL),
     )
@@ -401,7 +405,7 @@ def _pick_parallel(c, q, n_chunks):
     n = q.rows.shape[0] + q.shared.shape[0]
     step = (n + n_chunks - 1) // n_chunks
     words = q.labels.shape[0]
-    masks = np.empty((n_chunks, 2 * BLOCK), np.uint16)
+    masks = np.empty((n_chunks, BLOCK), np.uint16)
     counts = np.zeros((n_chunks, N_COUNTS), np.int64)
     all_labels = np.full((n_chunks, words), _ALL)
     rows = np.full(n_chunks, -1, np.int64)
