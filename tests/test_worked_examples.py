@@ -11,6 +11,7 @@ import pytest
 
 from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, pick_agent
 from scoring import reference as R
+from scoring.decision import Decision, decided
 
 NOW = 1_000_000.0
 TEAM = "11111111-1111-4111-8111-111111111111"
@@ -257,3 +258,19 @@ def test_explain_of_a_team_request_never_mentions_agents_outside_its_pool():
     decision = pick([own, *others], request(target_pool="community", exclude_agents={"x0"}))
     assert decision.considered == 4 and decision.rejected["pool"] == 2
     assert decision.explain() == "0/4 agents eligible: 2 status, 1 capacity, 1 excluded"
+
+
+def test_a_picks_decision_is_the_decision_its_constructor_makes():
+    # the pick builds its Decision without __init__ (scoring.decision.decided): every attribute,
+    # equality, the factors and counts by name and the explanation are those of Decision(...)
+    factors, rejected = (1.0, 0.5, 1.0, 0.5, 0.5, 1.0), (0, 1, 2, 3, 0, 0, 1)
+    for args in (("a", 0.75, factors, 4, rejected, 11, ("gpu-h100",), 7),
+                 (None, None, (), 0, rejected, 11, (), -1)):  # fmt: skip
+        fast, made = decided(*args), Decision(*args)
+        assert fast == made
+        for name in ("agent_id", "score", "factors", "eligible", "rejected", "considered",
+                     "missing_labels", "row", "deferred", "waiting_for"):  # fmt: skip
+            assert getattr(fast, name) == getattr(made, name), name
+        assert fast.explain() == made.explain()
+    assert decided(*args).rejected == {"stale": 0, "status": 1, "pool": 2, "labels": 3,
+                                       "capacity": 0, "vram": 0, "excluded": 1}  # fmt: skip
