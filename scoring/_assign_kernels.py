@@ -32,7 +32,6 @@ from scoring._kernels import (
     _score,
     _tie_hash,
 )
-from scoring.layout import VRAM_STEPS_PER_GB as VRAM_STEPS
 from scoring.layout import VRAM_UNKNOWN, Query
 from scoring.models import LAST_ELIGIBLE_STATUS, REASONS, STATUS_CODES, AgentStatus
 
@@ -234,9 +233,9 @@ def _passes_but_capacity(c, common, groups, g, r):
     for w in range(labels.shape[1]):
         if (labels[g, w] & ~c.labels[r, w]) != _NONE:
             return True, False
-    if not np.isnan(min_vram[g]):
+    if min_vram[g] >= 0:
         v = c.vram_gb[r]
-        if v == VRAM_UNKNOWN or not (v / VRAM_STEPS >= min_vram[g]):
+        if v == VRAM_UNKNOWN or v < min_vram[g]:
             return True, False
     lo, hi = ex_off[g], ex_off[g + 1]
     k = lo + np.searchsorted(ex_flat[lo:hi], r)

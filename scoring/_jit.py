@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from numba import config, njit, typeof
+from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 _OPTIONS = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"}
@@ -74,14 +75,21 @@ def jit_parallel(func):
     return njit(parallel=True, **_OPTIONS)(func)
 
 
-if config.DISABLE_JIT:  # type: ignore[attr-defined]  # numba's intrinsic runs only compiled
+if config.DISABLE_JIT:  # type: ignore[attr-defined]  # numba's intrinsics run only compiled
 
     def fixed_tuple(array: Any, length: int) -> tuple[Any, ...]:
         """The first ``length`` items of ``array`` as a tuple (numba's ``to_fixed_tuple``)."""
         return tuple(array[:length].tolist())
 
+    def lowest_bit(word: Any) -> int:
+        """The position of the lowest set bit of a nonzero ``word`` (numba's
+        ``trailing_zeros``: one instruction)."""
+        word = int(word)
+        return (word & -word).bit_length() - 1
+
 else:
     fixed_tuple: Callable[..., Any] = to_fixed_tuple  # type: ignore[no-redef]
+    lowest_bit: Callable[..., Any] = trailing_zeros  # type: ignore[no-redef]
 
 
 class NativeEntry:

@@ -25,9 +25,8 @@ import inspect
 import numpy as np
 from numba import prange
 
-from scoring._jit import fixed_tuple, jit, jit_inline, jit_parallel, jit_row
+from scoring._jit import fixed_tuple, jit, jit_inline, jit_parallel, jit_row, lowest_bit
 from scoring.layout import COLUMNS, FAILURE_STEPS, QUERY_FIELDS, VRAM_UNKNOWN, Columns, Query
-from scoring.layout import VRAM_STEPS_PER_GB as VRAM_STEPS
 from scoring.models import FACTORS, LAST_ELIGIBLE_STATUS, REASONS
 
 #: Filters computed per row by :func:`_filters` (``excluded`` is looked up separately: it names
@@ -49,7 +48,10 @@ LABEL_BIT = np.uint8(1 << LABELS)
 _LABELS_SHIFT = np.uint64(16 * (LABELS % 4))
 SKIP_BIT = np.uint8(1 << SKIPPED)
 N_COUNTS = N_REASONS + 1
-BLOCK = 1024  # rows whose reject masks are computed together, before their eligible rows score
+SLACK = 1.0 - 2.0**-49  # see _floor
+_TINY = 1e-290
+CHUNK = 64  # rows filtered together (a word's bits), before the rows that passed are ranked
+FLUSH = 1000  # chunks whose counts add up in 16-bit lanes before they go to the scratch
 
 _M32 = np.uint64(0xFFFFFFFF)
 _S13, _S16, _S32 = np.uint64(13), np.uint64(16), np.uint64(32)
@@ -58,7 +60,9 @@ _ONE = np.uint64(1)
 _NONE, _ALL = np.uint64(0), np.uint64(0xFFFFFFFFFFFFFFFF)
 _SPREAD4, _LANES = np.uint64(0x0000200040008001), np.uint64(0x0001000100010001)
 _LOW4, _FOUR, _LANE = np.uint64(15), np.uint64(4), np.uint64(0xFFFF)
-assert N_COUNTS <= 8, "_block_masks counts a mask's bits in two words of four 16-bit lanes"
+assert CHUNK <= 64, "_chunk marks a chunk's passing rows in one word"
+assert FLUSH * CHUNK < 1 << 16, "_scan_part sums lane counts of FLUSH chunks in 16 bits"
+assert N_COUNTS <= 8, "_chunk counts a mask's bits in two words of four 16-bit lanes"
 _MAX_HASH = _ALL
 
 
@@ -116,25 +120,41 @@ def _filters(c, q, i, wide):
     if wide:
         for w in range(1, q.labels.shape[0]):
             labels |= (q.labels[w] & ~c.labels[i, w]) != _NONE
-    # unknown vram_gb fails a minimum; a NaN minimum (none) fails nobody
+    # unknown vram_gb fails a minimum; no minimum (-1) fails nobody (see layout.vram_floor)
     vram = c.vram_gb[i]
-    enough = (vram != VRAM_UNKNOWN) & (vram / VRAM_STEPS >= q.min_vram_gb)
     return (
         STALE_BIT * (q.now - c.last_heartbeat[i] > q.heartbeat_timeout_s)
         | STATUS_BIT * (c.status[i] > LAST_ELIGIBLE_STATUS)
         | POOL_FILTER_BIT * ((c.team[i] != q.team) & (not (q.community & (c.opt_pos[i] >= 0))))
         | LABELS_BIT * labels
         | CAPACITY_BIT * (c.running_count[i] >= c.gpu_capacity[i])
-        | VRAM_BIT * ((not np.isnan(q.min_vram_gb)) & (not enough))
+        | VRAM_BIT * ((q.min_vram >= 0) & ((vram == VRAM_UNKNOWN) | (vram < q.min_vram)))
     )
+
+
+#: ``b / a`` at ``a * SMALL + b`` for ``0 < a < SMALL`` and ``0 <= b < SMALL`` (0 for ``a`` = 0,
+#: never read): a row's ``running_count / gpu_capacity`` and a request's share of warm models by
+#: a lookup instead of a division (the same float: the table is made by the same division), for
+#: the small numbers nearly every fleet and request has. Three divisions a scored row took 8% of
+#: a busy team's pick (measured).
+SMALL = 16
+_RATIOS = np.array([b / a if a else 0.0 for a in range(SMALL) for b in range(SMALL)])
+
+
+@jit_row
+def _ratio(b, a):
+    """``b / a`` for integers ``0 <= b`` and ``0 < a`` (by :data:`_RATIOS` when both are small)."""
+    if a < SMALL and b < SMALL:
+        return _RATIOS[np.uint64(a) * np.uint64(SMALL) + np.uint64(b)]
+    return b / a
 
 
 @jit_row
 def _factors(c, q, i):
     """Row ``i``'s factors, each in [0, 1], in FACTORS order."""
-    # codes and rows as unsigned numbers: no wraparound of a negative index (see _block_masks)
+    # codes and rows as unsigned numbers: no wraparound of a negative index (see _chunk)
     region = q.region_table[np.uint64(c.region[i])]
-    load = max(0.0, 1.0 - c.running_count[i] / c.gpu_capacity[i])
+    load = max(0.0, 1.0 - _ratio(c.running_count[i], c.gpu_capacity[i]))
     pool = 1.0 if c.team[i] == q.team else 0.0
     if q.n_models == 0:
         warm = 0.5
@@ -144,20 +164,26 @@ def _factors(c, q, i):
         hits = _popcount(c.cached_models[i, 0] & q.models[0])
         for w in range(1, q.models.shape[0]):
             hits += _popcount(c.cached_models[i, w] & q.models[w])
-        warm = hits / q.n_models
+        warm = _ratio(hits, q.n_models)
     gpu = q.gpu_table[np.uint64(c.gpu_model[i])]
     reliability = 1.0 - c.failure_rate[i] / FAILURE_STEPS
     return region, load, pool, warm, gpu, reliability
 
 
 @jit_row
-def _score(c, q, i):
-    """Weighted mean of row ``i``'s factors: sum(w_f * x_f) / sum(w_f), summed in FACTORS order."""
-    f = _factors(c, q, i)
+def _weighted(q, f):
+    """sum(w_f * x_f) over factors ``f``, summed in FACTORS order (the score times the weights'
+    sum)."""
     total = 0.0
     for k in range(N_FACTORS):
         total += q.weights[k] * f[k]
-    return total / q.weights[N_FACTORS]
+    return total
+
+
+@jit_row
+def _score(c, q, i):
+    """Weighted mean of row ``i``'s factors: sum(w_f * x_f) / sum(w_f), summed in FACTORS order."""
+    return _weighted(q, _factors(c, q, i)) / q.weights[N_FACTORS]
 
 
 @jit_row
@@ -199,68 +225,70 @@ def _in_pool(c, q, i):
 
 
 @jit_inline
-def _block_masks(c, q, block, skip, masks, counts, all_labels):
-    """Phase 1 of a block: the masks of the candidate rows ``block`` into ``masks[:m]``; adds
-    each filter's failures to ``counts`` and ANDs the labels of label-rejected rows into
-    ``all_labels`` (``required & ~all_labels`` is then the OR over those rows of
-    ``required & ~labels``, the labels some of them lack). ``skip``: ``block`` comes from the
-    community index, where rows of the submitting team are skipped."""
-    m = block.shape[0]
-    first = block[0]
-    strays = 0
-    for j in range(m):
-        strays += block[j] != first + j
-    # Rows as unsigned numbers: a signed index makes numba wrap negative ones around, and that
-    # branch kept every mask loop from vectorising (5.3 -> 3.6 ns a row gathered, measured).
-    base = np.uint64(first)
-    ranged = q.labels.shape[0] == 1 and strays <= m // 2 and first + m <= c.team.shape[0]
-    if ranged:
-        # consecutive rows but for some that updates put elsewhere (the fleet re-lays its rows
-        # before they are a 32nd): read as a range (0.6 ns a row), then those one by one
-        for j in range(m):
-            masks[j] = _mask(c, q, base + np.uint64(j), skip, False)
-        if strays:
-            for j in range(m):
-                if block[j] != first + j:
-                    masks[j] = _mask(c, q, np.uint64(block[j]), skip, False)
-    elif q.labels.shape[0] == 1:  # no inner loop then: the loop stays a straight line
-        for j in range(m):
-            masks[j] = _mask(c, q, np.uint64(block[j]), skip, False)
-    else:
-        for j in range(m):
-            masks[j] = _mask(c, q, np.uint64(block[j]), skip, True)
-    # The counts: each mask's bits 0-3 and 4-7 spread one to a 16-bit lane of two words and
-    # summed, in one pass that vectorises (a pass per bit took 0.5 ns a row against 0.1; a lane
-    # cannot overflow: a block has 1024 rows). The excluded bit is never set here.
-    low, high = _NONE, _NONE
-    for j in range(m):
-        mask = np.uint64(masks[j])
+def _chunk(c, q, block, first, ranged, skip, wide):
+    """The candidate rows ``block`` (at most :data:`CHUNK`) in one pass: ``(passed, low, high,
+    labels)``.
+
+    ``passed`` has bit ``j`` set when ``block[j]`` passed every filter; ``low`` and ``high`` hold
+    the counts of the masks' bits 0-3 and 4-7, one to a 16-bit lane (see :func:`_lanes`; a lane
+    cannot overflow); ``labels`` is the AND of the first label word of the label-rejected rows
+    (``required & ~labels`` is then the OR over those rows of ``required & ~label``: the labels
+    some of them lack). ``ranged``: the rows are ``first, first + 1, ...`` and are read as a
+    range, which vectorises. ``skip``: ``block`` comes from the community index, where rows of
+    the submitting team are skipped. ``wide``: see :func:`_filters`.
+
+    One loop computes everything a row's mask gives, so the mask never goes to memory and the
+    rows are read once: a pass for the masks, then one each for the counts, the label AND and the
+    passing rows took 1.4-1.6 ns a row (100,000 and 1,000,000 agents), this loop 0.6-0.9 in a
+    probe.
+    """
+    passed, low, high, labels = _NONE, _NONE, _NONE, _ALL
+    for j in range(block.shape[0]):
+        # Rows as unsigned numbers: a signed index makes numba wrap negative ones around, and that
+        # branch kept the loop from vectorising (5.3 -> 3.6 ns a row gathered, measured).
+        i = np.uint64(first) + np.uint64(j) if ranged else np.uint64(block[j])
+        mask = np.uint64(_mask(c, q, i, skip, wide))
         low += _lanes(mask & _LOW4)
         high += _lanes(mask >> _FOUR)
-    for k in range(4):
-        counts[k] += np.int64((low >> np.uint64(16 * k)) & _LANE)
-        counts[4 + k] += np.int64((high >> np.uint64(16 * k)) & _LANE)
-    if ((low if LABELS < 4 else high) >> _LABELS_SHIFT) & _LANE:  # label rejections
-        # apart from the loops above: inside, 2 ns a row more
-        for w in range(q.labels.shape[0]):
-            labels = _ALL
-            if ranged:
-                for j in range(m):  # a reduction without a branch, so that it vectorises
-                    rejected = ((masks[j] & LABEL_BIT) != 0) & (block[j] == first + j)
-                    labels &= c.labels[base + np.uint64(j), w] | (_NONE if rejected else _ALL)
-                if strays:  # the rows out of place
-                    for j in range(m):
-                        if block[j] != first + j and masks[j] & LABEL_BIT:
-                            labels &= c.labels[np.uint64(block[j]), w]
-            else:
-                for j in range(m):
-                    keep = _NONE if masks[j] & LABEL_BIT else _ALL
-                    labels &= c.labels[np.uint64(block[j]), w] | keep
-            all_labels[w] &= labels
+        labels &= c.labels[i, 0] | (_NONE if mask & LABEL_BIT else _ALL)
+        passed |= np.uint64(mask == 0) << np.uint64(j)
+    return passed, low, high, labels
 
 
 @jit_inline
-def _scan(c, q, lo, hi, cut, masks, counts, all_labels):
+def _consecutive(block, first):
+    """Whether ``block`` holds ``first, first + 1, ...`` (an OR of XORs: a loop that vectorises)."""
+    strays = np.uint32(0)
+    start = np.uint32(first)
+    for j in range(block.shape[0]):
+        strays |= np.uint32(block[j]) ^ (start + np.uint32(j))
+    return strays == 0
+
+
+@jit_inline
+def _flush(low, high, counts):
+    """Add the lane counts ``low`` and ``high`` (see :func:`_chunk`) to ``counts``."""
+    for k in range(4):
+        counts[k] += np.int64((low >> np.uint64(16 * k)) & _LANE)
+        counts[4 + k] += np.int64((high >> np.uint64(16 * k)) & _LANE)
+
+
+@jit_inline
+def _wide_labels(c, q, block, first, ranged, skip, low, high, all_labels):
+    """AND the label words after the first of a chunk's label-rejected rows into
+    ``all_labels`` (read again, only when the labels are wide and some row was rejected on
+    them; the first word comes from :func:`_chunk`)."""
+    words = q.labels.shape[0]
+    if words > 1 and ((low if LABELS < 4 else high) >> _LABELS_SHIFT) & _LANE:
+        for j in range(block.shape[0]):
+            i = np.uint64(first) + np.uint64(j) if ranged else np.uint64(block[j])
+            if _mask(c, q, i, skip, True) & LABEL_BIT:
+                for w in range(1, words):
+                    all_labels[w] &= c.labels[i, w]
+
+
+@jit_inline
+def _scan(c, q, lo, hi, cut, counts, all_labels):
     """One fused pass over candidate positions ``[lo, hi)`` (``q.rows``, then ``q.shared``).
 
     With ``cut`` NaN the best score wins and exact ties go to the lowest tie hash; otherwise (the
@@ -270,52 +298,87 @@ def _scan(c, q, lo, hi, cut, masks, counts, all_labels):
     """
     n_rows = q.rows.shape[0]
     best = (np.int64(-1), -np.inf, -np.inf, _MAX_HASH, np.int64(0))
-    best = _scan_part(c, q, q.rows, False, min(lo, n_rows), min(hi, n_rows), cut, masks, counts,
+    best = _scan_part(c, q, q.rows, False, min(lo, n_rows), min(hi, n_rows), cut, counts,
                       all_labels, best)  # fmt: skip
-    best = _scan_part(c, q, q.shared, True, max(lo - n_rows, 0), max(hi - n_rows, 0), cut, masks,
+    best = _scan_part(c, q, q.shared, True, max(lo - n_rows, 0), max(hi - n_rows, 0), cut,
                       counts, all_labels, best)  # fmt: skip
     row, _, score, tie_hash, eligible = best
     return row, score, tie_hash, eligible
 
 
 @jit_inline
-def _scan_part(c, q, rows, skip, lo, hi, cut, masks, counts, all_labels, best):
-    """:func:`_scan` over ``rows[lo:hi]``, block by block, carrying ``best`` = ``(row, rank,
-    score, tie_hash, eligible)`` from part to part.
+def _scan_part(c, q, rows, skip, lo, hi, cut, counts, all_labels, best):
+    """:func:`_scan` over ``rows[lo:hi]``, :data:`CHUNK` rows at a time, carrying ``best`` =
+    ``(row, rank, score, tie_hash, eligible)`` from part to part.
 
-    Each block's masks come first (:func:`_block_masks`, into ``masks[:BLOCK]``), then, 64 rows
-    at a time, a word with a bit set for each row that passed every filter, and only those rows
-    are scored, lowest first (a loop without a branch on a mask, whose reads of the rows' other
-    columns overlap: skipping failed rows inside one loop cost 5 ns a row at 1,000,000 agents,
-    measured). The word is built in a loop that vectorises; writing the passing rows' positions
-    to a list instead cost 0.42 ns a candidate against 0.24 (community requests, 100,000 agents).
+    Each chunk's filters come first (:func:`_chunk`: a word with a bit set for each row that
+    passed), then only the rows that passed are ranked, lowest first. A chunk of consecutive rows
+    is read as a range (the fleet lays its rows out so that nearly every chunk is one), any other
+    row by row. A row's weighted sum of factors is its score times the weights' sum; the division
+    is done only for a sum that could reach the best score (or the band's cut): a sum below
+    ``floor`` cannot, as the score is a correctly rounded quotient (see :func:`_floor`).
     """
     banded = not np.isnan(cut)
     best_row, best_rank, best_score, best_hash, eligible = best
-    for start in range(lo, hi, BLOCK):
-        block = rows[start : min(start + BLOCK, hi)]
-        m = block.shape[0]
-        _block_masks(c, q, block, skip, masks, counts, all_labels)
-        for w0 in range(0, m, 64):
-            passed = _NONE
-            for j in range(min(64, m - w0)):
-                passed |= np.uint64(masks[w0 + j] == 0) << np.uint64(j)
-            while passed:
-                j = w0 + _popcount((passed & (~passed + _ONE)) - _ONE)  # the lowest bit's
-                passed &= passed - _ONE
-                i = np.uint64(block[j])  # unsigned: see _block_masks
-                if _is_excluded(q, np.int64(i)):
-                    continue
-                eligible += 1
-                s = _score(c, q, i)
-                if banded and s < cut:
-                    continue
-                rank = 0.0 if banded else s
-                if rank >= best_rank:
-                    h = _tie_hash(c.id_hash[i], q.tie_key_hash)
-                    if rank > best_rank or h < best_hash:
-                        best_row, best_rank, best_score, best_hash = np.int64(i), rank, s, h
+    # the chunks' lane counts and first label words, summed in registers and added to the
+    # scratch every FLUSH chunks (a 16-bit lane then holds at most FLUSH * CHUNK) and at the end
+    low_sum, high_sum, labels_and, chunks = _NONE, _NONE, _ALL, 0
+    weight = q.weights[N_FACTORS]
+    floor = _floor(cut if banded else best_score, weight)
+    narrow = q.labels.shape[0] == 1
+    n = c.team.shape[0]
+    for start in range(lo, hi, CHUNK):
+        block = rows[start : min(start + CHUNK, hi)]
+        first = np.int64(block[0])
+        ranged = narrow and first + block.shape[0] <= n and _consecutive(block, first)
+        if ranged:
+            passed, low, high, labels = _chunk(c, q, block, first, True, skip, False)
+        elif narrow:  # no inner loop then: the loop stays a straight line
+            passed, low, high, labels = _chunk(c, q, block, first, False, skip, False)
+        else:
+            passed, low, high, labels = _chunk(c, q, block, first, False, skip, True)
+        _wide_labels(c, q, block, first, ranged, skip, low, high, all_labels)
+        low_sum += low
+        high_sum += high
+        labels_and &= labels
+        chunks += 1
+        if chunks == FLUSH:
+            _flush(low_sum, high_sum, counts)
+            low_sum, high_sum, chunks = _NONE, _NONE, 0
+        while passed:
+            j = lowest_bit(passed)
+            passed &= passed - _ONE
+            i = np.uint64(block[j])  # unsigned: see _chunk
+            if _is_excluded(q, np.int64(i)):
+                continue
+            eligible += 1
+            total = _weighted(q, _factors(c, q, i))
+            if total < floor:
+                continue
+            s = total / weight
+            if banded and s < cut:
+                continue
+            rank = 0.0 if banded else s
+            if rank >= best_rank:
+                h = _tie_hash(c.id_hash[i], q.tie_key_hash)
+                if rank > best_rank or h < best_hash:
+                    best_row, best_rank, best_score, best_hash = np.int64(i), rank, s, h
+                    if not banded:
+                        floor = _floor(s, weight)
+    _flush(low_sum, high_sum, counts)
+    all_labels[0] &= labels_and
     return best_row, best_rank, best_score, best_hash, eligible
+
+
+@jit_row
+def _floor(score, weight):
+    """A weighted sum below this has a score below ``score`` (the weights summing to ``weight``):
+    the score is the quotient of the sum by ``weight``, correctly rounded, so a sum
+    ``(1 - SLACK)`` below ``score * weight`` (itself rounded twice) ends below ``score``. Not for
+    a score near the smallest normal float, where roundings are not relative: -inf then."""
+    if score > _TINY:
+        return score * weight * SLACK
+    return -np.inf
 
 
 @jit_inline
@@ -327,7 +390,7 @@ def _count_excluded(c, q, counts):
 
 
 @jit_inline
-def _pick_rows(c, q, masks, counts, labels):
+def _pick_rows(c, q, counts, labels):
     """The serial pick over every candidate, tallying into scratch (see :func:`_scratch`).
 
     Returns ``(row, score, eligible, factors)``; ``factors`` are the winner's (NaN if none).
@@ -344,7 +407,7 @@ def _pick_rows(c, q, masks, counts, labels):
     cut, eligible = np.nan, 0
     for band in range(2):  # one inlined copy of _scan, not two: the first pick compiled in
         # 8 s instead of 10 (the band's pass tallies into the second halves of the scratch)
-        found = _scan(c, q, 0, n, cut, masks, counts[band * N_COUNTS : (band + 1) * N_COUNTS],
+        found = _scan(c, q, 0, n, cut, counts[band * N_COUNTS : (band + 1) * N_COUNTS],
                       labels[band * words : (band + 1) * words])  # fmt: skip
         best, best_score = found[0], found[1]
         if band == 0:
@@ -378,13 +441,12 @@ def _winner_factors(c, q, best):
 
 @jit
 def _scratch(label_words):
-    """Working memory of one serial pick: a block's masks, counts and label ANDs (the last two
-    twice as long as one pass needs: the tie band's pass tallies into the second halves).
+    """Working memory of one serial pick: its counts and label ANDs (each twice as long as one
+    pass needs: the tie band's pass tallies into the second halves).
 
     Python callers keep one (the fleet does, used under its lock), so a pick allocates nothing.
     """
     return (
-        np.empty(BLOCK, np.uint16),
         np.zeros(2 * N_COUNTS, np.int64),
         np.full(2 * label_words, _ALL),
     )
@@ -393,8 +455,8 @@ def _scratch(label_words):
 @jit
 def _pick(c, q):
     """Serial pick: ``(row, score, eligible, factors, counts, labels_and)`` (fresh scratch)."""
-    masks, counts, labels = _scratch(q.labels.shape[0])
-    best, best_score, eligible, factors = _pick_rows(c, q, masks, counts, labels)
+    counts, labels = _scratch(q.labels.shape[0])
+    best, best_score, eligible, factors = _pick_rows(c, q, counts, labels)
     return best, best_score, eligible, factors, counts[:N_COUNTS], labels[: q.labels.shape[0]]
 
 
@@ -405,7 +467,6 @@ def _pick_parallel(c, q, n_chunks):
     n = q.rows.shape[0] + q.shared.shape[0]
     step = (n + n_chunks - 1) // n_chunks
     words = q.labels.shape[0]
-    masks = np.empty((n_chunks, BLOCK), np.uint16)
     counts = np.zeros((n_chunks, N_COUNTS), np.int64)
     all_labels = np.full((n_chunks, words), _ALL)
     rows = np.full(n_chunks, -1, np.int64)
@@ -415,7 +476,7 @@ def _pick_parallel(c, q, n_chunks):
     for k in prange(n_chunks):
         lo, hi = min(n, k * step), min(n, (k + 1) * step)
         rows[k], scores[k], hashes[k], eligible[k] = _scan(
-            c, q, lo, hi, np.nan, masks[k], counts[k], all_labels[k]
+            c, q, lo, hi, np.nan, counts[k], all_labels[k]
         )
     k = _best_chunk(rows, scores, hashes)
     if k >= 0 and q.tie_band > 0.0:
@@ -425,7 +486,7 @@ def _pick_parallel(c, q, n_chunks):
         for j in prange(n_chunks):
             lo, hi = min(n, j * step), min(n, (j + 1) * step)
             rows[j], scores[j], hashes[j], _ = _scan(
-                c, q, lo, hi, cut, masks[j], band_counts[j], band_labels[j]
+                c, q, lo, hi, cut, band_counts[j], band_labels[j]
             )
         k = _best_chunk(rows, np.zeros(n_chunks), hashes)  # every candidate is in the band
     best, best_score = (rows[k], scores[k]) if k >= 0 else (-1, -np.inf)
@@ -496,8 +557,8 @@ def _factor_rows(c, q, rows, out):
 def _pick_flat(
     team, status, opt_pos, team_pos, region, gpu_model, last_heartbeat, gpu_capacity,
     running_count, vram_gb, failure_rate, id_hash, labels, cached_models,
-    masks, counts, labels_and,
-    q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown, q_min_vram_gb,
+    counts, labels_and,
+    q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown, q_min_vram,
     q_excluded, q_models, q_n_models, q_region_table, q_gpu_table, q_weights, q_tie_band,
     q_rows, q_shared, q_fleet_size, q_now, q_tie_key_hash,
 ):  # fmt: skip
@@ -513,10 +574,10 @@ def _pick_flat(
     c = Columns(team, status, opt_pos, team_pos, region, gpu_model, last_heartbeat, gpu_capacity,
                 running_count, vram_gb, failure_rate, id_hash, labels, cached_models)  # fmt: skip
     q = Query(q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown,
-              q_min_vram_gb, q_excluded, q_models, q_n_models, q_region_table, q_gpu_table,
+              q_min_vram, q_excluded, q_models, q_n_models, q_region_table, q_gpu_table,
               q_weights, q_tie_band, q_rows, q_shared, q_fleet_size, q_now,
               q_tie_key_hash)  # fmt: skip
-    best, best_score, eligible, factors = _pick_rows(c, q, masks, counts, labels_and)
+    best, best_score, eligible, factors = _pick_rows(c, q, counts, labels_and)
     rejected, considered = _rejected(counts, q.rows.shape[0] + q.shared.shape[0], q.fleet_size)
     return best, best_score, eligible, factors, rejected, considered
 
@@ -530,7 +591,7 @@ def _check_flat_signature() -> None:
     fields = [f"q_{f.name}" for f in QUERY_FIELDS]
     source = " ".join(inspect.getsource(func).split())
     if (
-        names != [*columns, "masks", "counts", "labels_and", *fields]
+        names != [*columns, "counts", "labels_and", *fields]
         or f"Columns({', '.join(columns)})" not in source
         or f"Query({', '.join(fields)})" not in source
     ):

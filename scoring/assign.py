@@ -173,7 +173,7 @@ class _Batch:
             np.array([q.community for q in qs], bool),
             np.stack([q.labels for q in qs]),
             np.array([q.labels_unknown for q in qs], bool),
-            np.array([q.min_vram_gb for q in qs], np.float64),
+            np.array([q.min_vram for q in qs], np.int64),
             ex_off,
             np.concatenate([q.excluded for q in qs]).astype(np.int64),
             np.stack([q.models for q in qs]),

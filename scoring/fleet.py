@@ -12,9 +12,8 @@ for rows gathered from all over the fleet (measured). Updates do not keep that o
 goes at the end, a removal moves the last row, a team change stays where it is); they count the
 rows they put out of place, and once those are more than a 32nd of the fleet the update that
 crossed the line lays every row out again (:meth:`Fleet._reorder`, O(n log n): amortised, some
-row moves per update). A block of rows with strays is still read as a range (when at most half
-are), the strays then one by one, so a fleet between two re-lays reads nearly as fast as a fresh
-one.
+row moves per update). The kernels read 64 candidates at a time, and only a chunk with a stray
+row by row, so a fleet between two re-lays reads nearly as fast as a fresh one.
 
 Two indexes let a pick read only the rows a request may use: each team's rows, and the rows of
 agents opted in to the community pool. Each row knows its place in both (``team_pos``,
@@ -337,7 +336,7 @@ class Fleet:
     def scratch(self) -> tuple[np.ndarray, ...]:
         """The serial pick's working memory (see ``_kernels._scratch``). Use under :attr:`lock`."""
         words = self._data["labels"].shape[1]
-        if not self._scratch or self._scratch[2].shape[0] != 2 * words:
+        if not self._scratch or self._scratch[1].shape[0] != 2 * words:
             self._scratch = _scratch(words)
         return self._scratch
 

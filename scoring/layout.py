@@ -8,6 +8,7 @@ signature there); :mod:`scoring._kernels` checks at import that they agree with 
 
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -59,7 +60,7 @@ QUERY_FIELDS: tuple[Field, ...] = (
     Field("community", "bool: community pool"),
     Field("labels", "uint64 (label_words,): required labels, tool type included"),
     Field("labels_unknown", "bool: a required label no agent of the fleet has"),
-    Field("min_vram_gb", "float64: NaN = no minimum"),
+    Field("min_vram", "int64: the least vram_gb code that passes; -1: no minimum (see vram_floor)"),
     Field("excluded", "int64 (k,): sorted rows of exclude_agents"),
     Field("models", "uint64 (model_words,): required models known to the fleet"),
     Field("n_models", "int64: number of required models (known or not)"),
@@ -86,6 +87,16 @@ VRAM_STEPS_PER_GB = 4
 VRAM_UNKNOWN = 65535
 #: ``failure_rate`` column steps per 1.0.
 FAILURE_STEPS = 32768  # a power of two: 0.25, 0.5 and 1.0 stay exact
+
+
+def vram_floor(min_vram_gb: float | None) -> int:
+    """A request's ``min_vram_gb`` as the least ``vram_gb`` column code that meets it, or -1 for
+    none. Codes are integers and ``code / VRAM_STEPS_PER_GB >= m`` exactly when ``code >=
+    ceil(m * VRAM_STEPS_PER_GB)`` (both products exact), so the kernels compare integers; a floor
+    above every known code is ``VRAM_UNKNOWN``, which fails a minimum anyway."""
+    if min_vram_gb is None:
+        return -1
+    return min(math.ceil(min_vram_gb * VRAM_STEPS_PER_GB), VRAM_UNKNOWN)
 
 
 def column_dtypes() -> dict[str, np.dtype]:

@@ -99,8 +99,8 @@ def decide(
         rejected, considered = K._rejected(counts, n, q.fleet_size)
         return tally(fleet, parts, (row, score, eligible, factors, rejected, considered),
                      labels_and)  # fmt: skip
-    masks, counts, labels_and = fleet.scratch()
-    return tally(fleet, parts, _pick_entry(*fleet.columns, masks, counts, labels_and, *q),
+    counts, labels_and = fleet.scratch()
+    return tally(fleet, parts, _pick_entry(*fleet.columns, counts, labels_and, *q),
                  labels_and)  # fmt: skip
 
 
@@ -128,7 +128,7 @@ def _bind(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> Boun
     if n < PARALLEL_THRESHOLD:
         args = (*fleet.columns, *scratch, *q[:-PER_CALL])
         serial = partial(_pick_entry.direct((*args, *q[-PER_CALL:])), *args)
-    bound = Bound(policy, parts, serial, scratch[2])
+    bound = Bound(policy, parts, serial, scratch[1])
     cache = fleet.pick_cache  # emptied by the fleet when its version moves (Fleet._changed)
     if len(cache) >= _BOUND_LIMIT:
         cache.clear()

@@ -14,7 +14,7 @@ import numpy as np
 
 from scoring.decision import missing_label_names
 from scoring.fleet import Fleet
-from scoring.layout import Query
+from scoring.layout import Query, vram_floor
 from scoring.models import DispatchRequest, ScoringPolicy, gpu_tokens
 
 _NO_ROWS = np.zeros(0, np.int64)
@@ -72,7 +72,7 @@ def assemble(
         request.target_pool == "community",
         parts.labels,
         parts.labels_unknown,
-        np.nan if request.min_vram_gb is None else request.min_vram_gb,
+        vram_floor(request.min_vram_gb),
         fleet.rows_of(request.exclude_agents) if request.exclude_agents else _NO_ROWS,
         parts.models,
         len(request.required_models),

@@ -83,5 +83,5 @@ def test_kernel_tuples_and_flat_entry_follow_the_declared_layout():
     assert Query._fields == tuple(f.name for f in QUERY_FIELDS)
     flat = inspect.signature(getattr(K._pick_flat, "py_func", K._pick_flat)).parameters
     columns = [c.name for c in COLUMNS]
-    scratch = ["masks", "counts", "labels_and"]
+    scratch = ["counts", "labels_and"]
     assert list(flat) == [*columns, *scratch, *(f"q_{f.name}" for f in QUERY_FIELDS)]

@@ -6,12 +6,14 @@ Scores are compared exactly: kernel and reference sum the same float64 products 
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scoring import Fleet, pick_agent, rank_agents
+from scoring import DispatchRequest, Fleet, pick_agent, rank_agents
 from scoring import _kernels as K
 from scoring import pick as pick_module
 from scoring import reference as R
@@ -50,9 +52,10 @@ def test_pick_equals_reference_on_larger_fleets(scenario):
 
 
 @settings(max_examples=10)
-@given(scenarios(min_agents=K.BLOCK + 1, max_agents=3 * K.BLOCK), st.integers(1, 5))
-def test_fleets_of_several_blocks_equal_reference(scenario, n_chunks):
-    """Block boundaries, exclusions in later blocks, and chunks that end inside a block."""
+@given(scenarios(min_agents=K.CHUNK + 1, max_agents=3 * K.CHUNK), st.integers(1, 5))
+def test_fleets_of_several_chunks_equal_reference(scenario, n_chunks):
+    """Chunk boundaries, exclusions in later chunks, and parallel slabs that end inside a
+    chunk."""
     agents, request, policy = scenario
     fleet = Fleet.from_agents(agents)
     expected = R.pick_agent(agents, request, policy, now=NOW)
@@ -151,3 +154,29 @@ def test_eligible_agents_equal_reference(scenario):
     by_id = {a.agent_id: a for a in agents}
     assert sorted(order) == sorted(by_id)
     assert got == [i for i in order if not R.reject_reasons(by_id[i], request, policy, NOW)]
+
+
+def test_a_pool_of_more_rows_than_a_flush_counts_every_row():
+    """The scan sums its counts in 16-bit lanes and adds them to the tally every
+    ``K.FLUSH`` chunks: a community pool longer than that (70,000 agents, all opted in) counts
+    every row, as the reference does, for requests of a few shapes; and a day later, when every
+    agent is stale, for a team with no agent of its own (so all 70,000 come from the community
+    index, in one part of the scan: more than a 16-bit lane holds)."""
+    from scoring.synthetic import NOW as SYNTHETIC_NOW
+    from scoring.synthetic import synthetic_agents, synthetic_requests
+
+    n = 70_000
+    assert n > K.FLUSH * K.CHUNK
+    agents = synthetic_agents(n, seed=5, n_teams=4, community_share=1.0)
+    fleet = Fleet.from_agents(agents)
+    requests = synthetic_requests(4, seed=5, community_share=1.0)
+    stranger = DispatchRequest(team_id=uuid.UUID(int=1), target_pool="community", tie_key="k")
+    for request, now in [
+        *((r, SYNTHETIC_NOW) for r in requests),
+        (stranger, SYNTHETIC_NOW + 1e5),
+    ]:
+        got = pick_agent(fleet, request, now=now)
+        expected = R.pick_agent(agents, request, now=now)
+        assert got.considered > K.FLUSH * K.CHUNK
+        _assert_same_decision(got, expected)
+    assert got.rejected["stale"] == n  # the last pick's

@@ -1,7 +1,7 @@
 """The fleet's row layout: rows by (opted in, team), re-laid before a 32nd are out of place.
 
-The kernels read a block of consecutive candidate rows as a range and any other block row by row
-(``_kernels._block_masks``); both must give the same pick, counts and label AND. These cases
+The kernels read a chunk of consecutive candidate rows as a range and any other chunk row by row
+(``_kernels._scan_part``); both must give the same pick, counts and label AND. These cases
 check the layout the fleet promises, that updates restore it once enough rows are out of place,
 and that the two ways of reading a block agree on the same rows.
 """
@@ -91,7 +91,7 @@ def requests_for_team(k: int):
 
 @settings(max_examples=60, deadline=None)
 @given(agent_lists(min_size=1), st.randoms(use_true_random=False), st.data())
-def test_a_block_read_as_a_range_equals_the_same_rows_read_one_by_one(fleet_agents, rnd, data):
+def test_a_chunk_read_as_a_range_equals_the_same_rows_read_one_by_one(fleet_agents, rnd, data):
     """The same candidates, once in layout order (consecutive: the range path) and once
     shuffled (the row-by-row path): the same winner, score, eligible count, counts and label AND.
     """
@@ -103,8 +103,8 @@ def test_a_block_read_as_a_range_equals_the_same_rows_read_one_by_one(fleet_agen
         consecutive = rows.size == 0 or rows[-1] - rows[0] == rows.size - 1
         shuffled = rows.copy()
         rnd.shuffle(shuffled)
-        # every row of the fleet but the last, which takes one's place: a range read with one
-        # stray fixed up, against the same rows shuffled
+        # every row of the fleet but the last, which takes one's place: chunks read as ranges
+        # but the one with the stray, against the same rows shuffled
         n = len(fleet)
         stray = np.arange(max(n - 1, 1), dtype=np.int32)
         stray[rnd.randrange(stray.size)] = n - 1

@@ -1,7 +1,7 @@
 """The machine's limit for a pick: one pass that only reads, once, the candidate rows' columns.
 
 The pass walks the same row lists the engine's pick walks (``Query.rows``, then ``Query.shared``:
-the team's index, then the community index), block by block as the pick does, and reads, for
+the team's index, then the community index), chunk by chunk as the pick does, and reads, for
 each of those rows, every column that a pick reads. No filter, no score, no branch on the data:
 each value goes into an integer checksum, returned so that the compiler cannot drop the reads. A
 pick that reads the same bytes of the same rows cannot beat this pass; the benchmarks report the
@@ -35,8 +35,8 @@ assert _READ <= {c.name for c in COLUMNS}, "a kernel reads a column the layout d
 def _kernel_source(n_scalars: int, n_bitsets: int) -> str:
     """The pass with one parameter per column (scalars ``s0..``, bitsets ``b0..``).
 
-    Read as the engine's scan reads (``_kernels._block_masks``) and as fast as the machine
-    allows: the row lists in blocks, a block of consecutive rows as a range and any other row by
+    Read as the engine's scan reads (``_kernels._scan_part``) and as fast as the machine
+    allows: the row lists in chunks, a chunk of consecutive rows as a range and any other row by
     row, rows as unsigned numbers (a signed index costs a branch that keeps a loop from
     vectorising), bitsets of one word without a loop over words. XOR-ing every value into one
     word vectorises: a reduction of integers needs no reordering of float sums.
@@ -50,13 +50,13 @@ def _kernel_source(n_scalars: int, n_bitsets: int) -> str:
         f"def _read_rows(rows, shared, {', '.join(scalars + bitsets)}):",
         "    s = np.uint64(0)",
         "    for part in (rows, shared):",
-        "        for start in range(0, part.shape[0], BLOCK):",
-        "            block = part[start : min(start + BLOCK, part.shape[0])]",
+        "        for start in range(0, part.shape[0], CHUNK):",
+        "            block = part[start : min(start + CHUNK, part.shape[0])]",
         "            m = block.shape[0]",
         "            first = block[0]",
-        "            strays = 0",
+        "            strays = np.uint32(0)",
         "            for j in range(m):",
-        "                strays += block[j] != first + j",
+        "                strays |= np.uint32(block[j]) ^ (np.uint32(first) + np.uint32(j))",
         "            base = np.uint64(first)",
         f"            if strays == 0 and {narrow}:",
         "                for j in range(m):",
@@ -74,7 +74,7 @@ def _kernel_source(n_scalars: int, n_bitsets: int) -> str:
 
 
 def _compile(n_scalars: int, n_bitsets: int):
-    namespace = {"np": np, "BLOCK": _kernels.BLOCK}
+    namespace = {"np": np, "CHUNK": _kernels.CHUNK}
     exec(_kernel_source(n_scalars, n_bitsets), namespace)  # source built from the layout only
     # Not cached: numba caches only functions that live in a source file; this one compiles in
     # a fraction of a second, before any timing. Otherwise the package's options (no fastmath).

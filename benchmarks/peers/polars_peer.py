@@ -7,12 +7,11 @@ sort by (score desc, tie hash) and take the first row; polars turns sort + head 
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 
 from benchmarks.peers.table import fleet_frame, word_count
 from scoring.fleet import Fleet
-from scoring.layout import Query
+from scoring.layout import VRAM_STEPS_PER_GB, Query
 from scoring.models import LAST_ELIGIBLE_STATUS
 from scoring.query import build_query
 
@@ -81,8 +80,8 @@ class PolarsPeer:
         for w in range(self.label_words):
             need = _u64(q.labels[w])
             ok = ok & ((col(f"labels_{w}") & need) == need)
-        if not np.isnan(q.min_vram_gb):
-            ok = ok & (col("vram_gb") >= q.min_vram_gb)  # null (unknown) fails
+        if q.min_vram >= 0:  # the least code that passes, in GB (see layout.vram_floor)
+            ok = ok & (col("vram_gb") >= q.min_vram / VRAM_STEPS_PER_GB)  # null fails
         if q.excluded.size:
             ok = ok & ~col("rid").is_in(q.excluded.tolist())
         w = q.weights.tolist()
