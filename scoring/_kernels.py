@@ -37,7 +37,6 @@ STALE_BIT, STATUS_BIT, POOL_FILTER_BIT, LABELS_BIT, CAPACITY_BIT, VRAM_BIT = (
     1 << REASONS.index(reason) for reason in FILTERS
 )
 N_REASONS = len(REASONS)
-N_FILTERS = len(FILTERS)
 N_FACTORS = len(FACTORS)
 POOL = REASONS.index("pool")
 LABELS = REASONS.index("labels")
@@ -274,14 +273,15 @@ def _flush(low, high, counts):
 
 
 @jit_inline
-def _wide_labels(c, q, block, first, ranged, skip, low, high, all_labels):
+def _wide_labels(c, q, block, skip, low, high, all_labels):
     """AND the label words after the first of a chunk's label-rejected rows into
     ``all_labels`` (read again, only when the labels are wide and some row was rejected on
-    them; the first word comes from :func:`_chunk`)."""
+    them; the first word comes from :func:`_chunk`). A chunk with wide labels is never read as a
+    range."""
     words = q.labels.shape[0]
     if words > 1 and ((low if LABELS < 4 else high) >> _LABELS_SHIFT) & _LANE:
         for j in range(block.shape[0]):
-            i = np.uint64(first) + np.uint64(j) if ranged else np.uint64(block[j])
+            i = np.uint64(block[j])
             if _mask(c, q, i, skip, True) & LABEL_BIT:
                 for w in range(1, words):
                     all_labels[w] &= c.labels[i, w]
@@ -337,7 +337,7 @@ def _scan_part(c, q, rows, skip, lo, hi, cut, counts, all_labels, best):
             passed, low, high, labels = _chunk(c, q, block, first, False, skip, False)
         else:
             passed, low, high, labels = _chunk(c, q, block, first, False, skip, True)
-        _wide_labels(c, q, block, first, ranged, skip, low, high, all_labels)
+        _wide_labels(c, q, block, skip, low, high, all_labels)
         low_sum += low
         high_sum += high
         labels_and &= labels

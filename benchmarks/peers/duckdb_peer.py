@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import duckdb
 
-from benchmarks.peers.table import fleet_arrays, word_count
+from benchmarks.peers.table import fleet_arrays, min_vram_gb, word_count
 from scoring.fleet import Fleet
-from scoring.layout import VRAM_STEPS_PER_GB, Query
+from scoring.layout import Query
 from scoring.models import LAST_ELIGIBLE_STATUS
 from scoring.query import build_query
 
@@ -59,7 +59,7 @@ class DuckDBPeer:
             raise ValueError("the DuckDB peer implements exact ties only (tie_band == 0)")
         if q.labels_unknown:
             return None
-        shape = (q.n_models > 0, q.min_vram >= 0, q.excluded.size > 0)
+        shape = (q.n_models > 0, min_vram_gb(q) is not None, q.excluded.size > 0)
         sql = self._sql.get(shape) or self._sql.setdefault(shape, self.sql(*shape))
         row = self.con.execute(sql, self.params(q, *shape)).fetchone()
         return None if row is None else self.fleet.agent_id_at(row[0])
@@ -116,7 +116,7 @@ class DuckDBPeer:
             p.update({f"m{i}": int(q.models[i]) for i in range(self.model_words)})
             p["n_models"] = int(q.n_models)
         if min_vram:
-            p["min_vram"] = q.min_vram / VRAM_STEPS_PER_GB  # the least code that passes, in GB
+            p["min_vram"] = min_vram_gb(q)
         if excluded:
             p["excluded"] = q.excluded.tolist()
         return p

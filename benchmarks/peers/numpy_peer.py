@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.peers.table import fleet_table
+from benchmarks.peers.table import fleet_table, min_vram_gb
 from benchmarks.peers.tiehash import tie_hash
 from scoring.fleet import Fleet
-from scoring.layout import VRAM_STEPS_PER_GB, Query
+from scoring.layout import Query
 from scoring.models import LAST_ELIGIBLE_STATUS
 from scoring.query import build_query
 
@@ -47,8 +47,8 @@ def pick_row(t: dict[str, np.ndarray], q) -> int:
     ok &= pool
     ok &= ((t["labels"] & q.labels) == q.labels).all(axis=1)
     ok &= t["running_count"] < t["gpu_capacity"]
-    if q.min_vram >= 0:  # the least code that passes, in GB (see layout.vram_floor)
-        ok &= t["vram_gb"] >= q.min_vram / VRAM_STEPS_PER_GB  # NaN (unknown) compares False
+    if (minimum := min_vram_gb(q)) is not None:
+        ok &= t["vram_gb"] >= minimum  # NaN (unknown) compares False: rejected
     if q.excluded.size:
         ok[q.excluded] = False
     rows = np.flatnonzero(ok)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from benchmarks.peers.table import fleet_frame, word_count
+from benchmarks.peers.table import fleet_frame, min_vram_gb, word_count
 from scoring.fleet import Fleet
-from scoring.layout import VRAM_STEPS_PER_GB, Query
+from scoring.layout import Query
 from scoring.models import LAST_ELIGIBLE_STATUS
 from scoring.query import build_query
 
@@ -80,8 +80,8 @@ class PolarsPeer:
         for w in range(self.label_words):
             need = _u64(q.labels[w])
             ok = ok & ((col(f"labels_{w}") & need) == need)
-        if q.min_vram >= 0:  # the least code that passes, in GB (see layout.vram_floor)
-            ok = ok & (col("vram_gb") >= q.min_vram / VRAM_STEPS_PER_GB)  # null fails
+        if (minimum := min_vram_gb(q)) is not None:
+            ok = ok & (col("vram_gb") >= minimum)  # null (unknown) fails
         if q.excluded.size:
             ok = ok & ~col("rid").is_in(q.excluded.tolist())
         w = q.weights.tolist()

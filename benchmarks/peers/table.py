@@ -22,6 +22,7 @@ Interned codes stay integers: the peers translate requests with the engine's own
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -32,6 +33,12 @@ from scoring.layout import COLUMNS, FAILURE_STEPS, VRAM_STEPS_PER_GB, VRAM_UNKNO
 
 def _gb(code: np.ndarray) -> np.ndarray:
     return np.where(code == VRAM_UNKNOWN, np.nan, code / VRAM_STEPS_PER_GB)
+
+
+def min_vram_gb(q: Any) -> float | None:
+    """A translated request's VRAM minimum in GB, as the table stores VRAM: the least code that
+    meets it (``Query.min_vram``, see ``layout.vram_floor``) in GB; None for no minimum."""
+    return None if q.min_vram < 0 else q.min_vram / VRAM_STEPS_PER_GB
 
 
 #: Columns stored under another name or unit: ``layout name -> (table name, decoder)``.
