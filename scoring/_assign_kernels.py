@@ -10,13 +10,18 @@ tie band) are popped together and the request's lowest tie hash wins, exactly as
 
 Groups are packed into arrays (one row per group, ragged parts in CSR form) and rebuilt as a
 :class:`~scoring.layout.Query` inside compiled code, so a whole queue is one kernel call.
+
+Nothing here allocates, so every function is compiled without reference counting
+(:func:`~scoring._jit.jit_row`): with it, each call of a helper taking the columns and a Query
+counted every array of both up and down, atomically; a queue of 10,000 requests onto 10,000
+agents took 6.5 ms in the kernel, 1.7 ms without (measured).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from scoring._jit import jit
+from scoring._jit import jit_row
 from scoring._kernels import (
     _NONE,
     EXCLUDED,
@@ -42,7 +47,7 @@ _IDLE, _BUSY = STATUS_CODES[AgentStatus.IDLE], STATUS_CODES[AgentStatus.BUSY]
 NONE, PLACED, DEFERRED, LATER = 0, 1, 2, 3
 
 
-@jit
+@jit_row
 def _group_query(g, common, groups, tie_key_hash):
     """Group ``g``'s Query, for a request with ``tie_key_hash``."""
     now, timeout, weights, tie_band, shared, fleet_size = common
@@ -59,7 +64,7 @@ def _group_query(g, common, groups, tie_key_hash):
 # --- a max-heap of (score, row) in keys[base:], rows[base:] --------------------------------------
 
 
-@jit
+@jit_row
 def _push(keys, rows, base, size, key, row):
     i = size
     keys[base + i], rows[base + i] = key, row
@@ -73,7 +78,7 @@ def _push(keys, rows, base, size, key, row):
     return size + 1
 
 
-@jit
+@jit_row
 def _pop(keys, rows, base, size):
     size -= 1
     keys[base], rows[base] = keys[base + size], rows[base + size]
@@ -91,12 +96,12 @@ def _pop(keys, rows, base, size):
         i = best
 
 
-@jit
+@jit_row
 def _full(c, r):
     return c.running_count[r] >= c.gpu_capacity[r]
 
 
-@jit
+@jit_row
 def _take(c, q, keys, rows, base, size, tie_rows, tie_scores):
     """Reserve the heap's best row for the request whose tie key hash is in ``q``.
 
@@ -152,7 +157,7 @@ def _take(c, q, keys, rows, base, size, tie_rows, tie_scores):
 # --- groups --------------------------------------------------------------------------------------
 
 
-@jit
+@jit_row
 def _warm(c, q, r):
     """Whether row ``r`` caches every required model (the query knows all of them)."""
     for w in range(q.models.shape[0]):
@@ -161,7 +166,7 @@ def _warm(c, q, r):
     return True
 
 
-@jit
+@jit_row
 def _knows_all_models(q):
     known = 0
     for w in range(q.models.shape[0]):
@@ -169,7 +174,7 @@ def _knows_all_models(q):
     return q.n_models > 0 and known == q.n_models
 
 
-@jit
+@jit_row
 def _init_group(c, q, g, heap, warm, warm_rows, counts, labels_and, considered):
     """Scan group ``g``'s pool once: its heaps, warm rows, counts and label AND."""
     keys, rows, base, size = heap[0], heap[1], heap[2][g], 0
@@ -202,7 +207,7 @@ def _init_group(c, q, g, heap, warm, warm_rows, counts, labels_and, considered):
     heap[3][g], warm[3][g], warm[4][g] = size, wsize, n_warm
 
 
-@jit
+@jit_row
 def _busy_warm(c, q, g, warm, warm_rows):
     """The busy slots of the pool's warm rows that fail only ``capacity`` (what a deferral can
     wait for: each frees when its run ends)."""
@@ -214,7 +219,7 @@ def _busy_warm(c, q, g, warm, warm_rows):
     return slots
 
 
-@jit
+@jit_row
 def _passes_but_capacity(c, common, groups, g, r):
     """Whether row ``r`` is in group ``g``'s pool and passes every filter but ``capacity``.
 
@@ -242,7 +247,7 @@ def _passes_but_capacity(c, common, groups, g, r):
     return True, not (k < hi and ex_flat[k] == r)
 
 
-@jit
+@jit_row
 def _account(c, common, groups, r, counts, eligible):
     """Row ``r`` was just reserved: if that filled it, every group whose pool holds it counts one
     more ``capacity``, and one eligible fewer where it was eligible."""
@@ -256,7 +261,7 @@ def _account(c, common, groups, r, counts, eligible):
                 eligible[g] -= 1
 
 
-@jit
+@jit_row
 def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, warm, warm_rows,
             deferrals, counts, eligible, tie_rows, tie_scores, out):  # fmt: skip
     """Place requests (in the order of ``req_group``) and write what happened to each into
@@ -306,7 +311,7 @@ def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, 
         _account(c, common, groups, r, counts, eligible)
 
 
-@jit
+@jit_row
 def _init_groups(c, common, groups, heap, warm, warm_rows, counts, labels_and, considered,
                  eligible):  # fmt: skip
     for g in range(eligible.shape[0]):
