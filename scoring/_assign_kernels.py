@@ -248,24 +248,29 @@ def _passes_but_capacity(c, common, groups, g, r):
 
 
 @jit_row
-def _account(c, common, groups, r, counts, eligible):
+def _account(c, common, groups, r, counts, eligible, versions):
     """Row ``r`` was just reserved: if that filled it, every group whose pool holds it counts one
-    more ``capacity``, and one eligible fewer where it was eligible."""
+    more ``capacity``, and one eligible fewer where it was eligible; its version moves on (by
+    the number of groups: group ``g``'s versions stay ``g`` modulo that, unique to it)."""
     if not _full(c, r):
         return
     for g in range(eligible.shape[0]):
         in_pool, passes = _passes_but_capacity(c, common, groups, g, r)
         if in_pool:
             counts[g, CAPACITY] += 1
+            versions[g] += versions.shape[0]
             if passes:
                 eligible[g] -= 1
 
 
 @jit_row
 def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, warm, warm_rows,
-            deferrals, counts, eligible, tie_rows, tie_scores, out):  # fmt: skip
+            deferrals, counts, eligible, versions, tie_rows, tie_scores, out):  # fmt: skip
     """Place requests (in the order of ``req_group``) and write what happened to each into
-    ``out`` = ``(state, row, score, factors, eligible, counts)``.
+    ``out`` = ``(state, row, score, factors, eligible, counts, version)``: ``version`` is
+    ``versions[g]`` of the request's group ``g`` when the request was considered; it changes
+    whenever the group's counts or eligible do (:func:`_account`), so requests with equal versions
+    and states have equal outcomes.
 
     A young request (``req_young``) with required models takes a warm row, else is deferred when
     a warm row is merely full and fewer than ``per_slot`` times its busy slots were deferred in
@@ -275,11 +280,12 @@ def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, 
     placement fills a row: only then can a group's busy warm slots change within a call.
     """
     per_slot, template, deferred, busy = deferrals
-    state, out_row, out_score, out_factors, out_eligible, out_counts = out
+    state, out_row, out_score, out_factors, out_eligible, out_counts, out_version = out
     for i in range(req_group.shape[0]):
         g = req_group[i]
         q = _group_query(g, common, groups, req_hash[i])
         out_eligible[i] = eligible[g]
+        out_version[i] = versions[g]
         for k in range(N_REASONS):
             out_counts[i, k] = counts[g, k]
         if req_young[i] and not req_later[i]:
@@ -308,7 +314,7 @@ def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, 
             out_factors[i, k] = f[k]
         if _full(c, r):
             busy[:] = -1
-        _account(c, common, groups, r, counts, eligible)
+        _account(c, common, groups, r, counts, eligible, versions)
 
 
 @jit_row

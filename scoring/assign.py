@@ -42,7 +42,7 @@ from scoring import _kernels as K
 from scoring.decision import Decision
 from scoring.fleet import Fleet
 from scoring.layout import Query
-from scoring.models import DispatchRequest, ScoringPolicy
+from scoring.models import QUEUE_ENTRY, DispatchRequest, ScoringPolicy
 from scoring.pick import candidates, check_call
 from scoring.query import Parts, assemble, translation
 
@@ -76,19 +76,28 @@ def assign(
     with fleet.lock, _cycles_uncollected():
         if not requests:
             return []
-        submitted = np.array([now if r.submitted_at is None else r.submitted_at
-                              for r in requests])  # fmt: skip
-        if (submitted[1:] >= submitted[:-1]).all():  # a queue usually comes in order
-            order, queue = list(range(len(requests))), requests
-        else:
-            order = np.argsort(submitted, kind="stable").tolist()  # stable: ties by index
-            queue, submitted = [requests[i] for i in order], submitted[order]
-        batch = _Batch(fleet, queue, submitted, policy, now)
-        state = batch.run(np.ones(len(order), bool), second_pass=False)
+        template_ids, tie_hashes, submitted = _entries(requests, now)
+        order = None
+        if not (submitted[1:] >= submitted[:-1]).all():  # a queue usually comes in order
+            order = np.argsort(submitted, kind="stable")  # stable: ties by index
+            requests = [requests[i] for i in order.tolist()]
+            template_ids, tie_hashes = template_ids[order], tie_hashes[order]
+            submitted = submitted[order]
+        batch = _Batch(fleet, requests, template_ids, tie_hashes, submitted, policy, now)
+        state = batch.run(np.ones(len(requests), bool), second_pass=False)
         later = state == A.LATER
         if later.any():
             batch.run(later, second_pass=True)
         return batch.decisions(order)
+
+
+def _entries(requests: list[DispatchRequest], now: float) -> tuple[np.ndarray, ...]:
+    """The requests' template ids, tie key hashes and submission times (``now`` for none), as
+    arrays (views of their :attr:`DispatchRequest.queue_entry` joined)."""
+    entries = np.frombuffer(b"".join([r.queue_entry for r in requests]), QUEUE_ENTRY)
+    submitted = entries["submitted_at"].copy()
+    submitted[np.isnan(submitted)] = now
+    return entries["template_id"], entries["tie_key_hash"], submitted
 
 
 @contextmanager
@@ -126,25 +135,22 @@ class _Batch:
         self,
         fleet: Fleet,
         queue: list[DispatchRequest],
+        template_ids: np.ndarray,
+        tie_hashes: np.ndarray,
         submitted: np.ndarray,
         policy: ScoringPolicy,
         now: float,
     ) -> None:
-        self.fleet, self.queue, self.policy, self.now = fleet, queue, policy, now
-        index: dict[int, int] = {}
+        self.fleet, self.policy, self.now = fleet, policy, now
+        # one group per template id, numbered in the ids' order; first: a request of each
+        _, first, req_group = np.unique(template_ids, return_index=True, return_inverse=True)
         groups: list[_Group] = []
-        req_group = np.empty(len(queue), np.int64)
-        for i, r in enumerate(queue):
-            key = r.template_id
-            g = index.get(key)
-            if g is None:
-                g = index[key] = len(groups)
-                parts = translation(fleet, r, policy)
-                groups.append(_Group(assemble(fleet, r, parts, now), parts,
-                                     bool(r.required_models), r.template))  # fmt: skip
-            req_group[i] = g
-        self.groups, self.req_group = groups, req_group
-        self.req_hash = np.array([r.tie_key_hash for r in queue], np.uint64)
+        for i in first.tolist():
+            r = queue[i]
+            parts = translation(fleet, r, policy)
+            groups.append(_Group(assemble(fleet, r, parts, now), parts,
+                                 bool(r.required_models), r.template))  # fmt: skip
+        self.groups, self.req_group, self.req_hash = groups, req_group.astype(np.int64), tie_hashes
         self._pack()
         n, wait = len(queue), policy.locality_wait_s
         has_models = np.array([g.has_models for g in groups], bool)[req_group]
@@ -156,6 +162,7 @@ class _Batch:
             np.full((n, K.N_FACTORS), np.nan),  # factors
             np.zeros(n, np.int64),  # eligible
             np.zeros((n, K.N_REASONS), np.int64),  # counts
+            np.zeros(n, np.int64),  # version of the group's counts and eligible (see _assign)
         )
 
     def _pack(self) -> None:
@@ -207,6 +214,9 @@ class _Batch:
         A._init_groups(self.fleet.columns, self.common, self.packed, self.heap, self.warm,
                        self.warm_rows, self.counts, self.labels_and, self.considered,
                        self.eligible)  # fmt: skip
+        self.counts[:, K.POOL] = len(self.fleet) - self.considered  # outsiders, once
+        self.versions = np.arange(n_groups, dtype=np.int64)
+        self.busy: dict[int, list[str]] = {}  # the warm agents a group's deferrals wait for
         self.missing = [
             group.parts.missing(self.labels_and[g])
             if self.counts[g, K.LABELS] else ()
@@ -227,48 +237,63 @@ class _Batch:
         group, tie, young = parts if every else tuple(a[positions] for a in parts)
         A._assign(self.fleet.columns, self.common, self.packed, group, tie, young, later,
                   self.heap, self.warm, self.warm_rows, self.deferrals, self.counts, self.eligible,
-                  *self.ties, sub)  # fmt: skip
+                  self.versions, *self.ties, sub)  # fmt: skip
         if not every:
             for whole, part in zip(self.out, sub, strict=True):
                 whole[positions] = part
         return self.out[0]
 
-    def decisions(self, order: list[int]) -> list[Decision]:
-        """Every request's Decision, at its caller's position (``order[i]`` for queue entry i).
+    def decisions(self, order: np.ndarray | None) -> list[Decision]:
+        """Every request's Decision, at its caller's position (``order[i]`` for queue entry i;
+        ``None``: the queue's own order).
 
-        Requests of one group left waiting with equal outcomes (state, eligible, counts) get one
-        Decision object (a snapshot, never changed: equal values need not be separate objects);
-        they are found by sorting the waiting rows' outcomes (:func:`_unique_rows`), not a dict per
-        request.
+        Requests left waiting with the same outcome share one Decision object (a snapshot, never
+        changed: equal values need not be separate objects). Their outcome is their state and
+        the version of their group's counts when they were considered (``_assign`` numbers every
+        change of a group's counts and eligible uniquely), one integer to sort.
         """
-        state, rows, scores, factors, eligible, counts = self.out
-        groups = self.req_group
-        counts[:, K.POOL] = len(self.fleet) - self.considered[groups]  # outsiders, once
-        missing, considered = self.missing, self.considered.tolist()
-        out: list[Any] = [None] * len(order)
-        at = np.asarray(order, np.int64)
+        state, version = self.out[0], self.out[6]
+        out = np.empty(len(state), object)
         placed = np.flatnonzero(state == A.PLACED)
-        placed_rows = rows[placed].tolist()
-        for i, agent, row, score, f, e, rejected, g in zip(
-            at[placed].tolist(), self.fleet.agent_ids_at(placed_rows), placed_rows,
-            scores[placed].tolist(), factors[placed].tolist(), eligible[placed].tolist(),
-            counts[placed].tolist(), groups[placed].tolist(), strict=True,
-        ):  # fmt: skip
-            out[i] = Decision(agent, score, f, e, rejected, considered[g], missing[g], row)
+        if placed.size:
+            out[placed] = self._placed(placed)
         rest = np.flatnonzero(state != A.PLACED)
         if rest.size:
-            outcome = np.column_stack((groups[rest], state[rest], eligible[rest], counts[rest]))
-            unique, inverse = _unique_rows(outcome)
-            made, busy = [], {}  # busy: the warm agents a group's deferrals wait for
-            for g, s, e, *rejected in unique.tolist():
-                deferred = s == A.DEFERRED  # the same at the end of the call as when deferred:
-                if deferred and g not in busy:  # no slot frees during a call
-                    busy[g] = self._busy_warm(g)
-                made.append(Decision(None, None, (), e, rejected, considered[g], missing[g],
-                                     deferred=deferred, waiting_for=busy.get(g, ())))  # fmt: skip
-            for i, k in zip(at[rest].tolist(), inverse.tolist(), strict=True):
-                out[i] = made[k]
-        return out
+            outcome = version[rest] * 4 + state[rest]
+            _, first, inverse = np.unique(outcome, return_index=True, return_inverse=True)
+            made = np.empty(first.size, object)
+            made[:] = [self._waiting(i) for i in rest[first].tolist()]
+            out[rest] = made[inverse]
+        if order is not None:
+            out[order] = out.copy()
+        return out.tolist()
+
+    def _placed(self, placed: np.ndarray) -> list[Decision]:
+        """The Decisions of the placed requests at queue positions ``placed``."""
+        _, rows, scores, factors, eligible, counts, _ = self.out
+        groups = self.req_group[placed].tolist()
+        considered, missing = self.considered.tolist(), self.missing
+        rows_placed = rows[placed].tolist()
+        return [
+            Decision(agent, score, f, e, rejected, considered[g], missing[g], row)
+            for agent, row, score, f, e, rejected, g in zip(
+                self.fleet.agent_ids_at(rows_placed), rows_placed, scores[placed].tolist(),
+                factors[placed].tolist(), eligible[placed].tolist(), counts[placed].tolist(),
+                groups, strict=True,
+            )
+        ]  # fmt: skip
+
+    def _waiting(self, i: int) -> Decision:
+        """The Decision of the request at queue position ``i``, not placed."""
+        state, _, _, _, eligible, counts, _ = self.out
+        g = int(self.req_group[i])
+        deferred = bool(state[i] == A.DEFERRED)  # the same at the end of the call as when
+        if deferred and g not in self.busy:  # deferred: no slot frees in a call
+            self.busy[g] = self._busy_warm(g)
+        waiting = self.busy[g] if deferred else ()
+        return Decision(None, None, (), int(eligible[i]), counts[i].tolist(),
+                        int(self.considered[g]), self.missing[g], deferred=deferred,
+                        waiting_for=waiting)  # fmt: skip
 
     def _busy_warm(self, g: int) -> list[str]:
         """The pool's warm agents that fail only ``capacity`` (what a deferral waits for)."""
@@ -278,18 +303,3 @@ class _Batch:
         warm = set(self.warm_rows[base : base + n].tolist())
         busy = rows[masks == A.CAPACITY_BIT]
         return sorted(self.fleet.agent_id_at(int(r)) for r in busy if int(r) in warm)
-
-
-def _unique_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct rows of a 2-D integer array and, for each row, the index of its distinct row.
-
-    ``np.unique(a, axis=0)`` does the same through a sort of opaque row bytes, about 30 times
-    slower here; a ``lexsort`` of the columns and one comparison of neighbours is enough.
-    """
-    order = np.lexsort(a.T[::-1])
-    ranked = a[order]
-    starts = np.ones(len(a), bool)
-    starts[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
-    inverse = np.empty(len(a), np.int64)
-    inverse[order] = np.cumsum(starts) - 1
-    return ranked[starts], inverse
