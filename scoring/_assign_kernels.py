@@ -128,6 +128,10 @@ def _take(c, q, keys, rows, base, size, tie_rows, tie_scores):
     while size > 0 and keys[base] >= cut:  # every row within the band, re-scored
         r = rows[base]
         size = _pop(keys, rows, base, size)
+        if m == 0:  # the top: free, and scored just now
+            tie_rows[0], tie_scores[0] = r, best
+            m = 1
+            continue
         if _full(c, r):
             continue
         s = _score(c, q, r)

@@ -262,7 +262,7 @@ class _Batch:
             outcome = version[rest] * 4 + state[rest]
             _, first, inverse = np.unique(outcome, return_index=True, return_inverse=True)
             made = np.empty(first.size, object)
-            made[:] = [self._waiting(i) for i in rest[first].tolist()]
+            made[:] = self._waiting(rest[first])
             out[rest] = made[inverse]
         if order is not None:
             out[order] = out.copy()
@@ -283,17 +283,21 @@ class _Batch:
             )
         ]  # fmt: skip
 
-    def _waiting(self, i: int) -> Decision:
-        """The Decision of the request at queue position ``i``, not placed."""
+    def _waiting(self, at: np.ndarray) -> list[Decision]:
+        """The Decisions of the requests at queue positions ``at``, none of them placed."""
         state, _, _, _, eligible, counts, _ = self.out
-        g = int(self.req_group[i])
-        deferred = bool(state[i] == A.DEFERRED)  # the same at the end of the call as when
-        if deferred and g not in self.busy:  # deferred: no slot frees in a call
-            self.busy[g] = self._busy_warm(g)
-        waiting = self.busy[g] if deferred else ()
-        return Decision(None, None, (), int(eligible[i]), counts[i].tolist(),
-                        int(self.considered[g]), self.missing[g], deferred=deferred,
-                        waiting_for=waiting)  # fmt: skip
+        considered, missing = self.considered.tolist(), self.missing
+        made = []
+        outcomes = zip(self.req_group[at].tolist(), state[at].tolist(), eligible[at].tolist(),
+                       counts[at].tolist(), strict=True)  # fmt: skip
+        for g, s, e, rejected in outcomes:
+            deferred = s == A.DEFERRED  # the same at the end of the call as when deferred:
+            if deferred and g not in self.busy:  # no slot frees during a call
+                self.busy[g] = self._busy_warm(g)
+            waiting = self.busy[g] if deferred else ()
+            made.append(Decision(None, None, (), e, rejected, considered[g], missing[g],
+                                 deferred=deferred, waiting_for=waiting))  # fmt: skip
+        return made
 
     def _busy_warm(self, g: int) -> list[str]:
         """The pool's warm agents that fail only ``capacity`` (what a deferral waits for)."""
