@@ -39,7 +39,7 @@ import numpy as np
 
 from scoring import _assign_kernels as A
 from scoring import _kernels as K
-from scoring.decision import Decision
+from scoring.decision import Decision, decided
 from scoring.fleet import Fleet
 from scoring.layout import Query
 from scoring.models import QUEUE_ENTRY, DispatchRequest, ScoringPolicy
@@ -275,11 +275,11 @@ class _Batch:
         considered, missing = self.considered.tolist(), self.missing
         rows_placed = rows[placed].tolist()
         return [
-            Decision(agent, score, f, e, rejected, considered[g], missing[g], row)
+            decided(agent, score, f, e, rejected, considered[g], missing[g], row)
             for agent, row, score, f, e, rejected, g in zip(
                 self.fleet.agent_ids_at(rows_placed), rows_placed, scores[placed].tolist(),
-                factors[placed].tolist(), eligible[placed].tolist(), counts[placed].tolist(),
-                groups, strict=True,
+                map(tuple, factors[placed].tolist()), eligible[placed].tolist(),
+                map(tuple, counts[placed].tolist()), groups, strict=True,
             )
         ]  # fmt: skip
 
