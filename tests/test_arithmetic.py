@@ -3,8 +3,9 @@
 A pick must score bit for bit as the plain-Python reference does, so each shortcut is checked
 against the operation it stands for: quotients looked up in a table instead of divided
 (``_kernels._ratio``), the score's division skipped for a weighted sum that cannot reach the best
-score (``_kernels._floor``), and a request's minimum VRAM compared as the fleet's integer codes
-(``layout.vram_floor``).
+score (``_kernels._floor``), a row left unscored because a bound of its weighted sum is below
+that floor (``_kernels._may_reach``), and a request's minimum VRAM compared as the fleet's
+integer codes (``layout.vram_floor``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scoring import _kernels as K
-from scoring.layout import VRAM_STEPS_PER_GB, VRAM_UNKNOWN, vram_floor
-from scoring.models import MAX_WEIGHT
+from scoring.layout import (
+    FAILURE_STEPS,
+    VRAM_STEPS_PER_GB,
+    VRAM_UNKNOWN,
+    Columns,
+    Query,
+    vram_floor,
+)
+from scoring.models import FACTORS, MAX_WEIGHT
 
 SLOTS = st.integers(0, 65535)  # running_count and gpu_capacity are uint16 columns
 
@@ -78,3 +86,97 @@ def test_worked_example_of_vram_floor():
     assert vram_floor(0) == 0  # a zero minimum: every known code passes, unknown (65535) fails
     assert vram_floor(1e5) == VRAM_UNKNOWN == 65535  # above every known code: all fail
     assert math.ceil(24.1 * VRAM_STEPS_PER_GB) == 97
+
+
+# --- the bound: a row is left unscored only when its weighted sum is below the floor ----------
+
+WEIGHTS = st.floats(0.0, MAX_WEIGHT, allow_subnormal=True)
+FACTOR = st.floats(0.0, 1.0, allow_subnormal=True)
+
+
+def _one_row(team, region, gpu_model, running, capacity, failure, cached):
+    """A fleet of one agent as the kernels read it (only the columns the factors read matter)."""
+    u16 = lambda x: np.array([x], np.uint16)  # noqa: E731
+    return Columns(
+        team=np.array([team], np.int32), status=np.zeros(1, np.uint8),
+        opt_pos=np.array([0], np.int32), team_pos=np.zeros(1, np.int32),
+        region=np.array([region], np.int16), gpu_model=np.array([gpu_model], np.int16),
+        last_heartbeat=np.zeros(1), gpu_capacity=u16(capacity), running_count=u16(running),
+        vram_gb=u16(0), failure_rate=u16(failure), id_hash=np.zeros(1, np.uint64),
+        labels=np.zeros((1, 1), np.uint64), cached_models=np.array([[cached]], np.uint64),
+    )  # fmt: skip
+
+
+def _query(weights, region_table, gpu_table, models, n_models, team=0):
+    w = np.array([*weights, math.fsum(weights)])
+    none = np.zeros(0, np.int64)
+    return Query(
+        heartbeat_timeout_s=30.0, team=team, community=True, labels=np.zeros(1, np.uint64),
+        labels_unknown=False, min_vram=-1, excluded=none, models=np.array([models], np.uint64),
+        n_models=n_models, region_table=np.array(region_table), gpu_table=np.array(gpu_table),
+        weights=w, tie_band=0.0, rows=np.zeros(1, np.int32), shared=np.zeros(0, np.int32),
+        fleet_size=1, now=0.0, tie_key_hash=np.uint64(0),
+    )  # fmt: skip
+
+
+@given(
+    weights=st.lists(WEIGHTS, min_size=len(FACTORS), max_size=len(FACTORS)).filter(
+        lambda w: math.fsum(w) > 0
+    ),
+    region_table=st.lists(FACTOR, min_size=1, max_size=4),
+    gpu_table=st.lists(FACTOR, min_size=1, max_size=4),
+    row=st.tuples(
+        st.integers(0, 1),
+        st.integers(0, 3),
+        st.integers(0, 3),
+        SLOTS,
+        SLOTS.filter(bool),
+        st.integers(0, FAILURE_STEPS),
+        st.integers(0, 2**64 - 1),
+    ),
+    models=st.integers(0, 2**64 - 1),
+    extra_models=st.integers(0, 3),
+)
+def test_a_row_whose_sum_reaches_the_floor_is_never_left_unscored(
+    weights, region_table, gpu_table, row, models, extra_models
+):
+    """Differential: the bound against the weighted sum the scan would compute. The floor at the
+    sum itself is the hardest case (any lower floor is easier to reach)."""
+    team, region, gpu_model, running, capacity, failure, cached = row
+    region, gpu_model = min(region, len(region_table) - 1), min(gpu_model, len(gpu_table) - 1)
+    c = _one_row(team, region, gpu_model, running, capacity, failure, cached)
+    n_models = bin(models).count("1") + extra_models  # some required models the fleet lacks
+    q = _query(weights, region_table, gpu_table, models, n_models)
+    total = K._weighted(q, K._factors(c, q, 0))
+    assert K._may_reach(c, q, 0, K._bound_rest(q), total)
+    assert K._may_reach(c, q, 0, K._bound_rest(q), -np.inf)
+
+
+def test_worked_example_of_the_bound():
+    # every weight 1 (sum 6); the largest region factor 1.0, the largest gpu factor 0.5, no
+    # required models (warm 0.5 for every agent); load bounded by 1 (an idle agent): the factors
+    # the bound does not compute add at most 1 + 1 + 0.5 + 0.5 = 3.0
+    q = _query([1.0] * 6, [0.0, 1.0], [0.5], 0, 0)
+    assert K._bound_rest(q) == 3.0
+    # an agent of the team (pool 1.0) failing a quarter of its runs (reliability 0.75), in a
+    # region that scores 0 and 3 of 4 slots busy: its sum is 0 + 0.25 + 1 + 0.5 + 0.5 + 0.75 = 3.0
+    c = _one_row(0, 0, 0, 3, 4, FAILURE_STEPS // 4, 0)
+    assert K._weighted(q, K._factors(c, q, 0)) == 3.0
+    # its bound is 3.0 + 1.0 + 0.75 = 4.75: a best score of 0.8 (a floor near 0.8 * 6 = 4.8)
+    # leaves it unscored; a best of 0.75 (floor just below 4.5) does not
+    assert not K._may_reach(c, q, 0, 3.0, K._floor(0.8, 6.0))
+    assert K._may_reach(c, q, 0, 3.0, K._floor(0.75, 6.0))
+
+
+@given(weights=st.lists(WEIGHTS, min_size=len(FACTORS), max_size=len(FACTORS)).filter(
+           lambda w: math.fsum(w) > 0),
+       tables=st.tuples(FACTOR, FACTOR), models=st.integers(1, 2**64 - 1))  # fmt: skip
+def test_the_bound_holds_for_a_row_at_every_factor_s_maximum(weights, tables, models):
+    """The tightest case: an idle agent of the team with every required model, in the region and
+    with the GPU that score highest. Its bound and its sum then add the same exact terms in
+    different orders, so only the slack keeps the bound above the sum's rounding."""
+    region, gpu = tables
+    c = _one_row(0, 0, 0, 0, 1, 0, models)
+    q = _query(weights, [region], [gpu], models, bin(models).count("1"))
+    total = K._weighted(q, K._factors(c, q, 0))
+    assert K._may_reach(c, q, 0, K._bound_rest(q), total)
