@@ -49,10 +49,11 @@ SKIP_BIT = np.uint8(1 << SKIPPED)
 N_COUNTS = N_REASONS + 1
 SLACK = 1.0 - 2.0**-49  # see _floor
 _TINY = 1e-290
-BOUND_SLACK, BOUND_ABS = 1.0 + 2.0**-40, 1e-300  # see _may_reach
+BOUND_SLACK, BOUND_ABS = 1.0 + 2.0**-40, 1e-300  # see _reaches
+MOST_FAILURES = 65535  # the largest failure_rate code (a uint16 column)
 _BOUNDED = ("region", "load", "pool", "warm", "gpu", "reliability")
 REGION, LOAD, POOL_FACTOR, WARM, GPU, RELIABILITY = (FACTORS.index(f) for f in _BOUNDED)
-assert sorted(FACTORS) == sorted(_BOUNDED), "a factor needs its term in _may_reach or _bound_rest"
+assert sorted(FACTORS) == sorted(_BOUNDED), "a factor needs its term in _reaches or _bound_rest"
 CHUNK = 64  # rows filtered together (a word's bits), before the rows that passed are ranked
 FLUSH = 1000  # chunks whose counts add up in 16-bit lanes before they go to the scratch
 
@@ -228,13 +229,14 @@ def _in_pool(c, q, i):
 
 
 @jit_inline
-def _chunk(c, q, block, first, ranged, skip, wide, floor, rest):
+def _chunk(c, q, block, first, ranged, skip, wide, limit_team, limit_other):
     """The candidate rows ``block`` (at most :data:`CHUNK`) in one pass: ``(passed, clean, low,
     high, labels)``.
 
     ``clean`` has bit ``j`` set when ``block[j]`` passed every filter, ``passed`` when it also
-    may reach ``floor`` (:func:`_may_reach`, ``rest`` from :func:`_bound_rest`): only those
-    need scoring. ``low`` and ``high`` hold the counts of the masks' bits 0-3 and 4-7, one to a
+    may reach the floor: its failure_rate code is at most ``limit_team`` for a row of the
+    submitting team, ``limit_other`` for another (:func:`_most_failures`). Only those need
+    scoring. ``low`` and ``high`` hold the counts of the masks' bits 0-3 and 4-7, one to a
     16-bit lane (see :func:`_lanes`; a lane cannot overflow); ``labels`` is the AND of the first
     label word of the label-rejected rows (``required & ~labels`` is then the OR over those rows
     of ``required & ~label``: the labels some of them lack). ``ranged``: the rows are ``first,
@@ -258,13 +260,14 @@ def _chunk(c, q, block, first, ranged, skip, wide, floor, rest):
         labels &= c.labels[i, 0] | (_NONE if mask & LABEL_BIT else _ALL)
         ok = np.uint64(mask == 0) << np.uint64(j)
         clean |= ok
-        passed |= ok & (_ALL if _may_reach(c, q, i, rest, floor) else _NONE)
+        limit = limit_team if c.team[i] == q.team else limit_other
+        passed |= ok & (_ALL if np.int64(c.failure_rate[i]) <= limit else _NONE)
     return passed, clean, low, high, labels
 
 
 @jit_row
 def _bound_rest(q):
-    """The most the factors :func:`_may_reach` does not compute can add to a row's weighted sum:
+    """The most the factors :func:`_reaches` does not take can add to a row's weighted sum:
     each weight times the factor's largest value for the request (load: 1, an idle agent)."""
     w = q.weights
     warm = 0.5 if q.n_models == 0 else 1.0
@@ -282,25 +285,43 @@ def _largest(factors):
 
 
 @jit_row
-def _may_reach(c, q, i, rest, floor):
-    """False only when row ``i``'s weighted sum (see :func:`_weighted`) is surely below ``floor``
-    (:func:`_floor`: positive, or -inf), judged from the two factors that need no table, no
-    gather and no division (pool and reliability: the same values as :func:`_factors`) and
+def _reaches(q, rest, pool, failures, floor):
+    """False only when the weighted sum (see :func:`_weighted`) of a row with pool factor
+    ``pool`` and failure_rate code ``failures`` is surely below ``floor`` (:func:`_floor`:
+    positive, or -inf), judged from those two factors (the same values as :func:`_factors`) and
     ``rest`` for the others (:func:`_bound_rest`).
 
     Every term is at least 0 and the bound and the weighted sum are each computed with at most
     a dozen roundings, so each is within ``1 + 12u`` (``u = 2**-53``) of its exact value, plus at
     most 12 times the smallest subnormal where terms underflow; :data:`BOUND_SLACK` and
-    :data:`BOUND_ABS` cover both many times over. The load factor in the bound too (its exact
-    value, not 1) pruned a few more rows but made the filter loop slower than it saved (1.93
-    against 1.67 ns a candidate, community picks over 100,000 agents); pool alone pruned too few
-    (2.43).
+    :data:`BOUND_ABS` cover both many times over. Each operation rounds monotonically, so the
+    computed bound never rises with ``failures`` (see :func:`_most_failures`).
     """
     w = q.weights
-    pool = 1.0 if c.team[i] == q.team else 0.0
-    reliability = 1.0 - c.failure_rate[i] / FAILURE_STEPS
+    reliability = 1.0 - failures / FAILURE_STEPS
     most = rest + w[POOL_FACTOR] * pool + w[RELIABILITY] * reliability
     return most * BOUND_SLACK + BOUND_ABS >= floor
+
+
+@jit_row
+def _most_failures(q, rest, pool, floor):
+    """The largest failure_rate code for which :func:`_reaches` holds (rows with pool factor
+    ``pool``), or -1 if none: the filter loop then compares integers (a row's bound in floating
+    point, computed there, took a third of that loop's time). A binary search: :func:`_reaches`
+    never turns true as ``failures`` grows. The load factor in the bound too (its exact value,
+    not 1) pruned a few more rows but made the filter loop slower than it saved (measured)."""
+    if _reaches(q, rest, pool, MOST_FAILURES, floor):
+        return np.int64(MOST_FAILURES)
+    if not _reaches(q, rest, pool, 0, floor):
+        return np.int64(-1)
+    low, high = 0, MOST_FAILURES  # reaches at low, not at high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _reaches(q, rest, pool, middle, floor):
+            low = middle
+        else:
+            high = middle
+    return np.int64(low)
 
 
 @jit_inline
@@ -361,12 +382,13 @@ def _scan_part(c, q, rows, skip, lo, hi, cut, counts, all_labels, best):
     ``(row, rank, score, tie_hash, eligible)`` from part to part.
 
     Each chunk's filters come first (:func:`_chunk`: a word with a bit set for each row that
-    passed them and whose bound reaches the floor, :func:`_may_reach`), then only those rows are
+    passed them and whose bound reaches the floor, :func:`_reaches`), then only those rows are
     ranked, lowest first. The bound left some 80-98% of the passing rows of a busy team's or a
     community pick unscored (measured on the benchmark's requests), and a busy team's pick over
-    1,000,000 agents went from 3.05 to 1.79 ns a candidate. With rows to exclude, every passing
-    row is visited (an excluded one is uncounted there), so no bound is used. A chunk of consecutive rows
-    is read as a range (the fleet lays its rows out so that nearly every chunk is one), any other
+    1,000,000 agents went from 3.05 to 1.79 ns a candidate (1.60 with the bound compared as
+    integers, :func:`_most_failures`). With rows to exclude, every passing row is visited (an
+    excluded one is uncounted there), so no bound is used. A chunk of consecutive rows is read
+    as a range (the fleet lays its rows out so that nearly every chunk is one), any other
     row by row. A row's weighted sum of factors is its score times the weights' sum; the division
     is done only for a sum that could reach the best score (or the band's cut): a sum below
     ``floor`` cannot, as the score is a correctly rounded quotient (see :func:`_floor`).
@@ -383,20 +405,25 @@ def _scan_part(c, q, rows, skip, lo, hi, cut, counts, all_labels, best):
     # with rows to exclude every clean row is visited (and an excluded one uncounted): no bound
     bounded = q.excluded.shape[0] == 0
     rest = _bound_rest(q)
+    limits_floor, limit_team, limit_other = np.nan, np.int64(-1), np.int64(-1)
     for start in range(lo, hi, CHUNK):
         block = rows[start : min(start + CHUNK, hi)]
         first = np.int64(block[0])
         ranged = narrow and first + block.shape[0] <= n and _consecutive(block, first)
         least = floor if bounded else -np.inf
+        if least != limits_floor:  # the floor rose (or this is the first chunk)
+            limit_team = _most_failures(q, rest, 1.0, least)
+            limit_other = _most_failures(q, rest, 0.0, least)
+            limits_floor = least
         if ranged:
             passed, clean, low, high, labels = _chunk(c, q, block, first, True, skip, False,
-                                                      least, rest)  # fmt: skip
+                                                      limit_team, limit_other)  # fmt: skip
         elif narrow:  # no inner loop then: the loop stays a straight line
             passed, clean, low, high, labels = _chunk(c, q, block, first, False, skip, False,
-                                                      least, rest)  # fmt: skip
+                                                      limit_team, limit_other)  # fmt: skip
         else:
             passed, clean, low, high, labels = _chunk(c, q, block, first, False, skip, True,
-                                                      least, rest)  # fmt: skip
+                                                      limit_team, limit_other)  # fmt: skip
         eligible += _popcount(clean)
         _wide_labels(c, q, block, skip, low, high, all_labels)
         low_sum += low

@@ -4,8 +4,8 @@ A pick must score bit for bit as the plain-Python reference does, so each shortc
 against the operation it stands for: quotients looked up in a table instead of divided
 (``_kernels._ratio``), the score's division skipped for a weighted sum that cannot reach the best
 score (``_kernels._floor``), a row left unscored because a bound of its weighted sum is below
-that floor (``_kernels._may_reach``), and a request's minimum VRAM compared as the fleet's
-integer codes (``layout.vram_floor``).
+that floor (``_kernels._reaches``, ``_kernels._most_failures``), and a request's minimum VRAM
+compared as the fleet's integer codes (``layout.vram_floor``).
 """
 
 from __future__ import annotations
@@ -148,14 +148,42 @@ def test_a_row_whose_sum_reaches_the_floor_is_never_left_unscored(
     n_models = bin(models).count("1") + extra_models  # some required models the fleet lacks
     q = _query(weights, region_table, gpu_table, models, n_models)
     total = K._weighted(q, K._factors(c, q, 0))
-    assert K._may_reach(c, q, 0, K._bound_rest(q), total)
-    assert K._may_reach(c, q, 0, K._bound_rest(q), -np.inf)
+    assert _kept(q, c, total) and _kept(q, c, -np.inf)
+
+
+def _kept(q, c, floor):
+    """Whether the scan's filter loop would let row 0 be scored, and the bound agrees."""
+    rest, pool = K._bound_rest(q), 1.0 if c.team[0] == q.team else 0.0
+    failures = int(c.failure_rate[0])
+    kept = failures <= K._most_failures(q, rest, pool, floor)
+    assert kept == K._reaches(q, rest, pool, failures, floor)
+    return kept
+
+
+@given(
+    weights=st.lists(WEIGHTS, min_size=len(FACTORS), max_size=len(FACTORS)).filter(
+        lambda w: math.fsum(w) > 0
+    ),
+    rest=st.floats(0.0, 6 * MAX_WEIGHT, allow_subnormal=True),
+    pool=st.sampled_from([0.0, 1.0]),
+    floor=st.floats(0.0, 7 * MAX_WEIGHT, allow_subnormal=True) | st.just(-np.inf),
+)
+def test_the_failure_limit_is_the_last_code_whose_bound_reaches_the_floor(
+    weights, rest, pool, floor
+):
+    q = _query(weights, [1.0], [1.0], 0, 0)
+    limit = K._most_failures(q, rest, pool, floor)
+    assert -1 <= limit <= K.MOST_FAILURES
+    if limit >= 0:
+        assert K._reaches(q, rest, pool, limit, floor)
+    if limit < K.MOST_FAILURES:
+        assert not K._reaches(q, rest, pool, limit + 1, floor)
 
 
 def test_worked_example_of_the_bound():
     # every weight 1 (sum 6); the largest region factor 1.0, the largest gpu factor 0.5, no
     # required models (warm 0.5 for every agent); load bounded by 1 (an idle agent): the factors
-    # the bound does not compute add at most 1 + 1 + 0.5 + 0.5 = 3.0
+    # the bound does not take add at most 1 + 1 + 0.5 + 0.5 = 3.0
     q = _query([1.0] * 6, [0.0, 1.0], [0.5], 0, 0)
     assert K._bound_rest(q) == 3.0
     # an agent of the team (pool 1.0) failing a quarter of its runs (reliability 0.75), in a
@@ -164,8 +192,13 @@ def test_worked_example_of_the_bound():
     assert K._weighted(q, K._factors(c, q, 0)) == 3.0
     # its bound is 3.0 + 1.0 + 0.75 = 4.75: a best score of 0.8 (a floor near 0.8 * 6 = 4.8)
     # leaves it unscored; a best of 0.75 (floor just below 4.5) does not
-    assert not K._may_reach(c, q, 0, 3.0, K._floor(0.8, 6.0))
-    assert K._may_reach(c, q, 0, 3.0, K._floor(0.75, 6.0))
+    assert not _kept(q, c, K._floor(0.8, 6.0))
+    assert _kept(q, c, K._floor(0.75, 6.0))
+    # against a floor of 4.5: a team row's bound 4.0 + reliability reaches it from reliability
+    # 0.5 (16,384 failure steps of 32,768) down; the bound's slack admits not one step more
+    assert K._most_failures(q, 3.0, 1.0, 4.5) == FAILURE_STEPS // 2
+    # a row of another team (pool 0) needs reliability 1.5: none reaches 4.5
+    assert K._most_failures(q, 3.0, 0.0, 4.5) == -1
 
 
 @given(weights=st.lists(WEIGHTS, min_size=len(FACTORS), max_size=len(FACTORS)).filter(
@@ -179,4 +212,4 @@ def test_the_bound_holds_for_a_row_at_every_factor_s_maximum(weights, tables, mo
     c = _one_row(0, 0, 0, 0, 1, 0, models)
     q = _query(weights, [region], [gpu], models, bin(models).count("1"))
     total = K._weighted(q, K._factors(c, q, 0))
-    assert K._may_reach(c, q, 0, K._bound_rest(q), total)
+    assert _kept(q, c, total)
