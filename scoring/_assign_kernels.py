@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scoring._jit import jit_inline, jit_row
+from scoring._jit import bit_count, jit_inline, jit_row
 from scoring._kernels import (
     _NONE,
     EXCLUDED,
@@ -34,7 +34,6 @@ from scoring._kernels import (
     _factors,
     _is_excluded,
     _mask,
-    _popcount,
     _row_at,
     _score,
     _tie_hash,
@@ -176,7 +175,7 @@ def _warm(c, q, r):
 def _knows_all_models(q):
     known = 0
     for w in range(q.models.shape[0]):
-        known += _popcount(q.models[w])
+        known += bit_count(q.models[w])
     return q.n_models > 0 and known == q.n_models
 
 

@@ -151,12 +151,16 @@ def test_a_row_whose_sum_reaches_the_floor_is_never_left_unscored(
     assert _kept(q, c, total) and _kept(q, c, -np.inf)
 
 
+def _rest(q):
+    return K._bound_rest(q.weights, q.n_models, q.region_table, q.gpu_table)
+
+
 def _kept(q, c, floor):
     """Whether the scan's filter loop would let row 0 be scored, and the bound agrees."""
-    rest, pool = K._bound_rest(q), 1.0 if c.team[0] == q.team else 0.0
+    rest, pool = _rest(q), 1.0 if c.team[0] == q.team else 0.0
     failures = int(c.failure_rate[0])
-    kept = failures <= K._most_failures(q, rest, pool, floor)
-    assert kept == K._reaches(q, rest, pool, failures, floor)
+    kept = failures <= K._most_failures(q.weights, rest, pool, floor)
+    assert kept == K._reaches(q.weights, rest, pool, failures, floor)
     return kept
 
 
@@ -172,12 +176,12 @@ def test_the_failure_limit_is_the_last_code_whose_bound_reaches_the_floor(
     weights, rest, pool, floor
 ):
     q = _query(weights, [1.0], [1.0], 0, 0)
-    limit = K._most_failures(q, rest, pool, floor)
+    limit = K._most_failures(q.weights, rest, pool, floor)
     assert -1 <= limit <= K.MOST_FAILURES
     if limit >= 0:
-        assert K._reaches(q, rest, pool, limit, floor)
+        assert K._reaches(q.weights, rest, pool, limit, floor)
     if limit < K.MOST_FAILURES:
-        assert not K._reaches(q, rest, pool, limit + 1, floor)
+        assert not K._reaches(q.weights, rest, pool, limit + 1, floor)
 
 
 def test_worked_example_of_the_bound():
@@ -185,7 +189,7 @@ def test_worked_example_of_the_bound():
     # required models (warm 0.5 for every agent); load bounded by 1 (an idle agent): the factors
     # the bound does not take add at most 1 + 1 + 0.5 + 0.5 = 3.0
     q = _query([1.0] * 6, [0.0, 1.0], [0.5], 0, 0)
-    assert K._bound_rest(q) == 3.0
+    assert _rest(q) == 3.0
     # an agent of the team (pool 1.0) failing a quarter of its runs (reliability 0.75), in a
     # region that scores 0 and 3 of 4 slots busy: its sum is 0 + 0.25 + 1 + 0.5 + 0.5 + 0.75 = 3.0
     c = _one_row(0, 0, 0, 3, 4, FAILURE_STEPS // 4, 0)
@@ -196,9 +200,9 @@ def test_worked_example_of_the_bound():
     assert _kept(q, c, K._floor(0.75, 6.0))
     # against a floor of 4.5: a team row's bound 4.0 + reliability reaches it from reliability
     # 0.5 (16,384 failure steps of 32,768) down; the bound's slack admits not one step more
-    assert K._most_failures(q, 3.0, 1.0, 4.5) == FAILURE_STEPS // 2
+    assert K._most_failures(q.weights, 3.0, 1.0, 4.5) == FAILURE_STEPS // 2
     # a row of another team (pool 0) needs reliability 1.5: none reaches 4.5
-    assert K._most_failures(q, 3.0, 0.0, 4.5) == -1
+    assert K._most_failures(q.weights, 3.0, 0.0, 4.5) == -1
 
 
 @given(weights=st.lists(WEIGHTS, min_size=len(FACTORS), max_size=len(FACTORS)).filter(
