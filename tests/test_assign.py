@@ -58,6 +58,10 @@ def test_without_a_wait_assign_is_a_dispatch_loop(queue):
     order = sorted(range(len(reqs)), key=lambda i: (reqs[i].submitted_at or NOW, i))
     expected = {i: loop.dispatch(reqs[i], policy, now=NOW) for i in order}
     assert got == [expected[i] for i in range(len(reqs))]
+    for i, decision in enumerate(got):  # assign keeps factors and counts packed: same values
+        want = expected[i]
+        assert (decision.factors, decision.rejected, decision.explain(), decision.row) == (
+            want.factors, want.rejected, want.explain(), want.row)  # fmt: skip
     assert fleet.agents() == loop.agents()
 
 
@@ -209,6 +213,10 @@ def test_assign_is_a_dispatch_loop_when_equal_templates_get_different_numbers(qu
     order = sorted(range(len(reqs)), key=lambda i: (reqs[i].submitted_at or NOW, i))
     expected = {i: loop.dispatch(reqs[i], policy, now=NOW) for i in order}
     assert got == [expected[i] for i in range(len(reqs))]
+    for i, decision in enumerate(got):  # assign keeps factors and counts packed: same values
+        want = expected[i]
+        assert (decision.factors, decision.rejected, decision.explain(), decision.row) == (
+            want.factors, want.rejected, want.explain(), want.row)  # fmt: skip
     assert fleet.agents() == loop.agents()
 
 

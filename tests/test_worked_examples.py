@@ -11,7 +11,7 @@ import pytest
 
 from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, pick_agent
 from scoring import reference as R
-from scoring.decision import Decision, decided
+from scoring.decision import COUNT_BYTES, FACTOR_BYTES, Decision, decided
 
 NOW = 1_000_000.0
 TEAM = "11111111-1111-4111-8111-111111111111"
@@ -274,3 +274,12 @@ def test_a_picks_decision_is_the_decision_its_constructor_makes():
         assert fast.explain() == made.explain()
     assert decided(*args).rejected == {"stale": 0, "status": 1, "pool": 2, "labels": 3,
                                        "capacity": 0, "vram": 0, "excluded": 1}  # fmt: skip
+    # assign's Decisions keep the factors and counts packed as bytes: the same Decision
+    packed = ("a", 0.75, FACTOR_BYTES.pack(*factors), 4, COUNT_BYTES.pack(*rejected), 11,
+              ("gpu-h100",), 7)  # fmt: skip
+    fast, made = decided(*packed), Decision("a", 0.75, factors, 4, rejected, 11, ("gpu-h100",), 7)
+    assert fast == made and fast.factors == made.factors and fast.rejected == made.rejected
+    assert fast.factors["load"] == 0.5 and fast.rejected["labels"] == 3
+    assert fast.explain() == made.explain()
+    assert fast.explain() == ("a (score 0.750); 4/11 agents eligible: 1 status, 3 labels"
+                              " (missing gpu-h100), 1 excluded")  # fmt: skip
