@@ -4,7 +4,8 @@ The kernels read the fleet's columns (a :class:`~scoring.layout.Columns`) and a 
 translated into numbers (a :class:`~scoring.layout.Query`); they never raise, never allocate Python
 objects, and never see a value that the Python layer has not validated. One fused pass per decision
 over the request's candidate rows computes, for each row, the bitmask of failed filters and, for
-eligible rows, the weighted score; the best row and the tie-break come out of the same pass.
+the eligible rows that a bound of the score does not rule out (see :func:`_reaches`), the
+weighted score; the best row and the tie-break come out of the same pass.
 
 Candidate rows are ``q.rows`` (the submitting team's rows; every row for the full-scan reference
 path) followed by ``q.shared`` (the community index; rows of the submitting team there are skipped,
