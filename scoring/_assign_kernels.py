@@ -58,7 +58,7 @@ def _group_query(g, common, groups, tie_key_hash):
         timeout, team[g], community[g], labels[g], labels_unknown[g], min_vram[g],
         ex_flat[ex_off[g] : ex_off[g + 1]], models[g], n_models[g], region_table[g],
         gpu_table[g], weights, tie_band, rows_flat[rows_off[g] : rows_off[g + 1]],
-        shared if community[g] else shared[:0], fleet_size, now, tie_key_hash,
+        shared if community[g] else shared[:0], True, fleet_size, now, tie_key_hash,
     )  # fmt: skip
 
 

@@ -70,6 +70,7 @@ QUERY_FIELDS: tuple[Field, ...] = (
     Field("tie_band", "float64"),
     Field("rows", "int32 (k,): candidate rows (the team's, or every row for a full scan)"),
     Field("shared", "int32 (j,): more candidate rows, those of the team skipped (community)"),
+    Field("team_rows", "bool: every row of rows is the team's (False: any rows, the full scan)"),
     Field("fleet_size", "int64: agents in the fleet (each outside the pool counts under pool)"),
     Field("now", "float64"),
     Field("tie_key_hash", "uint64"),

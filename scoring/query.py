@@ -82,6 +82,7 @@ def assemble(
         policy.tie_band,
         rows,
         shared,
+        not full_scan,
         len(fleet),
         now,
         request.tie_key_hash,

@@ -115,7 +115,7 @@ def _query(weights, region_table, gpu_table, models, n_models, team=0):
         labels_unknown=False, min_vram=-1, excluded=none, models=np.array([models], np.uint64),
         n_models=n_models, region_table=np.array(region_table), gpu_table=np.array(gpu_table),
         weights=w, tie_band=0.0, rows=np.zeros(1, np.int32), shared=np.zeros(0, np.int32),
-        fleet_size=1, now=0.0, tie_key_hash=np.uint64(0),
+        team_rows=True, fleet_size=1, now=0.0, tie_key_hash=np.uint64(0),
     )  # fmt: skip
 
 

@@ -112,8 +112,9 @@ def test_a_chunk_read_as_a_range_equals_the_same_rows_read_one_by_one(fleet_agen
         rnd.shuffle(stray_shuffled)
         ordered = K._pick(fleet.columns, q._replace(rows=rows))
         mixed = K._pick(fleet.columns, q._replace(rows=shuffled))
-        fixed = K._pick(fleet.columns, q._replace(rows=stray, shared=q.shared[:0]))
-        gathered = K._pick(fleet.columns, q._replace(rows=stray_shuffled, shared=q.shared[:0]))
+        every = {"shared": q.shared[:0], "team_rows": False}  # any rows: the full scan's
+        fixed = K._pick(fleet.columns, q._replace(rows=stray, **every))
+        gathered = K._pick(fleet.columns, q._replace(rows=stray_shuffled, **every))
     for a, b in ((ordered, mixed), (fixed, gathered)):
         assert a[:3] == b[:3]
         np.testing.assert_equal(a[3], b[3])

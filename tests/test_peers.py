@@ -19,11 +19,19 @@ import pytest
 pytest.importorskip("polars")
 pytest.importorskip("duckdb")
 
-from benchmarks.peers.memory_limit import PICK_COLUMNS, MemoryLimit, _read_rows, column_views
+from benchmarks.peers.memory_limit import (
+    INDEXED_UNREAD,
+    PICK_COLUMNS,
+    MemoryLimit,
+    _read_rows,
+    column_views,
+)
 from benchmarks.peers.table import fleet_table
 from benchmarks.registry import PICKERS, Workload, build_workload, check_requests
 from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy
+from scoring import _kernels as K
 from scoring.layout import COLUMNS, FAILURE_STEPS
+from scoring.query import build_query
 from scoring.synthetic import NOW, synthetic_agents, synthetic_requests, team_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,12 +158,36 @@ def test_memory_limit_reads_every_candidate_value(mix):
 
 
 def test_memory_limit_reads_what_a_pick_reads():
-    """Every column but the team index's bookkeeping, in their own widths (no wider copies)."""
-    assert set(PICK_COLUMNS) == {c.name for c in COLUMNS} - {"team_pos"}
+    """Every column but the team index's bookkeeping and the opt-in position (which an indexed
+    pick never reads: see the next test), in their own widths (no wider copies)."""
+    assert set(PICK_COLUMNS) == {c.name for c in COLUMNS} - {"team_pos", "opt_pos"}
     scalars, bitsets = column_views(workload(40, 1).fleet)
     widths = [v.dtype.itemsize for v in scalars]
     declared = [np.dtype(c.dtype).itemsize for c in COLUMNS if c.name in PICK_COLUMNS]
     assert widths + [8] * len(bitsets) == declared
+
+
+@pytest.mark.parametrize("n", [300, 3000])
+def test_an_indexed_pick_never_reads_opt_pos(n):
+    """What the memory limit leaves out (INDEXED_UNREAD) an indexed pick does not read: with
+    ``opt_pos`` scrambled (the indexes untouched), every request decides the same, serial and
+    parallel. Exclusions are dropped: counting an excluded agent tests its pool (and a full scan
+    reads the column: scrambled, its community rows would fall outside the pool)."""
+    w = workload(n, 2)
+    rng = np.random.default_rng(n)
+    c = w.fleet.columns
+    scrambled = c._replace(opt_pos=rng.integers(-1, 1, len(w.fleet)).astype(np.int32))
+    assert set(INDEXED_UNREAD) == {"opt_pos"}
+    for _, request in w.cases():
+        request = request.model_copy(update={"exclude_agents": frozenset()})
+        q = K.Query(*build_query(w.fleet, request, w.policy, w.now))
+        for pick in (K._pick, lambda cols, q: K._pick_parallel(cols, q, 3)):
+            honest, blind = pick(c, q), pick(scrambled, q)
+            assert honest[:3] == blind[:3]
+            np.testing.assert_equal(honest[3], blind[3])
+            assert np.array_equal(honest[4], blind[4]) and np.array_equal(honest[5], blind[5])
+    full = K.Query(*build_query(w.fleet, w.requests("community")[0], w.policy, w.now, True))
+    assert not np.array_equal(K._pick(c, full)[4], K._pick(scrambled, full)[4])
 
 
 def test_table_has_every_field_in_user_units():

@@ -9,7 +9,9 @@ engine's time over it.
 
 Which columns a pick reads is taken from the kernels' own source (every ``c.<column>[...]`` in
 :mod:`scoring._kernels`), so a column the layout adds or a kernel starts reading is counted here
-without an edit; ``team_pos`` (index bookkeeping) is the one column a pick never reads.
+without an edit; ``team_pos`` (index bookkeeping) is never read, and ``opt_pos`` only by the full
+scan and the pool test of an excluded agent (:data:`INDEXED_UNREAD`; an indexed pick knows its
+rows are in the pool: ``tests/test_peers.py`` checks that scrambling the column changes nothing).
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ from scoring.layout import COLUMNS
 from scoring.query import build_query
 
 _READ = set(re.findall(r"\bc\.(\w+)\[", inspect.getsource(_kernels)))  # c.<column>[row]
-#: The columns a pick reads, in layout order.
-PICK_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.name in _READ)
 assert _READ <= {c.name for c in COLUMNS}, "a kernel reads a column the layout does not declare"
+#: Columns the kernels read that an indexed pick (its rows in the pool) never does.
+INDEXED_UNREAD = ("opt_pos",)
+#: The columns a pick reads, in layout order.
+PICK_COLUMNS: tuple[str, ...] = tuple(
+    c.name for c in COLUMNS if c.name in _READ and c.name not in INDEXED_UNREAD
+)
 
 
 def _kernel_source(n_scalars: int, n_bitsets: int) -> str:
