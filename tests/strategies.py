@@ -77,12 +77,16 @@ def agent_lists(draw, min_size: int = 0, max_size: int = 60) -> list[Agent]:
 
 
 @st.composite
-def seeded_agent_lists(draw, min_size: int = 100, max_size: int = 300) -> list[Agent]:
+def seeded_agent_lists(
+    draw, min_size: int = 100, max_size: int = 300, wide: bool | None = None
+) -> list[Agent]:
     """Larger fleets from the same pools, drawn by a seeded generator (a few hundred agents
-    exceed what Hypothesis should draw field by field; shrinking then works on seed and size)."""
+    exceed what Hypothesis should draw field by field; shrinking then works on seed and size).
+    ``wide``: labels and models of more than one bitset word (None: either, by the seed)."""
     n = draw(st.integers(min_size, max_size))
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
-    wide = rng.random() < 0.5
+    if wide is None:
+        wide = rng.random() < 0.5
     fleet = []
     for i in range(n):
         capacity = rng.randint(1, 4)

@@ -18,7 +18,7 @@ from scoring import _kernels as K
 from scoring import pick as pick_module
 from scoring import reference as R
 from scoring.pick import eligible_agents, evaluate
-from tests.strategies import NOW, scenarios
+from tests.strategies import FOREIGN_TEAM, NOW, policies, requests, scenarios, seeded_agent_lists
 
 SCORE_TOLERANCE = 0.0
 
@@ -67,6 +67,32 @@ def test_fleets_of_several_chunks_equal_reference(scenario, n_chunks):
     row, eligible = parallel[0], parallel[2]
     assert (None if row < 0 else fleet.agent_id_at(row)) == expected.agent_id
     assert eligible == expected.eligible
+
+
+def _full_chunks(rows: np.ndarray) -> int:
+    """How many of the scan's chunks of ``rows`` are CHUNK consecutive rows."""
+    return sum(
+        rows[s : s + K.CHUNK].size == K.CHUNK and rows[s + K.CHUNK - 1] - rows[s] == K.CHUNK - 1
+        for s in range(0, rows.size, K.CHUNK)
+    )
+
+
+@settings(max_examples=15)
+@given(seeded_agent_lists(400, 700, wide=False), requests(), policies())
+def test_chunks_read_eight_rows_at_a_time_equal_reference(agents, request, policy):
+    """Teams and a community index several chunks long, one label word: the chunks the scan
+    reads eight rows at a time (``_chunk_words``), against the plain-Python reference and the
+    full scan (which reads every row alone)."""
+    fleet = Fleet.from_agents(agents)
+    with fleet.lock:
+        q = pick_module.build_query(fleet, request, policy, NOW)
+        assert q.labels.shape[0] == 1
+        if request.team_id != FOREIGN_TEAM:  # the case this test is for does happen
+            assert _full_chunks(q.rows) + _full_chunks(q.shared) > 0
+        full = pick_module.decide(fleet, request, policy, NOW, full_scan=True)
+    expected = R.pick_agent(agents, request, policy, now=NOW)
+    _assert_same_decision(pick_agent(fleet, request, policy, now=NOW), expected)
+    _assert_same_decision(full, expected)
 
 
 @given(scenarios())
