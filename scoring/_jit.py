@@ -29,12 +29,13 @@ def _fingerprint() -> str:
     """A hash of the sources whose constants the kernels compile in.
 
     Numba's on-disk cache is keyed by the kernel file's own timestamp only, so a constant changed
-    in the layout or the models (a column's unit, a reason's bit) would keep running stale machine
-    code. Caching under a directory named by this hash makes any such change a fresh compile.
+    in the layout or the models (a column's unit, a reason's bit), or an intrinsic of ``_simd``
+    that the kernels inline, would keep running stale machine code. Caching under a directory
+    named by this hash makes any such change a fresh compile.
     """
     package = Path(__file__).parent
     digest = hashlib.blake2b(digest_size=8)
-    for name in ("_jit.py", "_kernels.py", "layout.py", "models.py"):
+    for name in ("_jit.py", "_kernels.py", "_simd.py", "layout.py", "models.py"):
         digest.update((package / name).read_bytes())
     return digest.hexdigest()
 

@@ -151,37 +151,34 @@ else:
 
         return types.uint64(column, start, now, timeout), codegen
 
-    @intrinsic
-    def lacking(typingctx: Any, words: Any, start: Any, required: Any) -> Any:  # type: ignore[no-redef]
-        if not isinstance(words, types.Array) or words.dtype != types.uint64:
-            return None
+    def _on_words(body: Any) -> Any:
+        """An intrinsic ``(words, start, value) -> uint64`` over the ``LANES`` words of a bitset
+        column from row ``start``: ``body(context, builder, lanes, value, valuetype)``."""
 
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            arytype, _, requiredtype = signature.args
-            lanes = _lanes(context, builder, arytype, args[0], args[1])
-            need = _splat(context, builder, args[2], requiredtype, types.uint64)
-            missing = builder.and_(need, builder.not_(lanes))
-            zero = ir.Constant(missing.type, None)
-            return _word(builder, builder.icmp_unsigned("!=", missing, zero))
+        def typer(typingctx: Any, words: Any, start: Any, value: Any) -> Any:
+            if not isinstance(words, types.Array) or words.dtype != types.uint64:
+                return None
 
-        return types.uint64(words, start, required), codegen
+            def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+                arytype, _, valuetype = signature.args
+                lanes = _lanes(context, builder, arytype, args[0], args[1])
+                return body(context, builder, lanes, args[2], valuetype)
 
-    @intrinsic
-    def and_where(typingctx: Any, words: Any, start: Any, bits: Any) -> Any:  # type: ignore[no-redef]
-        if not isinstance(words, types.Array) or words.dtype != types.uint64:
-            return None
+            return types.uint64(words, start, value), codegen
 
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            arytype, _, bitstype = signature.args
-            lanes = _lanes(context, builder, arytype, args[0], args[1])
-            byte = builder.trunc(context.cast(builder, args[2], bitstype, types.uint64), _I8)
-            mask = builder.bitcast(byte, _MASK)
-            ones = ir.Constant(lanes.type, [2**64 - 1] * LANES)
-            kept = builder.select(mask, lanes, ones)
-            fnty = ir.FunctionType(_I64, [lanes.type])
-            reduce = cgutils.get_or_insert_function(
-                builder.module, fnty, f"llvm.vector.reduce.and.v{LANES}i64"
-            )
-            return builder.call(reduce, [kept])
+        return intrinsic(typer)
 
-        return types.uint64(words, start, bits), codegen
+    @_on_words
+    def lacking(context: Any, builder: Any, lanes: Any, required: Any, requiredtype: Any) -> Any:  # type: ignore[no-redef]
+        need = _splat(context, builder, required, requiredtype, types.uint64)
+        missing = builder.and_(need, builder.not_(lanes))
+        return _word(builder, builder.icmp_unsigned("!=", missing, ir.Constant(missing.type, None)))
+
+    @_on_words
+    def and_where(context: Any, builder: Any, lanes: Any, bits: Any, bitstype: Any) -> Any:  # type: ignore[no-redef]
+        byte = builder.trunc(context.cast(builder, bits, bitstype, types.uint64), _I8)
+        ones = ir.Constant(lanes.type, [2**64 - 1] * LANES)
+        kept = builder.select(builder.bitcast(byte, _MASK), lanes, ones)
+        fnty = ir.FunctionType(_I64, [lanes.type])
+        name = f"llvm.vector.reduce.and.v{LANES}i64"
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), [kept])
