@@ -44,6 +44,22 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     p.add_argument("--max-attempts", type=int, default=d.max_attempts)
     p.add_argument(
+        "--max-lost-attempts",
+        type=int,
+        default=d.max_lost_attempts,
+        help="attempts lost with their agent before a task fails",
+    )
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=d.start_timeout_s,
+        help="seconds a dispatched task may wait for its agent's start before it is queued again",
+    )
+    p.add_argument("--cloud-url", default=d.cloud_url, help="ComfyUI API base URL for comfy_cloud")
+    p.add_argument(
+        "--cloud-poll", type=float, default=d.cloud_poll_s, help="seconds between Cloud polls"
+    )
+    p.add_argument(
         "--threads", type=int, default=d.threads, help="worker threads for database calls"
     )
     p.add_argument(
@@ -75,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         database=a.database, files_dir=a.files, host=a.host, port=a.port, demo=a.demo,
         demo_agents=a.demo_agents, s3_bucket=a.s3_bucket, s3_endpoint=a.s3_endpoint,
         heartbeat_timeout_s=a.heartbeat_timeout, max_attempts=a.max_attempts, threads=a.threads,
+        max_lost_attempts=a.max_lost_attempts, start_timeout_s=a.start_timeout,
+        cloud_url=a.cloud_url, cloud_poll_s=a.cloud_poll,
         sync_interval_s=a.sync_interval, tie_band=a.tie_band,
         refresh_each_round=a.refresh_each_round, slot_holds=a.slot_holds, stats_path=a.stats,
     )  # fmt: skip

@@ -1,9 +1,13 @@
 """A fake agent: ``python -m scoring.server.agent --demo PATH``.
 
-It does what a real agent does over HTTP: heartbeats with its state, takes the tasks dispatched
-to it, starts them, "runs" each for its simulated time (a sleep), and reports it completed.
+It does what a real agent does over HTTP: heartbeats with its state and the tasks it holds
+(``running``), takes the tasks dispatched to it, starts each attempt, "runs" it for its
+simulated time (a sleep), and reports it completed, naming the attempt (DESIGN section 10.1).
+Tasks the server answers in ``cancel``, or refuses as a stale attempt (409), are dropped.
 Connection failures (a restarting server) are retried; completions are retried until the server
-acknowledges them, which the server makes safe (a repeated completion counts once).
+acknowledges them, which the server makes safe (a repeated completion counts once). With
+``retry_start=False`` a start whose answer was lost is dropped instead of asked again (an agent
+less careful than this one): the server's reconciliation must then recover the task.
 """
 
 from __future__ import annotations
@@ -36,12 +40,16 @@ class FakeAgent:
     region: str = "us-east"
     fail_every: int = 0  # fail every n-th task (0: never), to exercise retries
     timeout: float = 10.0
+    #: Ask again for a start whose answer was lost (False: drop the task, see the docstring).
+    retry_start: bool = True
     #: Other URLs of the same service (replicas): an unreachable one is left for the next, as a
     #: load balancer would.
     fallback_urls: tuple[str, ...] = ()
     running: dict[str, float] = field(default_factory=dict)  # task id -> finish time
     to_report: dict[str, bool] = field(default_factory=dict)  # finished, not yet acknowledged
     to_start: set[str] = field(default_factory=set)  # handed out, start not acknowledged
+    attempt: dict[str, int] = field(default_factory=dict)  # held task id -> its attempt
+    cancelled: list[str] = field(default_factory=list)  # dropped on the server's word
     completed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     started: int = 0
@@ -87,11 +95,13 @@ class FakeAgent:
                 self.to_report[task_id] = ok
         for task_id, ok in list(self.to_report.items()):
             outputs = {"images": [f"outputs/{task_id}/0.png"], "agent_id": self.agent_id}
-            body = {"status": "completed" if ok else "failed", "outputs": outputs}
+            body = {"status": "completed" if ok else "failed", "outputs": outputs,
+                    "attempt": self.attempt[task_id]}  # fmt: skip
             response = self._post(f"/agents/tasks/{task_id}/complete", body)
             if response is None:
                 continue  # server unreachable: report again next step
             del self.to_report[task_id]
+            self.attempt.pop(task_id, None)
             if response.status_code == 200:
                 (self.completed if ok else self.failed).append(task_id)
         heartbeat = {
@@ -102,24 +112,51 @@ class FakeAgent:
             "region": self.region,
             "vram_gb": 24,
             "gpu_model": "NVIDIA GeForce RTX 4090",
+            "running": sorted(self.held()),
         }
         response = self._post("/agents/heartbeat", heartbeat)
         if response is None or response.status_code != 200:
             return
-        held = self.running.keys() | self.to_start
-        new = [t["task_id"] for t in response.json()["tasks"] if t["task_id"] not in held]
+        answer = response.json()
+        for task_id in answer.get("cancel", ()):
+            self._drop(task_id)
+            self.cancelled.append(task_id)
+        new = []
+        for task in answer["tasks"]:
+            task_id, attempt = task["task_id"], task.get("attempt", 0)
+            if self.attempt.get(task_id) == attempt:
+                continue  # already held
+            self._drop(task_id)  # a new attempt of a task this agent held replaces the old
+            self.attempt[task_id] = attempt
+            new.append(task_id)
         if len(new) > self.capacity - self.busy_slots():
             self.over_capacity += 1
         self.to_start.update(new)
         self.max_running = max(self.max_running, self.busy_slots())
         for task_id in sorted(self.to_start):
-            started = self._post(f"/agents/tasks/{task_id}/start", {})
+            body = {"attempt": self.attempt[task_id]}
+            started = self._post(f"/agents/tasks/{task_id}/start", body)
             if started is None:
+                if not self.retry_start:
+                    self._drop(task_id)
                 continue  # unknown whether it started: ask again (start is idempotent)
             self.to_start.discard(task_id)
             if started.status_code == 200:
                 self.started += 1
                 self.running[task_id] = time.time() + self.task_seconds
+            else:
+                self.attempt.pop(task_id, None)
+
+    def held(self) -> set[str]:
+        """The tasks this agent holds: being started, running, or finished and not yet
+        acknowledged (the heartbeat's ``running``)."""
+        return self.running.keys() | self.to_start | self.to_report.keys()
+
+    def _drop(self, task_id: str) -> None:
+        self.running.pop(task_id, None)
+        self.to_start.discard(task_id)
+        self.to_report.pop(task_id, None)
+        self.attempt.pop(task_id, None)
 
     def busy_slots(self) -> int:
         """Slots in use: tasks running, or handed out and being started.

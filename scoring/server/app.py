@@ -30,6 +30,7 @@ from scoring.server.schemas import (
     PresignAnswer,
     PresignBody,
     RunBody,
+    StartBody,
     TaskAccepted,
     TaskAck,
     TaskResult,
@@ -60,7 +61,9 @@ def build_state(settings: Settings) -> ServerState:
     policy = ScoringPolicy(
         heartbeat_timeout_s=settings.heartbeat_timeout_s, tie_band=settings.tie_band
     )
-    state = ServerState(database, auth, files, policy, max_attempts=settings.max_attempts)
+    state = ServerState(database, auth, files, policy, max_attempts=settings.max_attempts,
+                        max_lost_attempts=settings.max_lost_attempts,
+                        start_timeout_s=settings.start_timeout_s)  # fmt: skip
     state.restore_fleet()
     if settings.demo:
         demo.ensure_demo(database, auth, settings.demo, settings.base_url, settings.demo_agents)
@@ -77,6 +80,16 @@ def _json_object(raw: bytes, *, empty_ok: bool) -> Any:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(value, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    return value
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    """The ``Idempotency-Key`` header, or 400 ``invalid_idempotency_key``."""
+    if value is None:
+        return None
+    if not 1 <= len(value) <= 255 or not all("!" <= c <= "~" for c in value):
+        raise ApiError(400, "invalid_idempotency_key",
+                       "1 to 255 visible ASCII characters", "Idempotency-Key")  # fmt: skip
     return value
 
 
@@ -193,14 +206,24 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         "/r/workflows/{workflowId}/run",
         status_code=202,
         response_model=TaskAccepted,
-        responses=errors.responses(*auth_errors, 404, 413),
+        responses=errors.responses(*auth_errors, 404, 413, 422),
         openapi_extra=_body_doc(RunBody),
         tags=["runs"],
     )
-    async def run_workflow(workflow_id: WorkflowId, request: Request, who: Client) -> Any:
+    async def run_workflow(
+        workflow_id: WorkflowId,
+        request: Request,
+        who: Client,
+        idempotency_key: Annotated[
+            str | None,
+            Header(alias="Idempotency-Key", description="Up to 255 visible ASCII characters: "
+                   "a retried submit with the same key answers the first run's task id"),
+        ] = None,
+    ) -> Any:  # fmt: skip
         """Validate a run against the workflow and queue it; 202 with its task id."""
+        key = _idempotency_key(idempotency_key)
         body = _json_object(await _read_body(request, limit), empty_ok=True)
-        task_id = await run_in_threadpool(tasks.submit, state, who, workflow_id, body)
+        task_id = await run_in_threadpool(tasks.submit, state, who, workflow_id, body, key)
         return {"task_id": task_id}
 
     @router.get(
@@ -297,6 +320,17 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         return tasks.result(state, who, task_id)
 
     @router.post(
+        "/r/tasks/{taskId}/cancel",
+        response_model=TaskAck,
+        responses=errors.responses(*auth_errors, 404, 409),
+        tags=["tasks"],
+    )
+    def cancel_task(task_id: TaskId, who: Client) -> Any:
+        """Cancel a task: at once while queued or dispatched; a running one at its agent's next
+        heartbeat (``cancel_requested`` until then); 409 ``not_cancellable`` once it ended."""
+        return tasks.cancel(state, who, task_id)
+
+    @router.post(
         "/agents/heartbeat",
         response_model=HeartbeatAnswer,
         responses=errors.responses(*auth_errors, 413),
@@ -304,10 +338,11 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         tags=["agents"],
     )
     async def heartbeat(request: Request, who: AgentKey) -> Any:
-        """Report the agent's state; answers the tasks dispatched to it and not yet started."""
+        """Report the agent's state and the tasks it holds (``running``); answers the tasks
+        dispatched to it and not yet started, and the held ones to drop (``cancel``)."""
         body = _json_object(await _read_body(request, limit), empty_ok=False)
-        found = await run_in_threadpool(heartbeats.heartbeat, state, who, body)
-        return {"tasks": found}
+        view = await run_in_threadpool(heartbeats.heartbeat, state, who, body)
+        return {"tasks": view.tasks, "cancel": view.cancel}
 
     @router.post(
         "/agents/tasks/{taskId}/start",
@@ -315,9 +350,11 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         responses=errors.responses(*auth_errors, 404, 409),
         tags=["agents"],
     )
-    def start_task(task_id: TaskId, who: AgentKey) -> Any:
-        """The agent started a task dispatched to it."""
-        return tasks.start(state, who, task_id)
+    def start_task(task_id: TaskId, who: AgentKey, body: StartBody | None = None) -> Any:
+        """The agent started its attempt of a task; 409 ``stale_attempt`` when that attempt is
+        no longer current."""
+        attempt = None if body is None else body.attempt
+        return tasks.start(state, who, task_id, attempt)
 
     @router.post(
         "/agents/tasks/{taskId}/complete",
@@ -326,8 +363,10 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         tags=["agents"],
     )
     def complete_task(task_id: TaskId, body: CompleteBody, who: AgentKey) -> Any:
-        """The task completed (with its outputs) or failed (retried elsewhere, up to 3 tries)."""
-        return tasks.complete(state, who, task_id, body.status == "completed", body.outputs)
+        """The attempt completed (with its outputs) or failed (retried elsewhere, up to
+        ``max_attempts``); 409 ``stale_attempt`` when that attempt is no longer current."""
+        ok = body.status == "completed"
+        return tasks.complete(state, who, task_id, ok, body.outputs, body.attempt)
 
     return router
 
@@ -341,7 +380,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     )
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
-            operation.get("responses", {}).pop("422", None)
+            answers = operation.get("responses", {})
+            if answers.get("422", {}).get("description") == "Validation Error":  # FastAPI's own
+                del answers["422"]
     components = schema.get("components", {}).get("schemas", {})
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)

@@ -26,6 +26,14 @@ class Settings:
     secret: str | None = None
     heartbeat_timeout_s: float = 30.0
     max_attempts: int = 3
+    #: Attempts lost with their agent before a task fails (DESIGN section 10.1).
+    max_lost_attempts: int = 10
+    #: A dispatched task not started within this many seconds is queued again.
+    start_timeout_s: float = 60.0
+    #: The ComfyUI API that ``comfy_cloud`` runs go to (:mod:`scoring.server.cloud`).
+    cloud_url: str = "https://cloud.comfy.org/api"
+    #: Seconds between polls of a Cloud run's history.
+    cloud_poll_s: float = 1.0
     dispatch_interval_s: float = 1.0
     max_body_bytes: int = 1024 * 1024
     threads: int = 8  # worker threads for the blocking (database) part of requests

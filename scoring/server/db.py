@@ -37,14 +37,12 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    text,
     update,
 )
 
 #: Version of the tables below; bump it with a step in MIGRATIONS when they change.
-SCHEMA_VERSION = 1
-
-#: ``{from_version: step}``: each step upgrades a database by one version, inside a transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -162,8 +160,50 @@ tasks = Table(
     Column("outputs", JSON, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # Schema version 2: the lifecycle of DESIGN section 10.1 and the submissions of 10.3.
+    #: The current attempt's number (0 before the first dispatch); fences start and complete.
+    Column("attempt", Integer, nullable=False, default=0, server_default="0"),
+    #: When the current attempt was dispatched (the start timeout counts from it).
+    Column("dispatched_at", Float, nullable=True),
+    #: Attempts lost with their agent (silent, or no longer listing the task): requeued without
+    #: counting against ``max_attempts``, up to ``max_lost_attempts``.
+    Column("lost", Integer, nullable=False, default=0, server_default="0"),
+    #: Consecutive heartbeats of its agent that did not list the running task.
+    Column("unlisted", Integer, nullable=False, default=0, server_default="0"),
+    #: A cancel asked while running: done at the agent's next heartbeat.
+    Column("cancel_requested", Integer, nullable=False, default=0, server_default="0"),
+    #: Every ended attempt: ``[{"attempt", "agent_id", "outcome", "at"}]``.
+    Column("history", JSON, nullable=True),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    #: The ComfyUI Cloud prompt id of a ``comfy_cloud`` run once submitted.
+    Column("cloud_prompt_id", String(128), nullable=True),
     Index("ix_tasks_status", "status", "dispatch_target"),
     Index("ix_tasks_agent", "agent_id", "status"),
+)
+
+#: Indexes added by schema version 2 (created by its migration on an older database).
+V2_INDEXES = (
+    # Fair dispatch reads the queue by group (team, workflow), oldest first within each.
+    Index(
+        "ix_tasks_queue",
+        tasks.c.status,
+        tasks.c.dispatch_target,
+        tasks.c.team_id,
+        tasks.c.workflow_id,
+        tasks.c.id,
+    ),
+    Index("ix_tasks_idempotency", tasks.c.team_id, tasks.c.idempotency_key, unique=True),
+)
+
+#: Teams' ComfyUI Cloud API keys (``admin set-cloud-key``): kept as given, since the server
+#: must present them to the Cloud.
+cloud_keys = Table(
+    "cloud_keys",
+    metadata,
+    Column("team_id", String(36), ForeignKey("teams.id"), primary_key=True),
+    Column("api_key", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
 )
 
 #: Status history: one row per change of a task's status, written in the same transaction.
@@ -178,6 +218,26 @@ task_events = Table(
     Column("detail", Text, nullable=False, default=""),
     Index("ix_task_events_task", "task_id"),
 )
+
+
+def _v1_to_v2(conn: Connection) -> None:
+    """Add the lifecycle's and the submissions' columns and indexes (DESIGN 10.1, 10.3)."""
+    added = [c for c in tasks.columns if c.name in _V2_COLUMNS]
+    for column in added:
+        kind = column.type.compile(dialect=conn.dialect)
+        server_default = getattr(column.server_default, "arg", None)
+        default = f" DEFAULT {server_default}" if server_default is not None else ""
+        null = " NOT NULL" if not column.nullable else ""
+        conn.execute(text(f"ALTER TABLE tasks ADD COLUMN {column.name} {kind}{null}{default}"))
+    for index in V2_INDEXES:
+        index.create(conn, checkfirst=True)
+
+
+_V2_COLUMNS = ("attempt", "dispatched_at", "lost", "unlisted", "cancel_requested", "history",
+               "idempotency_key", "request_hash", "cloud_prompt_id")  # fmt: skip
+
+#: ``{from_version: step}``: each step upgrades a database by one version, inside a transaction.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
 
 
 class Database:

@@ -15,11 +15,11 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, tuple_
 
 from scoring import (
     Agent,
@@ -38,8 +38,15 @@ from scoring.server.state import ServerState
 
 log = logging.getLogger("scoring.server.dispatch")
 
-#: Most queued tasks considered in one round (oldest first).
+#: Most queued tasks considered in one round (oldest first within each group).
 BATCH = 5000
+#: Most groups (team, workflow) with queued runs considered in one round.
+MAX_GROUPS = 1000
+#: A group whose oldest run could not be placed is skipped this long, unless capacity or the
+#: fleet changes first.
+SKIP_S = 1.0
+#: Lost agents and start timeouts are looked for at most this often.
+SWEEP_EVERY_S = 0.5
 #: Most queued tasks one round claims on PostgreSQL: other replicas' rounds meanwhile skip them,
 #: so a replica should hold no more than it can place (about the free slots of a large fleet).
 CLAIM = 256
@@ -106,6 +113,12 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._requests: dict[str, tuple[int, DispatchRequest]] = {}
         self._explained: dict[str, tuple[str, float]] = {}
+        #: This round's group heads (task id -> group) and what became of them.
+        self._heads: dict[str, tuple[str, str]] = {}
+        self._outcomes: dict[str, str] = {}
+        #: Groups whose head could not be placed: (capacity epoch, when).
+        self._unplaceable: dict[tuple[str, str], tuple[int, float]] = {}
+        self._swept_at = -float("inf")
 
     def start(self) -> None:
         """Start the loop thread."""
@@ -118,7 +131,7 @@ class Dispatcher:
         self.state.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._write_stats(time.time(), force=True)
+        self._write_stats(self.state.clock(), force=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -133,15 +146,16 @@ class Dispatcher:
             self._stop.wait(self.min_gap)
 
     def run_once(self, now: float | None = None) -> int:
-        """One round: requeue tasks of silent agents, then place the queue. Returns placements.
+        """One round: end the attempts of lost agents and of tasks never started, then place
+        the queue (by group, :meth:`_queued`). Returns placements.
 
         On PostgreSQL each attempt of the round is one transaction that claims the queued tasks
         it considers (``FOR UPDATE SKIP LOCKED``), so replicas place different tasks; they still
         pick agents from similar Fleets, and a placement whose agent's last slot another replica
         took is picked again without that agent, up to :data:`REPICKS` times in the round.
         """
-        now = time.time() if now is None else now
-        self._requeue_silent(now)
+        now = self.state.clock() if now is None else now
+        self._sweep(now)
         state = self.state
         if self.refresh:
             # Counts as of now, not as of the last poll: fewer picks of slots already taken.
@@ -181,7 +195,8 @@ class Dispatcher:
             log.info("lost reservations after %d re-picks", REPICKS)
             state.wake.set()  # still queued: try again next round with fresh counts
         self._write_stats(now)
-        log.debug("round: %d placed, %d re-picks, %.3f s", total, attempt, time.time() - now)
+        self._note_unplaceable(requests, now)
+        log.debug("round: %d placed, %d re-picks", total, attempt)
         return total
 
     @contextmanager
@@ -239,6 +254,11 @@ class Dispatcher:
         self._give_back(list(refused.elements()))  # and their agents' counts resynced
         taken = {x.task_id for x in lost}
         for task_id, d in zip(ids, decisions, strict=True):
+            if task_id in self._heads:
+                placed_now = d.agent_id is not None and task_id not in taken
+                self._outcomes[task_id] = (
+                    "placed" if placed_now else "deferred" if d.deferred else "unplaced"
+                )
             if d.agent_id is not None and task_id not in taken:
                 self._requests.pop(task_id, None)
                 self._explained.pop(task_id, None)
@@ -343,28 +363,72 @@ class Dispatcher:
         state.fleet.heartbeat(agent_id, at, running_count=min(count, 65535))
 
     def _queued(self, claim: Connection | None) -> list[str]:
+        """The queued tasks this round considers, read by group (DESIGN section 10.2).
+
+        A group is a team's runs of one workflow. Every group with queued runs is found by a
+        walk of the queue index (one seek a group), and each contributes its oldest runs: about
+        its share of the free slots, at most :data:`BATCH` in all (on PostgreSQL, the claim
+        size, claimed ``FOR UPDATE SKIP LOCKED``). A group whose oldest run could not be placed
+        (no eligible agent, or every eligible one busy) is skipped until capacity or the fleet
+        changes (or :data:`SKIP_S` passed). So a round costs a few index seeks per group plus
+        the runs it considers, whatever the backlog: one team's 50,000 runs that no agent can
+        take do not delay another team's runs.
+        """
         t = db.tasks
-        query = (
-            select(t.c.id, t.c.attempts)
-            .where(t.c.status == "queued", t.c.dispatch_target == "agent")
-            .order_by(t.c.id)
-        )
-        if claim is None:
-            with self.state.database.read() as conn:
-                rows = conn.execute(query.limit(BATCH)).all()
-        else:
-            # Rows another replica's round holds are skipped, not waited for.
-            query = query.limit(self._claim_size()).with_for_update(skip_locked=True)
-            rows = claim.execute(query).all()
+        state = self.state
+        now = state.clock()
+        with self.state.database.read() if claim is None else nullcontext(claim) as conn:
+            groups = [g for g in _groups(conn) if not self._skipped(g, now)]
+            if not groups:
+                return []
+            budget = BATCH if claim is None else self._claim_size()
+            free = max(1, holds.free_slots(state.fleet))
+            share = min(max(1, budget // len(groups)), 2 * -(-free // len(groups)) + MIN_CLAIM)
+            rows: list[Any] = []
+            for team, workflow in groups:
+                query = (
+                    select(t.c.id, t.c.attempt)
+                    .where(t.c.status == "queued", t.c.dispatch_target == "agent",
+                           t.c.team_id == team, t.c.workflow_id == workflow)
+                    .order_by(t.c.id)
+                    .limit(share)
+                )  # fmt: skip
+                if claim is not None:  # rows another replica's round holds are skipped
+                    query = query.with_for_update(skip_locked=True)
+                found = conn.execute(query).all()
+                if found:
+                    self._heads[found[0].id] = (team, workflow)
+                rows.extend(found)
+        rows.sort(key=lambda r: r.id)
         ids = [r.id for r in rows]
-        stale = [r.id for r in rows if self._requests.get(r.id, (r.attempts,))[0] != r.attempts]
-        for task_id in stale:  # failed once more: exclusions changed
+        stale = [r.id for r in rows if self._requests.get(r.id, (r.attempt,))[0] != r.attempt]
+        for task_id in stale:  # queued again after an attempt: exclusions may have changed
             del self._requests[task_id]
         if len(self._requests) > 2 * BATCH:
             keep = set(ids)
             self._requests = {k: v for k, v in self._requests.items() if k in keep}
             self._explained = {k: v for k, v in self._explained.items() if k in keep}
         return ids
+
+    def _skipped(self, group: tuple[str, str], now: float) -> bool:
+        """Whether ``group``'s head was unplaceable at this capacity epoch, lately."""
+        mark = self._unplaceable.get(group)
+        if mark is None:
+            return False
+        epoch, at = mark
+        if epoch == self.state.capacity_epoch and now - at < SKIP_S:
+            return True
+        del self._unplaceable[group]
+        return False
+
+    def _note_unplaceable(self, requests: dict[str, DispatchRequest], now: float) -> None:
+        """Mark the groups whose head this round neither placed nor deferred."""
+        heads, self._heads = self._heads, {}
+        for task_id, group in heads.items():
+            outcome = self._outcomes.get(task_id)
+            if outcome == "unplaced":
+                self._unplaceable[group] = (self.state.capacity_epoch, now)
+        self._outcomes = {}
 
     def _load_requests(self, ids: list[str]) -> list[DispatchRequest]:
         missing = [task_id for task_id in ids if task_id not in self._requests]
@@ -373,7 +437,7 @@ class Dispatcher:
             chunk = missing[start : start + 500]
             with self.state.database.read() as conn:
                 rows = conn.execute(
-                    select(t.c.id, t.c.request, t.c.excluded, t.c.attempts, t.c.created_at).where(
+                    select(t.c.id, t.c.request, t.c.excluded, t.c.attempt, t.c.created_at).where(
                         t.c.id.in_(chunk)
                     )
                 ).all()
@@ -382,33 +446,64 @@ class Dispatcher:
                 request = DispatchRequest.model_validate(
                     {**r.request, "exclude_agents": r.excluded, "submitted_at": r.created_at}
                 )
-                self._requests[r.id] = (r.attempts, request)
+                self._requests[r.id] = (r.attempt, request)
         return [self._requests[task_id][1] for task_id in ids]
 
-    def _requeue_silent(self, now: float) -> None:
-        # The database's heartbeat time lags the Fleet's by up to PERSIST_EVERY_S: waiting that
-        # much longer means the Fleet already holds the agent stale, so the task cannot go
-        # straight back to the agent that was silent.
-        timeout = self.state.policy.heartbeat_timeout_s
-        cutoff = now - timeout - PERSIST_EVERY_S
-        if self.state.started_at > now - timeout:
-            return  # just started: agents have not had a heartbeat's time to report yet
+    def _sweep(self, now: float) -> None:
+        """End the attempts of agents lost and of tasks never started (DESIGN section 10.1),
+        at most every :data:`SWEEP_EVERY_S`.
+
+        An agent is lost when this process has not heard of it (:attr:`ServerState.heard`, by
+        the server's own clock) for the heartbeat timeout plus the database's persistence lag:
+        by then the Fleet holds it stale too, so its tasks cannot go straight back to it. Its
+        dispatched and running tasks are queued again as new attempts and its slots freed. A
+        process that just started waits a heartbeat timeout before judging (agents have not had
+        the time to report), and a start timeout before timing out starts.
+        """
+        state = self.state
+        if now - self._swept_at < SWEEP_EVERY_S:
+            return
+        self._swept_at = now
+        timeout = state.policy.heartbeat_timeout_s
+        up = now - state.started_at
         a, t = db.agents, db.tasks
-        with self.state.database.read() as conn:
-            silent = (
-                conn.execute(
-                    select(a.c.id)
-                    .where(a.c.last_heartbeat < cutoff)
-                    .where(
-                        select(t.c.id)
-                        .where(t.c.agent_id == a.c.id, t.c.status == "dispatched")
-                        .exists()
-                    )
-                )
-                .scalars()
-                .all()
-            )
-        for agent_id in silent:
-            moved = tasks.requeue_unstarted(self.state, agent_id, cutoff)
+        if up >= timeout:
+            cutoff = now - timeout - PERSIST_EVERY_S
+            with state.database.read() as conn:
+                holders = conn.execute(
+                    select(t.c.agent_id).where(t.c.status.in_(tasks.ACTIVE)).distinct()
+                ).scalars().all()  # fmt: skip
+            for agent in holders:
+                if state.heard.get(agent, state.started_at) >= cutoff:
+                    continue
+                # Checked again in the transaction: a replica may have heard it meanwhile.
+                silent = select(a.c.id).where(a.c.id == agent, a.c.last_heartbeat < cutoff)
+                moved = tasks.end_attempts(state, agent, tasks.Outcome.AGENT_LOST,
+                                           (t.c.agent_id == agent) & silent.exists())  # fmt: skip
+                if moved:
+                    log.info("agent %s lost: %d tasks queued again", agent, moved)
+        if up >= state.start_timeout_s:
+            late = (t.c.status == "dispatched") & (t.c.dispatched_at < now - state.start_timeout_s)
+            moved = tasks.end_attempts(state, None, tasks.Outcome.START_TIMEOUT, late)
             if moved:
-                log.info("queued %d tasks of silent agent %s again", moved, agent_id)
+                log.info("%d dispatched tasks not started in time: queued again", moved)
+
+
+def _groups(conn: Connection) -> list[tuple[str, str]]:
+    """The (team, workflow) groups with queued agent runs, by a walk of the queue index (one
+    seek each), at most :data:`MAX_GROUPS`."""
+    t = db.tasks
+    key = tuple_(t.c.team_id, t.c.workflow_id)
+    base = select(t.c.team_id, t.c.workflow_id).where(
+        t.c.status == "queued", t.c.dispatch_target == "agent"
+    )
+    found: list[tuple[str, str]] = []
+    after: tuple[str, str] | None = None
+    while len(found) < MAX_GROUPS:
+        query = base if after is None else base.where(key > tuple_(*after))
+        row = conn.execute(query.order_by(t.c.team_id, t.c.workflow_id).limit(1)).first()
+        if row is None:
+            break
+        after = (row.team_id, row.workflow_id)
+        found.append(after)
+    return found

@@ -134,6 +134,7 @@ _DESCRIPTIONS = {
     404: "No such resource, or another team's (`not_found`)",
     409: "Conflict with the resource's state",
     413: "Body too large (`payload_too_large`)",
+    422: "The Idempotency-Key named another run (`idempotency_key_reused`)",
 }
 
 

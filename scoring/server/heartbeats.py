@@ -8,7 +8,6 @@ dispatched to it, and trusting it would let the dispatcher over-fill the agent.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,7 +20,11 @@ from scoring.server.errors import ApiError, validation_errors
 from scoring.server.schemas import HeartbeatBody
 from scoring.server.state import ServerState
 
-REPORTED = frozenset(HeartbeatBody.model_fields)
+#: The task ids the agent holds (DESIGN section 10.1): not part of its Agent record.
+HELD = "running"
+REPORTED = frozenset(HeartbeatBody.model_fields) - {HELD}
+#: Most task ids one heartbeat may list as held.
+MAX_HELD = 4096
 #: An unchanged report is written to the database at most this often (the Fleet gets every
 #: one). The database's heartbeat time only decides when a silent agent's tasks are queued
 #: again, which waits for a whole heartbeat timeout anyway.
@@ -29,8 +32,9 @@ PERSIST_EVERY_S = 1.0
 _SERVER_SET = ("agent_id", "team_id", "last_heartbeat")
 
 
-def heartbeat(state: ServerState, principal: Principal, body: Any) -> list[dict[str, Any]]:
-    """Record a heartbeat; returns the tasks dispatched to the agent and not yet started.
+def heartbeat(state: ServerState, principal: Principal, body: Any) -> tasks.AgentView:
+    """Record a heartbeat; returns the tasks dispatched to the agent and not yet started, and
+    those of its listed tasks it must drop (:func:`scoring.server.tasks.reconcile`).
 
     Raises
     ------
@@ -42,9 +46,10 @@ def heartbeat(state: ServerState, principal: Principal, body: Any) -> list[dict[
     unknown = [
         {"code": "unknown_key", "key": key, "message": "set by the server from the agent key"
          if key in _SERVER_SET else "not a heartbeat field"}
-        for key in body if key not in REPORTED
+        for key in body if key not in REPORTED and key != HELD
     ]  # fmt: skip
-    now = time.time()
+    held = _held(body.get(HELD), unknown)
+    now = state.clock()
     agent_id = principal.agent_id
     assert agent_id is not None
     fields = {k: v for k, v in body.items() if k in REPORTED}
@@ -58,8 +63,12 @@ def heartbeat(state: ServerState, principal: Principal, body: Any) -> list[dict[
         raise ApiError.many(400, unknown)
     record = agent.model_dump(mode="json", exclude={"agent_id", "team_id", "last_heartbeat"})
     with state.sync:
+        state.heard[agent_id] = now
         last = state.persisted.get(agent_id)
-        due = last is None or last[0] != record or now - last[1] >= PERSIST_EVERY_S
+        changed = last is None or last[0] != record
+        if changed:
+            state.capacity_epoch += 1
+        due = last is None or changed or now - last[1] >= PERSIST_EVERY_S
         if due:
             state.persisted[agent_id] = (record, now)
     if due:
@@ -79,4 +88,20 @@ def heartbeat(state: ServerState, principal: Principal, body: Any) -> list[dict[
         state.fleet.upsert(agent)
     if running < agent.gpu_capacity:
         state.wake.set()
-    return tasks.dispatched_to(state, agent_id)
+    return tasks.reconcile(state, agent_id, held)
+
+
+def _held(value: Any, problems: list[dict[str, Any]]) -> list[str] | None:
+    """The heartbeat's ``running`` list (``None`` when absent: an older agent); a problem is
+    added to ``problems`` when it is not a list of at most :data:`MAX_HELD` strings."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_HELD
+        or not all(isinstance(v, str) and len(v) <= 64 for v in value)
+    ):
+        problems.append({"code": "invalid_value", "key": HELD,
+                         "message": f"a list of at most {MAX_HELD} task ids"})  # fmt: skip
+        return None
+    return value

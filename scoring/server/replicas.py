@@ -49,7 +49,8 @@ def sync_fleet(state: ServerState, seen: dict[str, tuple[Any, float]]) -> int:
                 .where(a.c.record.is_not(None))
             ).all()  # fmt: skip
         fleet = state.fleet
-        fresh = time.time() - state.policy.heartbeat_timeout_s
+        now = state.clock()
+        fresh = now - state.policy.heartbeat_timeout_s
         state.free_slots = sum(
             max(0, row.gpu_capacity - row.running_count)
             for row in rows
@@ -58,6 +59,9 @@ def sync_fleet(state: ServerState, seen: dict[str, tuple[Any, float]]) -> int:
         for row in rows:
             count = min(int(row.running_count) + state.pending.get(row.id, 0), 65535)
             at = row.last_heartbeat or 0.0
+            before = seen.get(row.id)
+            if before is not None and at > before[1]:
+                state.heard[row.id] = now  # another replica heard it since the last poll
             if row.id not in fleet:
                 record = {**row.record, "running_count": count}
                 fleet.upsert(Agent(agent_id=row.id, team_id=UUID(row.team_id),
@@ -77,6 +81,8 @@ def sync_fleet(state: ServerState, seen: dict[str, tuple[Any, float]]) -> int:
                 fleet.heartbeat(row.id, max(at, current.last_heartbeat), running_count=count)
                 seen[row.id] = (row.record, at)
                 changed += 1
+        if changed:
+            state.capacity_epoch += 1
     return changed
 
 

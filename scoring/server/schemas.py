@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-TaskStatusName = Literal["queued", "dispatched", "running", "completed", "failed"]
+TaskStatusName = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled"]
 
 
 class RunBody(BaseModel):
@@ -30,6 +30,17 @@ class TaskAccepted(BaseModel):
     task_id: str
 
 
+class Attempt(BaseModel):
+    """One dispatch of a task: ended (``outcome`` one of ``completed``, ``failed``,
+    ``start_timeout``, ``agent_lost``, ``not_listed``, ``cancelled``) or current
+    (``dispatched``, ``running``)."""
+
+    attempt: int
+    agent_id: str | None
+    outcome: str
+    at: str  # ISO 8601, UTC: when it ended, or when the current one was dispatched
+
+
 class TaskStatus(BaseModel):
     task_id: str
     task_status: TaskStatusName
@@ -37,6 +48,9 @@ class TaskStatus(BaseModel):
     dispatch_target: Literal["agent", "comfy_cloud"]
     created_at: str  # ISO 8601, UTC
     explain: str
+    attempts: list[Attempt]
+    #: A cancel was asked while the task runs: it ends at its agent's next heartbeat.
+    cancel_requested: bool
 
 
 class TaskResult(BaseModel):
@@ -86,6 +100,9 @@ class HeartbeatBody(BaseModel):
     gpu_model: str | None = None
     cached_models: list[str] = Field(default_factory=list, max_length=256)
     failure_rate: float = Field(0.0, ge=0, le=1)
+    #: The task ids the agent holds (started or being started, or finished and not yet
+    #: acknowledged). Omitted: not reconciled by list (older agents).
+    running: list[str] | None = Field(None, max_length=4096)
 
 
 class AgentTask(BaseModel):
@@ -93,10 +110,20 @@ class AgentTask(BaseModel):
     workflow_id: str
     parameters: dict[str, Any]
     tool_type: Literal["comfyui", "nerfstudio"]
+    attempt: int
 
 
 class HeartbeatAnswer(BaseModel):
     tasks: list[AgentTask]
+    #: Listed task ids the agent must stop and drop (cancelled, or no longer its attempt).
+    cancel: list[str]
+
+
+class StartBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: The attempt being started (omitted: the current one).
+    attempt: int | None = Field(None, ge=1)
 
 
 class CompleteBody(BaseModel):
@@ -104,6 +131,8 @@ class CompleteBody(BaseModel):
 
     status: Literal["completed", "failed"]
     outputs: dict[str, Any] | None = None
+    #: The attempt that finished (omitted: the current one).
+    attempt: int | None = Field(None, ge=1)
 
 
 class TaskAck(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -38,12 +39,28 @@ class ServerState:
     files: UploadStore
     policy: ScoringPolicy
     max_attempts: int = 3
+    #: Attempts lost with their agent (``agent_lost``, ``not_listed``) before the task fails.
+    max_lost_attempts: int = 10
+    #: A dispatched task not started within this many seconds is queued again.
+    start_timeout_s: float = 60.0
+    #: The server's time: the wall clock read once at start, advanced by the monotonic clock, so
+    #: that a step of the machine's clock never makes a silent agent look fresh (liveness is
+    #: judged by this process's own receive times, DESIGN section 10.1). Tests replace it.
+    clock: Callable[[], float] = field(default_factory=lambda: _steady_clock())
     fleet: Fleet = field(default_factory=Fleet)
     workflows: WorkflowRepository = field(init=False)
     sync: threading.RLock = field(default_factory=threading.RLock)
     pending: Counter[str] = field(default_factory=Counter)
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default=0.0)
     wake: threading.Event = field(default_factory=threading.Event)
+    #: Set when a ``comfy_cloud`` run is queued (:mod:`scoring.server.cloud`).
+    cloud_wake: threading.Event = field(default_factory=threading.Event)
+    #: When this process last heard of each agent, by :attr:`clock` (a heartbeat received, or
+    #: a newer one another replica wrote): liveness is judged by these.
+    heard: dict[str, float] = field(default_factory=dict)
+    #: Counts changes that may let a waiting run be placed (a slot freed, an agent's report
+    #: changed): the dispatcher skips a group it could not place until this moves.
+    capacity_epoch: int = 0
     #: Free slots of live agents in the database at the last sync (replicas only; None: unknown).
     free_slots: int | None = None
     #: The freshly freed slots kept for warm runs and for their owner replica (scoring.holds).
@@ -53,6 +70,15 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.workflows = WorkflowRepository(self.database)
+        self.started_at = self.started_at or self.clock()
+
+    def cloud_configured(self, team_id: str) -> bool:
+        """Whether the team has a ComfyUI Cloud API key (``admin set-cloud-key``)."""
+        with self.database.read() as conn:
+            found = conn.execute(
+                select(db.cloud_keys.c.team_id).where(db.cloud_keys.c.team_id == team_id)
+            ).first()
+        return found is not None
 
     def restore_fleet(self) -> int:
         """Load every agent that ever sent a heartbeat into the Fleet; returns how many.
@@ -84,6 +110,7 @@ class ServerState:
         database (plus the placements in flight) instead.
         """
         with self.sync:
+            self.capacity_epoch += 1
             if agent_id not in self.fleet:
                 return
             if self.free_slots is None:  # one process: the Fleet has seen every reservation
@@ -101,3 +128,9 @@ class ServerState:
                 select(db.agents.c.running_count).where(db.agents.c.id == agent_id)
             ).first()
         return 0 if row is None else int(row[0])
+
+
+def _steady_clock() -> Callable[[], float]:
+    """Wall time at the first call, then advanced by ``time.monotonic`` only."""
+    origin = time.time() - time.monotonic()
+    return lambda: origin + time.monotonic()

@@ -1,10 +1,23 @@
 """Every change of a task's state, each one database transaction committed before the answer.
 
-Statuses: ``queued`` -> ``dispatched`` (a slot reserved on an agent) -> ``running`` (the agent
-started it) -> ``completed`` or ``failed``. A failed attempt goes back to ``queued`` with the
-agent excluded until :attr:`ServerState.max_attempts` attempts failed. Each transition is a
-conditional UPDATE on the task's current status (and agent), so a repeated or late call changes
-nothing twice: a task completes at most once even when an agent retries after a crash.
+Statuses (DESIGN section 10.1): ``queued`` -> ``dispatched`` (a slot reserved on an agent, a new
+attempt number) -> ``running`` (the agent started it) -> ``completed`` or ``failed``; also
+``cancelled``. Every dispatch is an *attempt*: ``start`` and ``complete`` name it, and a call for
+an attempt that is no longer current answers 409 ``stale_attempt`` and changes nothing
+(fencing), so a task completes exactly once even when a presumed-dead agent comes back.
+
+An attempt ends in one of the :class:`Outcome` values, always through :func:`_end_attempt`: one
+conditional UPDATE on the task's current status, agent and attempt, which frees the agent's slot
+in the same transaction, so a slot is released exactly once however many paths race (a
+completion, a heartbeat that no longer lists the task, the lost-agent sweep, another replica).
+
+- ``failed`` (reported by the agent) and ``start_timeout`` (dispatched, never started) count
+  against ``max_attempts`` and exclude that agent from the task's next attempts;
+- ``agent_lost`` (no heartbeat for the timeout) and ``not_listed`` (the agent's heartbeats stopped
+  listing a running task) are the machine's fault, not the task's: the task is queued again
+  without counting, up to ``max_lost_attempts`` such losses (a task that takes its agents down
+  every time still ends), and the agent is not excluded (it may be the team's only one);
+- ``cancelled``: a cancel asked while the attempt ran, carried out at the agent's next heartbeat.
 
 A reservation is one conditional UPDATE on the agent's row (``running_count < gpu_capacity``)
 in the same transaction as the task's move to ``dispatched``; that is what keeps several
@@ -13,14 +26,17 @@ dispatchers sharing one database from over-filling an agent (DESIGN section 11).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, NamedTuple
 from uuid import UUID
 
 from sqlalchemy import bindparam, case, select, update
 from sqlalchemy import text as sql
+from sqlalchemy.exc import IntegrityError
 
 from scoring import Decision, RunValidationError, validate_run
 from scoring.server import db
@@ -30,6 +46,28 @@ from scoring.server.ids import uuid7
 from scoring.server.state import ServerState
 
 ACTIVE = ("dispatched", "running")
+#: How long an ``Idempotency-Key`` answers with its first run (DESIGN section 10.3).
+IDEMPOTENCY_SECONDS = 24 * 3600.0
+#: Heartbeats a running task may be missing from its agent's list before it is queued again (the
+#: first may have been written before the agent's start was answered).
+UNLISTED_GRACE = 1
+
+
+class Outcome(StrEnum):
+    """How an attempt ended (``attempts`` of ``GET /r/tasks/{taskId}``)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    START_TIMEOUT = "start_timeout"
+    AGENT_LOST = "agent_lost"
+    NOT_LISTED = "not_listed"
+    CANCELLED = "cancelled"
+
+
+#: Outcomes that count against ``max_attempts`` and exclude the agent from the next attempts.
+COUNTED = frozenset({Outcome.FAILED, Outcome.START_TIMEOUT})
+#: Outcomes of a lost machine: counted against ``max_lost_attempts`` only.
+LOST = frozenset({Outcome.AGENT_LOST, Outcome.NOT_LISTED})
 
 
 class Lost(NamedTuple):
@@ -53,54 +91,109 @@ def _event(conn: db.Connection, task_id: str, status: str, agent: str | None, at
 # --- clients -----------------------------------------------------------------------------------
 
 
-def submit(state: ServerState, principal: Principal, workflow_id: str, body: Any) -> str:
-    """Validate a run and queue it; returns the new task id.
+def submit(
+    state: ServerState,
+    principal: Principal,
+    workflow_id: str,
+    body: Any,
+    idempotency_key: str | None = None,
+) -> str:
+    """Validate a run and queue it; returns the new task id (or, for a repeated
+    ``Idempotency-Key`` with the same body, the first run's).
 
     Raises
     ------
     ApiError
-        404 for a missing or foreign workflow; 400 with every validation error of the body.
+        404 for a missing or foreign workflow; 400 with every validation error of the body;
+        400 ``comfy_cloud_not_configured`` for a Cloud run of a team without a Cloud key;
+        422 ``idempotency_key_reused`` for a known key with another body.
     """
     found = state.workflows.by_id(principal.team_id, workflow_id)
     if found is None:
         raise not_found("workflow")
     workflow, version = found
+    team = str(principal.team_id)
+    digest = None
+    if idempotency_key is not None:
+        digest = _body_digest(workflow_id, body)
+        earlier = _idempotent(state, team, idempotency_key, digest)
+        if earlier is not None:
+            return earlier
     task_id = str(uuid7())
     try:
         run = validate_run(workflow, body, principal.team_id, state.files, task_id=task_id)
     except RunValidationError as exc:
         errors = [{"code": str(e.code), "key": e.key, "message": e.message} for e in exc.errors]
         raise ApiError.many(400, errors) from None
-    now = time.time()
+    now = state.clock()
     request = None if run.dispatch_request is None else run.dispatch_request.model_dump(mode="json")
     if request is None:
-        explain = "routed to comfy_cloud; this server has no ComfyUI Cloud connection"
+        if not state.cloud_configured(team):
+            raise ApiError(400, "comfy_cloud_not_configured",
+                           "this team has no ComfyUI Cloud API key configured",
+                           "dispatch_target")  # fmt: skip
+        explain = "queued for ComfyUI Cloud"
     else:
         explain = "queued; waiting for the dispatcher"
-    with state.database.begin() as conn:
-        conn.execute(
-            db.tasks.insert().values(
-                id=task_id,
-                team_id=str(principal.team_id),
-                workflow_id=str(workflow.id),
-                workflow_version=version,
-                dispatch_target=run.dispatch_target,
-                tool_type=run.tool_type,
-                status="queued",
-                agent_id=None,
-                parameters=run.parameters,
-                request=request,
-                attempts=0,
-                excluded=[],
-                explain=explain,
-                outputs=None,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        _event(conn, task_id, "queued", None, now, "submitted")
-    state.wake.set()
+    try:
+        with state.database.begin() as conn:
+            if idempotency_key is not None:
+                _expire_key(conn, team, idempotency_key, now)
+            conn.execute(
+                db.tasks.insert().values(
+                    id=task_id, team_id=team, workflow_id=str(workflow.id),
+                    workflow_version=version, dispatch_target=run.dispatch_target,
+                    tool_type=run.tool_type, status="queued", agent_id=None,
+                    parameters=run.parameters, request=request, attempts=0, excluded=[],
+                    explain=explain, outputs=None, created_at=now, updated_at=now, attempt=0,
+                    lost=0, unlisted=0, cancel_requested=0, history=[],
+                    idempotency_key=idempotency_key, request_hash=digest,
+                )
+            )  # fmt: skip
+            _event(conn, task_id, "queued", None, now, "submitted")
+    except IntegrityError:
+        # The same key from a concurrent request committed first: answer as it does.
+        assert idempotency_key is not None and digest is not None
+        earlier = _idempotent(state, team, idempotency_key, digest)
+        if earlier is None:
+            raise
+        return earlier
+    (state.cloud_wake if request is None else state.wake).set()
     return task_id
+
+
+def _body_digest(workflow_id: str, body: Any) -> str:
+    """The SHA-256 of a run's workflow and body, independent of the body's key order."""
+    canonical = json.dumps([workflow_id, body], sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=True)  # fmt: skip
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _idempotent(state: ServerState, team: str, key: str, digest: str) -> str | None:
+    """The task id of an earlier run with this key (within the window), or ``None``."""
+    t = db.tasks
+    with state.database.read() as conn:
+        row = conn.execute(
+            select(t.c.id, t.c.request_hash, t.c.created_at)
+            .where(t.c.team_id == team, t.c.idempotency_key == key)
+        ).first()  # fmt: skip
+    if row is None or row.created_at < state.clock() - IDEMPOTENCY_SECONDS:
+        return None
+    if row.request_hash != digest:
+        message = "this Idempotency-Key was used for a different run"
+        raise ApiError(422, "idempotency_key_reused", message, "Idempotency-Key")
+    return str(row.id)
+
+
+def _expire_key(conn: db.Connection, team: str, key: str, now: float) -> None:
+    """Free a key whose window ended, so that it can name a new run."""
+    t = db.tasks
+    conn.execute(
+        update(t)
+        .where(t.c.team_id == team, t.c.idempotency_key == key,
+               t.c.created_at < now - IDEMPOTENCY_SECONDS)
+        .values(idempotency_key=None)
+    )  # fmt: skip
 
 
 def _owned_task(state: ServerState, principal: Principal, task_id: str) -> Any:
@@ -115,16 +208,36 @@ def _owned_task(state: ServerState, principal: Principal, task_id: str) -> Any:
     return row
 
 
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat()
+
+
 def status(state: ServerState, principal: Principal, task_id: str) -> dict[str, Any]:
-    """``GET /r/tasks/{taskId}``; another team's task is 404."""
+    """``GET /r/tasks/{taskId}``; another team's task is 404.
+
+    ``attempts`` lists every attempt: those that ended with their outcome, then the current
+    one (``dispatched`` or ``running``).
+    """
     row = _owned_task(state, principal, task_id)
+    attempts = [
+        {"attempt": h["attempt"], "agent_id": h["agent_id"], "outcome": h["outcome"],
+         "at": _iso(h["at"])}
+        for h in row.history or ()
+    ]  # fmt: skip
+    if row.status in ACTIVE:
+        at = _iso(row.dispatched_at or row.updated_at)
+        attempts.append(
+            {"attempt": row.attempt, "agent_id": row.agent_id, "outcome": row.status, "at": at}
+        )
     return {
         "task_id": row.id,
         "task_status": row.status,
         "agent_id": row.agent_id,
         "dispatch_target": row.dispatch_target,
-        "created_at": datetime.fromtimestamp(row.created_at, UTC).isoformat(),
+        "created_at": _iso(row.created_at),
         "explain": row.explain,
+        "attempts": attempts,
+        "cancel_requested": bool(row.cancel_requested) and row.status in ACTIVE,
     }
 
 
@@ -132,113 +245,294 @@ def result(state: ServerState, principal: Principal, task_id: str) -> dict[str, 
     """``GET /r/tasks/{taskId}/result``: the outputs once completed, else 409."""
     row = _owned_task(state, principal, task_id)
     if row.status == "failed":
-        raise ApiError(409, "task_failed", f"the task failed after {row.attempts} attempts")
+        raise ApiError(409, "task_failed", f"the task failed: {row.explain}")
+    if row.status == "cancelled":
+        raise ApiError(409, "task_cancelled", "the task was cancelled")
     if row.status != "completed":
         raise ApiError(409, "not_ready", f"the task is {row.status}")
     return {"task_id": row.id, "outputs": row.outputs or {}}
 
 
+def cancel(state: ServerState, principal: Principal, task_id: str) -> dict[str, Any]:
+    """``POST /r/tasks/{taskId}/cancel``.
+
+    A queued or dispatched task is cancelled at once (a dispatched one's slot is freed; its
+    agent is told at its next heartbeat if it already holds it); a running one is marked and
+    cancelled at its agent's next heartbeat. Repeating the call is harmless.
+
+    Raises
+    ------
+    ApiError
+        409 ``not_cancellable`` once the task completed or failed.
+    """
+    row = _owned_task(state, principal, task_id)
+    now = state.clock()
+    freed: str | None = None
+    with state.database.begin() as conn:
+        row = conn.execute(select(db.tasks).where(db.tasks.c.id == row.id)).one()
+        if row.status in ("completed", "failed"):
+            raise ApiError(409, "not_cancellable", f"the task is {row.status}")
+        if row.status == "queued":
+            done = conn.execute(
+                update(db.tasks).where(db.tasks.c.id == row.id, db.tasks.c.status == "queued")
+                .values(status="cancelled", updated_at=now, explain="cancelled by the client")
+            ).rowcount  # fmt: skip
+            if done:
+                _event(conn, row.id, "cancelled", None, now, "cancelled while queued")
+        elif row.status == "dispatched":
+            if _end_attempt(conn, state, row, Outcome.CANCELLED, now) is not None:
+                freed = row.agent_id
+        elif row.status == "running" and not row.cancel_requested:
+            conn.execute(
+                update(db.tasks).where(db.tasks.c.id == row.id, db.tasks.c.status == "running")
+                .values(cancel_requested=1, updated_at=now)
+            )  # fmt: skip
+            _event(conn, row.id, "running", row.agent_id, now, "cancel requested")
+        current = conn.execute(select(db.tasks.c.status).where(db.tasks.c.id == row.id)).scalar()
+    if freed is not None:
+        state.released(freed)
+        state.wake.set()
+    return {"task_id": row.id, "task_status": current}
+
+
 # --- agents ------------------------------------------------------------------------------------
+
+
+class AgentView(NamedTuple):
+    """What a heartbeat answers: the tasks to start and those to drop."""
+
+    tasks: list[dict[str, Any]]
+    cancel: list[str]
+
+
+def reconcile(state: ServerState, agent_id: str, listed: Iterable[str] | None) -> AgentView:
+    """An agent's heartbeat against its tasks in the database (DESIGN section 10.1).
+
+    ``listed`` is the heartbeat's ``running``: the task ids the agent holds (``None``: an older
+    agent that does not list them, reconciled by the timeouts only). A running task missing
+    from the list for more than :data:`UNLISTED_GRACE` heartbeats is queued again
+    (``not_listed``); a listed task that is not this agent's current attempt, and a running
+    task whose cancel was asked, are answered in ``cancel``. Returns the dispatched tasks not
+    yet started (with their attempt numbers), oldest first.
+    """
+    t = db.tasks
+    with state.database.read() as conn:
+        rows = conn.execute(
+            select(t).where(t.c.agent_id == agent_id, t.c.status.in_(ACTIVE)).order_by(t.c.id)
+        ).all()
+    held = None if listed is None else set(listed)
+    cancel = sorted(held - {r.id for r in rows}) if held is not None else []
+    ending: list[tuple[Any, Outcome]] = []
+    marks: dict[str, int] = {}
+    for r in rows:
+        if r.cancel_requested:
+            ending.append((r, Outcome.CANCELLED))
+            cancel.append(r.id)
+        elif held is None or r.status != "running":
+            continue
+        elif r.id in held:
+            if r.unlisted:
+                marks[r.id] = 0
+        elif r.unlisted >= UNLISTED_GRACE:
+            ending.append((r, Outcome.NOT_LISTED))
+        else:
+            marks[r.id] = r.unlisted + 1
+    ended = {r.id for r, _ in ending}
+    if ending or marks:
+        now = state.clock()
+        freed = 0
+        with state.database.begin() as conn:
+            for r, outcome in ending:
+                if _end_attempt(conn, state, r, outcome, now) is not None:
+                    freed += 1
+            for task_id, n in marks.items():
+                conn.execute(
+                    update(t).where(t.c.id == task_id, t.c.agent_id == agent_id,
+                                    t.c.status == "running").values(unlisted=n)
+                )  # fmt: skip
+        if freed:
+            state.released(agent_id, freed)
+            state.wake.set()
+    to_start = [
+        {"task_id": r.id, "workflow_id": r.workflow_id, "parameters": r.parameters,
+         "tool_type": r.tool_type, "attempt": r.attempt}
+        for r in rows if r.status == "dispatched" and r.id not in ended
+    ]  # fmt: skip
+    return AgentView(to_start, cancel)
 
 
 def dispatched_to(state: ServerState, agent_id: str) -> list[dict[str, Any]]:
     """The tasks dispatched to an agent and not yet started, oldest first."""
-    t = db.tasks
-    with state.database.read() as conn:
-        rows = conn.execute(
-            select(t.c.id, t.c.workflow_id, t.c.parameters, t.c.tool_type)
-            .where(t.c.agent_id == agent_id, t.c.status == "dispatched")
-            .order_by(t.c.id)
-        ).all()
-    return [
-        {"task_id": r.id, "workflow_id": r.workflow_id, "parameters": r.parameters,
-         "tool_type": r.tool_type}
-        for r in rows
-    ]  # fmt: skip
+    return reconcile(state, agent_id, None).tasks
 
 
 def _agent_task(conn: db.Connection, principal: Principal, task_id: str) -> Any:
+    """The task, if this agent holds or ever held an attempt of it; else 404 (nothing leaks)."""
     try:
         tid = str(UUID(task_id))
     except ValueError:
         raise not_found("task") from None
-    row = conn.execute(
-        select(db.tasks.c.id, db.tasks.c.status, db.tasks.c.agent_id, db.tasks.c.attempts,
-               db.tasks.c.excluded).where(db.tasks.c.id == tid)
-    ).first()  # fmt: skip
-    if row is None or row.agent_id != principal.agent_id:
-        raise not_found("task")  # never dispatched to this agent (or requeued elsewhere)
+    row = conn.execute(select(db.tasks).where(db.tasks.c.id == tid)).first()
+    agent = principal.agent_id
+    if row is None or (
+        row.agent_id != agent and all(h["agent_id"] != agent for h in row.history or ())
+    ):
+        raise not_found("task")
     return row
 
 
-def start(state: ServerState, principal: Principal, task_id: str) -> dict[str, Any]:
-    """The agent started the task; repeating the call is harmless."""
-    now = time.time()
+def _current(row: Any, agent: str | None, attempt: int | None) -> bool:
+    """Whether ``agent``'s call names the task's current attempt (no number: the current)."""
+    return row.status in ACTIVE and row.agent_id == agent and attempt in (None, row.attempt)
+
+
+def _stale(row: Any, attempt: int | None) -> ApiError:
+    named = "the current attempt" if attempt is None else f"attempt {attempt}"
+    return ApiError(409, "stale_attempt",
+                    f"{named} is no longer current (task {row.status}, attempt {row.attempt})",
+                    "attempt")  # fmt: skip
+
+
+def start(
+    state: ServerState, principal: Principal, task_id: str, attempt: int | None = None
+) -> dict[str, Any]:
+    """The agent started its attempt; repeating the call is harmless.
+
+    Raises
+    ------
+    ApiError
+        404 for a task never dispatched to this agent; 409 ``stale_attempt`` for an attempt
+        that is not current.
+    """
+    now = state.clock()
     with state.database.begin() as conn:
         row = _agent_task(conn, principal, task_id)
+        if not _current(row, principal.agent_id, attempt):
+            raise _stale(row, attempt)
         if row.status == "dispatched":
             conn.execute(
                 update(db.tasks)
-                .where(db.tasks.c.id == row.id, db.tasks.c.status == "dispatched")
-                .values(status="running", updated_at=now)
-            )
-            _event(conn, row.id, "running", principal.agent_id, now)
-        elif row.status != "running":
-            raise ApiError(409, "conflict", f"the task is {row.status}")
+                .where(db.tasks.c.id == row.id, db.tasks.c.status == "dispatched",
+                       db.tasks.c.attempt == row.attempt)
+                .values(status="running", updated_at=now, unlisted=0)
+            )  # fmt: skip
+            _event(conn, row.id, "running", principal.agent_id, now, f"attempt {row.attempt}")
     return {"task_id": row.id, "task_status": "running"}
 
 
 def complete(
-    state: ServerState, principal: Principal, task_id: str, ok: bool, outputs: dict[str, Any] | None
+    state: ServerState,
+    principal: Principal,
+    task_id: str,
+    ok: bool,
+    outputs: dict[str, Any] | None,
+    attempt: int | None = None,
 ) -> dict[str, Any]:
-    """The agent finished the task: completed, or failed (retried elsewhere up to the limit).
+    """The agent finished its attempt: completed, or failed (retried elsewhere up to the limit).
 
-    A repeated ``completed`` for a completed task answers as the first did; nothing is counted
-    twice.
+    A repeated ``completed`` of the attempt that completed the task answers as the first did;
+    nothing is counted twice.
+
+    Raises
+    ------
+    ApiError
+        404 for a task never dispatched to this agent; 409 ``stale_attempt`` for an attempt
+        that is not current.
     """
-    now = time.time()
+    now = state.clock()
     agent = principal.agent_id
     assert agent is not None
     with state.database.begin() as conn:
         row = _agent_task(conn, principal, task_id)
-        if row.status not in ACTIVE:
-            if ok and row.status == "completed":
+        if not _current(row, agent, attempt):
+            repeat = (ok and row.status == "completed" and row.agent_id == agent
+                      and attempt in (None, row.attempt))  # fmt: skip
+            if repeat:
                 return {"task_id": row.id, "task_status": "completed"}
-            raise ApiError(409, "conflict", f"the task is {row.status}")
-        if ok:
-            new: dict[str, Any] = {"status": "completed", "outputs": outputs or {}}
-            detail = ""
-        else:
-            attempts = row.attempts + 1
-            excluded = sorted({*row.excluded, agent})
-            final = attempts >= state.max_attempts
-            new = {
-                "status": "failed" if final else "queued",
-                "attempts": attempts,
-                "excluded": excluded,
-                "agent_id": agent if final else None,
-                "outputs": outputs if final else None,
-            }
-            detail = f"attempt {attempts} failed on {agent}"
-        changed = conn.execute(
-            update(db.tasks)
-            .where(db.tasks.c.id == row.id, db.tasks.c.status.in_(ACTIVE),
-                   db.tasks.c.agent_id == agent)
-            .values(updated_at=now, **new)
-        ).rowcount  # fmt: skip
-        if changed != 1:
-            raise ApiError(409, "conflict", "the task changed meanwhile")
-        _free_slot(conn, agent, 1)
-        _event(conn, row.id, new["status"], agent, now, detail)
+            raise _stale(row, attempt)
+        outcome = Outcome.COMPLETED if ok else Outcome.FAILED
+        new = _end_attempt(conn, state, row, outcome, now, outputs)
+        if new is None:
+            raise _stale(row, attempt)
     state.released(agent)
     state.wake.set()
-    return {"task_id": row.id, "task_status": new["status"]}
+    return {"task_id": row.id, "task_status": new}
+
+
+def _end_attempt(
+    conn: db.Connection,
+    state: ServerState,
+    row: Any,
+    outcome: Outcome,
+    now: float,
+    outputs: dict[str, Any] | None = None,
+) -> str | None:
+    """End the task's current attempt (``row`` as read) with ``outcome`` and free its slot, in
+    the caller's transaction; returns the task's new status, or ``None`` when the attempt was
+    no longer current (another path ended it first: nothing changed)."""
+    agent = row.agent_id
+    again = f"queued again: attempt {row.attempt} {outcome} on {agent}"
+    ended = {"attempt": row.attempt, "agent_id": agent, "outcome": str(outcome), "at": now}
+    values: dict[str, Any] = {"history": [*(row.history or ()), ended], "updated_at": now,
+                              "unlisted": 0, "dispatched_at": None}  # fmt: skip
+    if outcome is Outcome.COMPLETED:
+        values.update(status="completed", outputs=outputs or {})
+    elif outcome is Outcome.CANCELLED or row.cancel_requested:
+        values.update(status="cancelled", explain="cancelled by the client")
+    elif outcome in COUNTED:
+        attempts = row.attempts + 1
+        final = attempts >= state.max_attempts
+        values.update(attempts=attempts, excluded=sorted({*row.excluded, agent}))
+        if final:
+            explain = f"failed: {attempts} attempts failed (last: {outcome} on {agent})"
+            values.update(status="failed", outputs=outputs, explain=explain)
+        else:
+            values.update(status="queued", agent_id=None, explain=again)
+    else:
+        lost = row.lost + 1
+        if lost > state.max_lost_attempts:
+            explain = f"failed: lost with its agent {lost} times (last: {outcome} on {agent})"
+            values.update(lost=lost, status="failed", explain=explain)
+        else:
+            values.update(lost=lost, status="queued", agent_id=None, explain=again)
+    t = db.tasks
+    changed = conn.execute(
+        update(t)
+        .where(t.c.id == row.id, t.c.status.in_(ACTIVE), t.c.agent_id == agent,
+               t.c.attempt == row.attempt)
+        .values(**values)
+    ).rowcount  # fmt: skip
+    if changed != 1:
+        return None
+    _free_slot(conn, agent, 1)
+    _event(conn, row.id, values["status"], agent, now, f"attempt {row.attempt}: {outcome}")
+    return str(values["status"])
 
 
 def _free_slot(conn: db.Connection, agent_id: str, n: int) -> None:
     a = db.agents
     left = case((a.c.running_count >= n, a.c.running_count - n), else_=0)
     conn.execute(update(a).where(a.c.id == agent_id).values(running_count=left))
+
+
+def end_attempts(state: ServerState, agent_id: str | None, outcome: Outcome,
+                 where: Any) -> int:  # fmt: skip
+    """End with ``outcome`` the current attempts of the active tasks matching ``where`` (a
+    condition on the tasks table), in one transaction; returns how many ended. Their agents'
+    slots are freed in the database and the Fleet."""
+    t = db.tasks
+    now = state.clock()
+    freed: dict[str, int] = {}
+    with state.database.begin() as conn:
+        rows = conn.execute(select(t).where(t.c.status.in_(ACTIVE), where)).all()
+        for r in rows:
+            if _end_attempt(conn, state, r, outcome, now) is not None:
+                freed[r.agent_id] = freed.get(r.agent_id, 0) + 1
+    for agent, n in freed.items():
+        state.released(agent, n)
+    if freed:
+        state.wake.set()
+    return sum(freed.values())
 
 
 # --- the dispatcher ------------------------------------------------------------------------------
@@ -268,8 +562,8 @@ def commit_placements(
         with state.database.begin() as own:
             return commit_placements(state, task_ids, decisions, explains, own)
     if not state.database.is_sqlite:
-        return _commit_claimed(conn, task_ids, decisions, explains)
-    now = time.time()
+        return _commit_claimed(conn, task_ids, decisions, explains, state.clock())
+    now = state.clock()
     lost: list[Lost] = []
     a, t = db.agents, db.tasks
     placed = sorted(
@@ -296,7 +590,7 @@ def commit_placements(
             update(t)
             .where(t.c.id == task_id, t.c.status == "queued")
             .values(status="dispatched", agent_id=agent, explain=decision.explain(),
-                    updated_at=now)
+                    updated_at=now, dispatched_at=now, attempt=t.c.attempt + 1, unlisted=0)
         ).rowcount  # fmt: skip
         if moved != 1:
             _free_slot(conn, agent, 1)
@@ -320,6 +614,7 @@ def _commit_claimed(
     task_ids: Sequence[str],
     decisions: Sequence[Decision],
     explains: dict[str, str],
+    now: float,
 ) -> list[Lost]:
     """:func:`commit_placements` on PostgreSQL, where the caller's transaction has claimed the
     tasks (``FOR UPDATE``): they are still queued, so only the agents' slots can be refused.
@@ -329,7 +624,6 @@ def _commit_claimed(
     writes their events: a few round trips per round instead of three per placement, which keeps
     the agents' rows locked for as short a time as possible.
     """
-    now = time.time()
     t = db.tasks
     if explains:
         conn.execute(
@@ -356,7 +650,7 @@ def _commit_claimed(
             update(t)
             .where(t.c.id == bindparam("tid"), t.c.status == "queued")
             .values(status="dispatched", agent_id=bindparam("agent"), explain=bindparam("text"),
-                    updated_at=now),
+                    updated_at=now, dispatched_at=now, attempt=t.c.attempt + 1, unlisted=0),
             moves,
         ).rowcount  # fmt: skip
         if moved != len(moves):  # a claimed task changed: roll the whole attempt back
@@ -367,38 +661,3 @@ def _commit_claimed(
               "detail": ""} for m in moves],
         )  # fmt: skip
     return lost
-
-
-def requeue_unstarted(state: ServerState, agent_id: str, cutoff: float) -> int:
-    """Queue again the tasks dispatched to an agent silent since before ``cutoff``.
-
-    The agent's row is checked in the same transaction, so an agent that reported meanwhile
-    keeps its tasks. Returns how many tasks went back to the queue.
-    """
-    now = time.time()
-    a, t = db.agents, db.tasks
-    with state.database.begin() as conn:
-        row = conn.execute(select(a.c.last_heartbeat).where(a.c.id == agent_id)).first()
-        if row is None or row.last_heartbeat is None or row.last_heartbeat >= cutoff:
-            return 0
-        ids = (
-            conn.execute(select(t.c.id).where(t.c.agent_id == agent_id, t.c.status == "dispatched"))
-            .scalars()
-            .all()
-        )
-        moved = 0
-        for task_id in ids:
-            one = conn.execute(
-                update(t)
-                .where(t.c.id == task_id, t.c.status == "dispatched", t.c.agent_id == agent_id)
-                .values(status="queued", agent_id=None, updated_at=now,
-                        explain=f"queued again: {agent_id} stopped sending heartbeats")
-            ).rowcount  # fmt: skip
-            if one:  # another replica may have queued it again first
-                moved += one
-                _event(conn, task_id, "queued", agent_id, now, "agent heartbeats stopped")
-        if moved:
-            _free_slot(conn, agent_id, moved)
-    if moved:
-        state.released(agent_id, moved)
-    return moved

@@ -49,7 +49,10 @@ def test_unstarted_task_of_a_silent_agent_is_queued_again(server: ServerProcess)
         status = client.get(f"/r/tasks/{task_id}").json()
         assert (status["task_status"], status["agent_id"]) == ("dispatched", "gpu-node-02")
     with server.client(server.demo["agent_keys"]["gpu-node-01"]) as late:
-        assert late.post(f"/agents/tasks/{task_id}/start").status_code == 404
+        # Its attempt ended (agent lost): fenced off, with the reason.
+        stale = late.post(f"/agents/tasks/{task_id}/start")
+        assert stale.status_code == 409
+        assert stale.json()["errors"][0]["code"] == "stale_attempt"
     with server.client(server.demo["agent_keys"]["gpu-node-02"]) as agent:
         assert agent.post(f"/agents/tasks/{task_id}/start").status_code == 200
         assert agent.post(f"/agents/tasks/{task_id}/start").status_code == 200  # idempotent
