@@ -454,8 +454,8 @@ class Dispatcher:
         at most every :data:`SWEEP_EVERY_S`.
 
         An agent is lost when this process has not heard of it (:attr:`ServerState.heard`, by
-        the server's own clock) for the heartbeat timeout plus the database's persistence lag:
-        by then the Fleet holds it stale too, so its tasks cannot go straight back to it. Its
+        the server's own clock) for the heartbeat timeout: the Fleet holds it stale from the
+        same moment, so its tasks cannot go straight back to it. Its
         dispatched and running tasks are queued again as new attempts and its slots freed. A
         process that just started waits a heartbeat timeout before judging (agents have not had
         the time to report), and a start timeout before timing out starts.
@@ -468,7 +468,7 @@ class Dispatcher:
         up = now - state.started_at
         a, t = db.agents, db.tasks
         if up >= timeout:
-            cutoff = now - timeout - PERSIST_EVERY_S
+            cutoff = now - timeout
             with state.database.read() as conn:
                 holders = conn.execute(
                     select(t.c.agent_id).where(t.c.status.in_(tasks.ACTIVE)).distinct()
@@ -476,10 +476,15 @@ class Dispatcher:
             for agent in holders:
                 if state.heard.get(agent, state.started_at) >= cutoff:
                     continue
-                # Checked again in the transaction: a replica may have heard it meanwhile.
-                silent = select(a.c.id).where(a.c.id == agent, a.c.last_heartbeat < cutoff)
-                moved = tasks.end_attempts(state, agent, tasks.Outcome.AGENT_LOST,
-                                           (t.c.agent_id == agent) & silent.exists())  # fmt: skip
+                where = t.c.agent_id == agent
+                if state.free_slots is not None:
+                    # Replicas: another one may have heard it meanwhile; its heartbeats reach
+                    # the database up to PERSIST_EVERY_S late.
+                    lag = cutoff - PERSIST_EVERY_S
+                    where &= (
+                        select(a.c.id).where(a.c.id == agent, a.c.last_heartbeat < lag).exists()
+                    )
+                moved = tasks.end_attempts(state, agent, tasks.Outcome.AGENT_LOST, where)
                 if moved:
                     log.info("agent %s lost: %d tasks queued again", agent, moved)
         if up >= state.start_timeout_s:

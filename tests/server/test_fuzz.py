@@ -57,6 +57,7 @@ OPERATIONS = [
     ("PUT", "/api/v1/uploads/{token}"),
     ("GET", "/api/v1/r/tasks/{taskId}"),
     ("GET", "/api/v1/r/tasks/{taskId}/result"),
+    ("POST", "/api/v1/r/tasks/{taskId}/cancel"),
     ("POST", "/api/v1/agents/heartbeat"),
     ("POST", "/api/v1/agents/tasks/{taskId}/start"),
     ("POST", "/api/v1/agents/tasks/{taskId}/complete"),
