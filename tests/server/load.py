@@ -54,6 +54,7 @@ def run_load(
     deadline_s: float = 60.0,
     drain_s: float = 30.0,
     on_kill: Callable[[], None] | None = None,
+    retry_start: bool = True,
 ) -> LoadResult:
     """Submit ``runs`` runs from ``clients`` threads with every demo agent working; with
     ``kill_after``, SIGKILL the server once that many runs were accepted and start it again
@@ -62,7 +63,8 @@ def run_load(
 
     With several ``servers`` (replicas on one database) clients and agents are spread over them
     round-robin, and one that finds its replica unreachable moves on to the next, as behind a
-    load balancer.
+    load balancer. ``retry_start=False``: agents drop a task whose start answer was lost
+    (:class:`~scoring.server.agent.FakeAgent`), and the server must recover it.
     """
     replicas = [servers] if isinstance(servers, ServerProcess) else list(servers)
     server = replicas[0]
@@ -76,7 +78,7 @@ def run_load(
     urls = [r.url for r in replicas]
     result.agents = [
         FakeAgent(urls[i % len(urls)], key, agent_id, capacity=capacity,
-                  task_seconds=task_seconds,
+                  task_seconds=task_seconds, retry_start=retry_start,
                   fallback_urls=tuple(urls[(i + j) % len(urls)] for j in range(1, len(urls))))
         for i, (agent_id, key) in enumerate(demo["agent_keys"].items())
     ]  # fmt: skip
@@ -198,7 +200,7 @@ def check(server: ServerProcess, result: LoadResult, capacity: int) -> dict[str,
             held[e.agent_id] += 1
             holder[e.task_id] = e.agent_id
             peak[e.agent_id] = max(peak[e.agent_id], held[e.agent_id])
-        elif e.status in ("completed", "failed", "queued") and e.task_id in holder:
+        elif e.status in ("completed", "failed", "queued", "cancelled") and e.task_id in holder:
             held[holder.pop(e.task_id)] -= 1
     assert max(peak.values()) <= capacity, peak
     assert all(a.max_running <= capacity and a.over_capacity == 0 for a in result.agents)

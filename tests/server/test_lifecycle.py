@@ -193,7 +193,9 @@ def test_agent_that_never_starts_loses_the_task_after_the_start_timeout(
         assert [(t["task_id"], t["attempt"]) for t in got] == [(task_id, 2)]
         stale = agent_call(server, "gpu-node-01", task_id, "start", {"attempt": 1})
         assert stale.status_code == 409 and error_code(stale) == "stale_attempt"
-        assert agent_call(server, "gpu-node-02", task_id, "start", {"attempt": 2}).status_code == 200
+        assert (
+            agent_call(server, "gpu-node-02", task_id, "start", {"attempt": 2}).status_code == 200
+        )
     assert reserved(server) == {"gpu-node-01": 0, "gpu-node-02": 0, "_held": 1}
 
 
@@ -205,7 +207,9 @@ def test_a_running_task_its_agent_stops_listing_is_queued_again_after_one_heartb
         beat(server, "gpu-node-01", running=[])
         task_id = submit(server, client)
         wait_for(lambda: beat(server, "gpu-node-01", running=[])["tasks"])
-        assert agent_call(server, "gpu-node-01", task_id, "start", {"attempt": 1}).status_code == 200
+        assert (
+            agent_call(server, "gpu-node-01", task_id, "start", {"attempt": 1}).status_code == 200
+        )
         # Listed: nothing happens.
         for _ in range(3):
             assert beat(server, "gpu-node-01", running=[task_id]) == {"tasks": [], "cancel": []}
