@@ -18,6 +18,7 @@ from scoring import S3FileStore, ScoringPolicy
 from scoring.holds import SlotHolds
 from scoring.server import db, demo, errors, heartbeats, storage, tasks
 from scoring.server.auth import Authenticator, Principal, load_secret, require
+from scoring.server.cloud import CloudRunner
 from scoring.server.config import Settings
 from scoring.server.dispatch import Dispatcher, warm_up
 from scoring.server.errors import ApiError, not_found
@@ -143,9 +144,12 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         if sync is not None:
             sync.start()
         dispatcher.start()
+        cloud = CloudRunner(state, settings.cloud_url, settings.cloud_poll_s)
+        cloud.start()
         try:
             yield
         finally:
+            cloud.stop()
             dispatcher.stop()
             if sync is not None:
                 sync.stop()
