@@ -471,7 +471,9 @@ class Dispatcher:
             cutoff = now - timeout
             with state.database.read() as conn:
                 holders = conn.execute(
-                    select(t.c.agent_id).where(t.c.status.in_(tasks.ACTIVE)).distinct()
+                    select(t.c.agent_id)
+                    .where(t.c.status.in_(tasks.ACTIVE), t.c.agent_id.is_not(None))
+                    .distinct()
                 ).scalars().all()  # fmt: skip
             for agent in holders:
                 if state.heard.get(agent, state.started_at) >= cutoff:

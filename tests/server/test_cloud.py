@@ -267,14 +267,6 @@ def test_server_restart_while_a_cloud_run_runs(tmp_path: Path) -> None:
         standin.stop()
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="dispatch.Dispatcher._sweep takes the NULL agent_id of running Cloud runs for a lost "
-    "agent and queues them again (agent_lost) once the server is up a heartbeat timeout: each "
-    "is submitted again, up to max_lost_attempts, then fails. Fix in dispatch.py: holders only "
-    "where agent_id IS NOT NULL",
-)
 def test_a_cloud_run_outlives_the_heartbeat_timeout(tmp_path: Path) -> None:
     """A Cloud run holds no agent: the sweep for lost agents must leave it running."""
     standin = ComfyStandIn(api_key=CLOUD_KEY, delay=3.0).start()
