@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from scoring.server import db
 from scoring.server.agent import FakeAgent
 
-from .conftest import ROOT, ServerProcess, example_body, upload, wait_for
+from .conftest import ROOT, ServerProcess, example_body, new_database, upload, wait_for
 
 HEARTBEAT = {"status": "idle", "gpu_capacity": 1, "labels": ["gpu", "comfyui"]}
 
@@ -94,13 +94,29 @@ def lifecycle_server(tmp_path: Path) -> Any:
         proc.stop()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """:func:`lifecycle_server` on SQLite, then on PostgreSQL (a replica, polling the others'
+    changes from the database)."""
+    database = None
+    if request.param == "postgresql":
+        database = new_database(request.getfixturevalue("postgres"))
+    proc = ServerProcess(tmp_path, "--heartbeat-timeout", "2", "--start-timeout", "2",
+                         database=database)  # fmt: skip
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 def test_task_of_a_killed_agent_process_runs_again_elsewhere_and_completes_once(
     tmp_path: Path,
 ) -> None:
     timeout = 3.0
     server = ServerProcess(tmp_path, "--heartbeat-timeout", str(timeout))
     server.start()
-    agent_log = open(tmp_path / "agent.log", "wb")  # noqa: SIM115 (closed in finally)
+    agent_log = open(tmp_path / "agent.log", "wb")
     dead = subprocess.Popen(
         [sys.executable, "-m", "scoring.server.agent", "--demo", str(server.demo_path),
          "--agent", "gpu-node-01", "--task-seconds", "600", "--interval", "0.2"],
@@ -238,9 +254,9 @@ def test_a_running_task_its_agent_stops_listing_is_queued_again_after_one_heartb
 
 
 def test_a_task_held_by_an_agent_that_went_silent_is_queued_again_even_running(
-    lifecycle_server: ServerProcess,
+    any_server: ServerProcess,
 ) -> None:
-    server = lifecycle_server
+    server = any_server
     with server.client() as client:
         beat(server, "gpu-node-01", running=[])
         task_id = submit(server, client)
@@ -259,8 +275,8 @@ def test_a_task_held_by_an_agent_that_went_silent_is_queued_again_even_running(
     assert reserved(server) == {"gpu-node-01": 0, "gpu-node-02": 0, "_held": 1}
 
 
-def test_cancel_in_every_state(lifecycle_server: ServerProcess) -> None:
-    server = lifecycle_server
+def test_cancel_in_every_state(any_server: ServerProcess) -> None:
+    server = any_server
     with server.client() as client:
 
         def cancel(task_id: str) -> httpx.Response:
@@ -335,9 +351,9 @@ def test_failed_attempts_are_kept_and_the_task_fails_after_max_attempts(
 
 
 def test_idempotency_key_answers_the_first_run_even_after_a_restart(
-    lifecycle_server: ServerProcess,
+    any_server: ServerProcess,
 ) -> None:
-    server = lifecycle_server
+    server = any_server
     with server.client() as client:
         key = upload(client)
         url = f"/r/workflows/{server.demo['workflow_id']}/run"
@@ -368,8 +384,8 @@ def test_idempotency_key_answers_the_first_run_even_after_a_restart(
     assert n == 1
 
 
-def test_concurrent_submits_with_one_key_make_one_task(lifecycle_server: ServerProcess) -> None:
-    server = lifecycle_server
+def test_concurrent_submits_with_one_key_make_one_task(any_server: ServerProcess) -> None:
+    server = any_server
     with server.client() as client:
         body = example_body(upload(client))
     url = f"{server.url}/r/workflows/{server.demo['workflow_id']}/run"
