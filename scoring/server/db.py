@@ -231,6 +231,13 @@ def _v1_to_v2(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE tasks ADD COLUMN {column.name} {kind}{null}{default}"))
     for index in V2_INDEXES:
         index.create(conn, checkfirst=True)
+    # Tasks on agents now: their attempt counts from their failed ones, their start timeout
+    # from their last change.
+    conn.execute(
+        update(tasks)
+        .where(tasks.c.status.in_(("dispatched", "running")))
+        .values(attempt=tasks.c.attempts + 1, dispatched_at=tasks.c.updated_at)
+    )
 
 
 _V2_COLUMNS = ("attempt", "dispatched_at", "lost", "unlisted", "cancel_requested", "history",
