@@ -36,9 +36,15 @@ class ServerProcess:
     """One server subprocess and what it wrote: ``demo`` (the --demo JSON), ``url``."""
 
     def __init__(
-        self, tmp: Path, *extra: str, demo_agents: int = 2, database: str | None = None
+        self,
+        tmp: Path,
+        *extra: str,
+        demo_agents: int = 2,
+        database: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.tmp = tmp
+        self.env = env or {}
         self.port = free_port()
         self.db_path = tmp / "db.sqlite"
         self.database = database or f"sqlite:///{self.db_path}"
@@ -55,7 +61,7 @@ class ServerProcess:
         self.demo: dict[str, Any] = {}
 
     def start(self, timeout: float = 60.0) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout

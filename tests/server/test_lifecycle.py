@@ -412,3 +412,47 @@ def test_comfy_cloud_run_is_refused_without_a_cloud_key(lifecycle_server: Server
         body.pop("submitter_region")
         r = client.post(f"/r/workflows/{server.demo['workflow_id']}/run", json=body)
     assert r.status_code == 400 and error_code(r) == "comfy_cloud_not_configured"
+
+
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+
+
+@pytest.fixture
+def stepped_clock_server(tmp_path: Path) -> Any:
+    """A server whose wall clock the test can step (libfaketime, Debian's ``faketime``: the
+    offset in ``clock.txt`` is read at every call; the monotonic clock is left alone)."""
+    if not FAKETIME.exists():
+        message = f"{FAKETIME} is missing (Debian's faketime package)"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(message)
+        pytest.skip(message)
+    offset = tmp_path / "clock.txt"
+    offset.write_text("+0\n")
+    env = {"LD_PRELOAD": str(FAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset),
+           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}  # fmt: skip
+    proc = ServerProcess(tmp_path, "--heartbeat-timeout", "2", env=env)
+    proc.start()
+    try:
+        yield proc, offset
+    finally:
+        proc.stop()
+
+
+def test_a_clock_stepped_back_keeps_no_silent_agent_fresh(stepped_clock_server: Any) -> None:
+    server, offset = stepped_clock_server
+    with server.client() as client:
+        beat(server, "gpu-node-01", running=[])
+        task_id = submit(server, client)
+        wait_for(lambda: beat(server, "gpu-node-01", running=[])["tasks"])
+        offset.write_text("-3600\n")  # the machine's clock steps back an hour
+        # gpu-node-01 falls silent: within the heartbeat timeout (by the server's own receive
+        # times) its task goes to gpu-node-02, and new runs never go to it.
+        got = wait_for(lambda: beat(server, "gpu-node-02", running=[])["tasks"], timeout=15,
+                       every=0.2)  # fmt: skip
+        assert [(t["task_id"], t["attempt"]) for t in got] == [(task_id, 2)]
+        assert status(client, task_id)["attempts"][0]["outcome"] == "agent_lost"
+        fresh = submit(server, client)
+        more = {"running": [task_id], "gpu_capacity": 2}
+        got = wait_for(lambda: beat(server, "gpu-node-02", **more)["tasks"][1:])
+        assert [t["task_id"] for t in got] == [fresh]
+        assert status(client, fresh)["attempts"][0]["agent_id"] == "gpu-node-02"
