@@ -178,13 +178,13 @@ tasks = Table(
     Column("request_hash", String(64), nullable=True),
     #: The ComfyUI Cloud prompt id of a ``comfy_cloud`` run once submitted.
     Column("cloud_prompt_id", String(128), nullable=True),
-    Index("ix_tasks_status", "status", "dispatch_target"),
     Index("ix_tasks_agent", "agent_id", "status"),
 )
 
 #: Indexes added by schema version 2 (created by its migration on an older database).
 V2_INDEXES = (
-    # Fair dispatch reads the queue by group (team, workflow), oldest first within each.
+    # Fair dispatch reads the queue by group (team, workflow), oldest first within each; its
+    # prefix (status, dispatch_target) serves the other reads by status.
     Index(
         "ix_tasks_queue",
         tasks.c.status,
@@ -231,6 +231,9 @@ def _v1_to_v2(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE tasks ADD COLUMN {column.name} {kind}{null}{default}"))
     for index in V2_INDEXES:
         index.create(conn, checkfirst=True)
+    # Its prefix is ix_tasks_queue's: PostgreSQL without statistics preferred it for the
+    # walk of the groups, and read the whole queue at every step.
+    conn.execute(text("DROP INDEX IF EXISTS ix_tasks_status"))
     # Tasks on agents now: their attempt counts from their failed ones, their start timeout
     # from their last change.
     conn.execute(

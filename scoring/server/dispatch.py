@@ -167,7 +167,7 @@ class Dispatcher:
             accepted: list[str] = []
             try:
                 with self._transaction() as conn:
-                    ids = self._queued(conn) if todo is None else self._reclaim(conn, todo)
+                    ids = self._queued(conn, now) if todo is None else self._reclaim(conn, todo)
                     if not ids:
                         break
                     if todo is None:
@@ -256,8 +256,10 @@ class Dispatcher:
         for task_id, d in zip(ids, decisions, strict=True):
             if task_id in self._heads:
                 placed_now = d.agent_id is not None and task_id not in taken
+                # A head kept from held slots (scoring.holds) is not unplaceable: a hold ends.
+                waiting = d.deferred or task_id in own
                 self._outcomes[task_id] = (
-                    "placed" if placed_now else "deferred" if d.deferred else "unplaced"
+                    "placed" if placed_now else "waiting" if waiting else "unplaced"
                 )
             if d.agent_id is not None and task_id not in taken:
                 self._requests.pop(task_id, None)
@@ -362,7 +364,7 @@ class Dispatcher:
         at = state.fleet.get(agent_id).last_heartbeat
         state.fleet.heartbeat(agent_id, at, running_count=min(count, 65535))
 
-    def _queued(self, claim: Connection | None) -> list[str]:
+    def _queued(self, claim: Connection | None, now: float) -> list[str]:
         """The queued tasks this round considers, read by group (DESIGN section 10.2).
 
         A group is a team's runs of one workflow. Every group with queued runs is found by a
@@ -376,7 +378,6 @@ class Dispatcher:
         """
         t = db.tasks
         state = self.state
-        now = state.clock()
         with self.state.database.read() if claim is None else nullcontext(claim) as conn:
             groups = [g for g in _groups(conn) if not self._skipped(g, now)]
             if not groups:

@@ -122,8 +122,8 @@ class FleetSync:
 def sync_holds(state: ServerState, holds: SlotHolds) -> None:
     """Say this replica is alive, and tell ``holds`` the live replicas and whether the queue is
     longer than the free slots (call after :func:`sync_fleet`)."""
+    free = state.free_slots
     with state.database.begin() as conn:
         live = shares.heartbeat(conn, holds.replica_id, time.time())
-        queued = shares.queued_count(conn)
-    free = state.free_slots
+        queued = shares.queued_count(conn, None if free is None else free + 1)
     holds.update(live, saturated=free is not None and queued > free)

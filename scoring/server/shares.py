@@ -36,8 +36,11 @@ def heartbeat(conn: Connection, replica_id: str, now: float) -> tuple[str, ...]:
     return tuple(rows.scalars())
 
 
-def queued_count(conn: Connection) -> int:
-    """Tasks waiting for an agent."""
+def queued_count(conn: Connection, at_most: int | None = None) -> int:
+    """Tasks waiting for an agent, counted up to ``at_most`` (so that the cost of asking
+    whether the queue is longer than the free slots does not grow with a backlog)."""
     t = db.tasks
-    query = select(func.count()).where(t.c.status == "queued", t.c.dispatch_target == "agent")
-    return int(conn.execute(query).scalar_one())
+    waiting = select(t.c.id).where(t.c.status == "queued", t.c.dispatch_target == "agent")
+    if at_most is not None:
+        waiting = waiting.limit(at_most)
+    return int(conn.execute(select(func.count()).select_from(waiting.subquery())).scalar_one())
