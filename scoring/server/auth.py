@@ -8,6 +8,7 @@ team, and an ``X-Team-ID`` sent with them is ignored. Keys are stored as their S
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import threading
 import time
@@ -86,6 +87,12 @@ class Authenticator:
     def sign(self, claims: dict[str, object]) -> str:
         """Sign other claims (upload tokens) with the same secret."""
         return jwt.encode(claims, self._secret, algorithm="HS256")
+
+    def digest(self, purpose: str, text: str) -> str:
+        """A keyed hash (HMAC-SHA-256 with the server's secret) of ``text``, hex; ``purpose``
+        keeps the digests of different uses apart."""
+        message = f"{purpose}\0{text}".encode("utf-8", "surrogatepass")
+        return hmac.new(self._secret.encode(), message, hashlib.sha256).hexdigest()
 
     def verify(self, token: str, typ: str) -> dict[str, object] | None:
         """The claims of a valid, unexpired token of type ``typ``; ``None`` otherwise."""
