@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     (``client_header_timeout``, ``client_body_timeout``).
     """
     import uvicorn
+    from sqlalchemy.exc import DatabaseError
 
     from scoring.server.app import create_app
     from scoring.server.db import UnusableDatabase
@@ -118,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     try:
         app = create_app(settings)
-    except UnusableDatabase as exc:
-        print(f"scoring.server: {exc}", file=sys.stderr)
+    except (UnusableDatabase, DatabaseError) as exc:  # e.g. malformed pages read after the check
+        line = str(exc.orig if isinstance(exc, DatabaseError) else exc).splitlines()[0]
+        print(f"scoring.server: cannot use database {settings.database}: {line}", file=sys.stderr)
         return 2
     log_level = logging.getLevelName(logging.getLogger().level).lower()
     uvicorn.run(

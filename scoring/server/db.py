@@ -261,14 +261,12 @@ class Database:
             self._create()
         except DatabaseError as exc:  # "file is not a database", "database is locked", ...
             reason = str(exc.orig) if exc.orig is not None else str(exc)
-            raise UnusableDatabase(f"database {self.url}: {reason.splitlines()[0]}") from exc
+            raise UnusableDatabase(reason.splitlines()[0]) from exc
 
     def _create(self) -> None:
         existing = inspect(self.engine).get_table_names()
         if existing and meta.name not in existing:
-            raise UnusableDatabase(
-                f"database {self.url} holds another application's tables ({existing[0]}, ...)"
-            )
+            raise UnusableDatabase(f"it holds another application's tables ({existing[0]}, ...)")
         metadata.create_all(self.engine)
         with self.begin() as conn:
             found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
@@ -282,8 +280,8 @@ class Database:
                 version += 1
             if version != SCHEMA_VERSION:
                 raise UnusableDatabase(
-                    f"database {self.url} has schema version {row[0]}; this server uses "
-                    f"{SCHEMA_VERSION} and has no migration from it"
+                    f"schema version {row[0]}; this server uses {SCHEMA_VERSION} and has "
+                    "no migration from it"
                 )
             conn.execute(
                 update(meta).where(meta.c.key == "schema_version").values(value=str(version))
