@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -28,13 +27,9 @@ MAX_GROWTH_BYTES = 64 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("memory"))
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+def server(shared_server: ServerProcess) -> ServerProcess:
+    """A server of this module's own: its memory is measured."""
+    return shared_server
 
 
 def rss_bytes(pid: int) -> int:
