@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
                    help="seconds a request body may take (408 after)")  # fmt: skip
+    p.add_argument("--upload-timeout", type=float, default=d.upload_timeout_s,
+                   help="seconds an upload's body may take (408 after)")  # fmt: skip
     p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
                    help="seconds a request head may take (408 after)")  # fmt: skip
     p.add_argument("--keep-alive", type=float, default=d.keep_alive_s,
@@ -91,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         sync_interval_s=a.sync_interval, tie_band=a.tie_band,
         refresh_each_round=a.refresh_each_round, slot_holds=a.slot_holds, stats_path=a.stats,
         public_url=a.public_url, body_timeout_s=a.body_timeout, header_timeout_s=a.header_timeout,
+        upload_timeout_s=a.upload_timeout,
         keep_alive_s=a.keep_alive, db_busy_timeout_s=a.db_busy_timeout,
     )  # fmt: skip
 

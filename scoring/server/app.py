@@ -147,7 +147,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     errors.install(app)
     app.add_middleware(
         limits.Limits, max_body_bytes=settings.max_body_bytes,
-        body_timeout_s=settings.body_timeout_s,
+        body_timeout_s=settings.body_timeout_s, upload_timeout_s=settings.upload_timeout_s,
     )  # fmt: skip
     app.include_router(_routes(state, settings))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

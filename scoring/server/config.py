@@ -49,6 +49,8 @@ class Settings:
     public_url: str | None = None
     #: Seconds a request's body may take to arrive (408 after; DESIGN section 10.3).
     body_timeout_s: float = 30.0
+    #: The same for an upload's body (up to 64 MiB: 300 s is about 220 kB/s).
+    upload_timeout_s: float = 300.0
     #: Seconds a request's head (request line and headers) may take from its first byte.
     header_timeout_s: float = 10.0
     #: Seconds an idle keep-alive connection is kept open.

@@ -5,7 +5,7 @@ a body over :attr:`Settings.max_body_bytes` (413), a run body that is not JSON (
 not received within :attr:`Settings.body_timeout_s` (408), before authentication or any database
 read, and it reads every body except an upload's into memory itself, so no route holds more than
 the limit. Uploads (:data:`UPLOADS`) are streamed to their route, whose limit is the size signed
-into the upload URL, under the same deadline.
+into the upload URL, under a deadline of their own (:attr:`Settings.upload_timeout_s`).
 
 A refused request's body is read and discarded first (up to :data:`DRAIN_MAX_BYTES`): a client
 that sends its whole body before reading the answer (most do) would otherwise find the connection
@@ -65,18 +65,23 @@ def header_bytes(scope: Scope) -> int:
 class Limits:
     """ASGI middleware enforcing the request limits of DESIGN section 10.3."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_timeout_s: float) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, body_timeout_s: float, upload_timeout_s: float
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.upload_timeout_s = upload_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body = _Body(receive, time.monotonic() + self.body_timeout_s)
+        upload = scope["path"].startswith(UPLOADS)
+        timeout = self.upload_timeout_s if upload else self.body_timeout_s
+        body = _Body(receive, time.monotonic() + timeout)
         refusal = self._refusal(scope, body)
-        if refusal is None and not scope["path"].startswith(UPLOADS):
+        if refusal is None and not upload:
             refusal = await body.read_all(self.max_body_bytes)
         if refusal is not None:
             await _answer(send, body, *refusal)

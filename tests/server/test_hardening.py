@@ -36,6 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = ServerProcess(
         tmp_path_factory.mktemp("hardening"), "--heartbeat-timeout", "30",
         "--header-timeout", str(HEAD_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S),
+        "--upload-timeout", str(BODY_TIMEOUT_S),
         "--db-busy-timeout", "1", demo_agents=3,
     )  # fmt: skip
     proc.start()
@@ -330,6 +331,15 @@ def test_8_half_sent_body_is_answered_408_and_closed(server: ServerProcess) -> N
     answer = raw_request(server.port, head + b'{"parameters": ', wait=BODY_TIMEOUT_S + 8)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert b'"request_timeout"' in answer and b"connection: close" in answer.lower()
+
+
+def test_8_half_sent_upload_is_answered_408_and_its_url_kept(server: ServerProcess) -> None:
+    url = _presigned(server, len(PNG))
+    path = url.split(str(server.port), 1)[1]
+    head = (f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(PNG)}\r\n\r\n").encode()
+    answer = raw_request(server.port, head + PNG[:100], wait=BODY_TIMEOUT_S + 8)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert httpx.put(url, content=PNG).status_code == 200  # the claim was given back
 
 
 # --- 9. lenient inputs ----------------------------------------------------------------------------

@@ -121,11 +121,11 @@ def test_unauthenticated_bodies_do_not_grow_memory(server: ServerProcess) -> Non
     finally:
         stop.set()
         sampler.join()
+    assert peak - baseline < MAX_GROWTH_BYTES, (
+        f"RSS grew {(peak - baseline) / 2**20:.0f} MiB (from {baseline / 2**20:.0f} MiB)"
+    )
     for route, got in statuses.items():
         assert len(got) == CLIENTS and all(s is not None and 400 <= s < 500 for s in got), (
             route,
             got,
         )
-    assert peak - baseline < MAX_GROWTH_BYTES, (
-        f"RSS grew {(peak - baseline) / 2**20:.0f} MiB (from {baseline / 2**20:.0f} MiB)"
-    )
