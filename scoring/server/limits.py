@@ -96,7 +96,8 @@ class Limits:
 
     def _refusal(self, scope: Scope, body: _Body) -> tuple[int, ServerCode, str] | None:
         if header_bytes(scope) > MAX_HEADER_BYTES:
-            return 431, ServerCode.HEADERS_TOO_LARGE, f"the header block is over {MAX_HEADER_BYTES}"
+            limit = f"the header block is over {MAX_HEADER_BYTES} bytes"
+            return 431, ServerCode.HEADERS_TOO_LARGE, limit
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         body.declared = int(declared) if declared.isdigit() else None
