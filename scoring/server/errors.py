@@ -59,6 +59,8 @@ class ServerCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"
+    TASK_CANCELLED = "task_cancelled"
     COMFY_CLOUD_NOT_CONFIGURED = "comfy_cloud_not_configured"
     HEADERS_TOO_LARGE = "headers_too_large"
     INTERNAL = "internal"
