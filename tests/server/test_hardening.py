@@ -479,3 +479,19 @@ def test_12_put_content_type_must_match_the_presign(server: ServerProcess) -> No
     assert error_codes(r, 415) == ["unsupported_media_type"]
     r = httpx.put(url, content=PNG, headers={"Content-Type": "image/png"})
     assert r.status_code == 200, r.text
+
+
+# --- the error vocabulary -------------------------------------------------------------------------
+
+
+def test_every_error_code_is_in_the_vocabulary() -> None:
+    from scoring.contract.errors import ErrorCode
+    from scoring.server.errors import ApiError, ServerCode
+
+    with pytest.raises(ValueError, match="made_up"):
+        ApiError(400, "made_up", "a code outside the enum")
+    with pytest.raises(ValueError, match="made_up"):
+        ApiError.many(400, [{"code": "made_up", "key": None, "message": "x"}])
+    contract = ApiError.many(400, [{"code": ErrorCode.OUT_OF_RANGE, "key": "width", "message": ""}])
+    assert contract.errors[0]["code"] == "out_of_range"
+    assert ApiError(409, ServerCode.NOT_READY, "later").errors[0]["code"] == "not_ready"
