@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= out/demo
 
-.PHONY: demo serve test test-jit test-nojit bench lint clean
+.PHONY: demo serve test test-jit test-nojit fuzz bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test-jit: $(STAMP)
 # The same suite with numba off, so every kernel body also runs (and is covered) as plain Python.
 test-nojit: $(STAMP)
 	NUMBA_DISABLE_JIT=1 $(PY) -m pytest
+
+# Schemathesis at depth (nightly): 300 generated requests per operation and 300 stateful scenarios
+# against a real server; CI runs the same tests with 30.
+fuzz: $(STAMP)
+	SCORING_FUZZ_EXAMPLES=300 $(PY) -m pytest tests/server/test_fuzz.py -q
 
 # The whole ladder up to 1,000,000 agents (about 5 minutes on an idle 2-core machine), then the report and the plot.
 bench: $(STAMP)

@@ -84,6 +84,21 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "--tie-band", type=float, default=d.tie_band, help="pick among agents this near the best"
     )
     p.add_argument("--stats", default=None, metavar="PATH", help="write dispatch counters here")
+    p.add_argument(
+        "--public-url",
+        default=None,
+        help="the address clients reach this server at, for upload URLs (default: host and port)",
+    )
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help="seconds a request body may take (408 after)")  # fmt: skip
+    p.add_argument("--upload-timeout", type=float, default=d.upload_timeout_s,
+                   help="seconds an upload's body may take (408 after)")  # fmt: skip
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help="seconds a request head may take (408 after)")  # fmt: skip
+    p.add_argument("--keep-alive", type=float, default=d.keep_alive_s,
+                   help="seconds an idle connection is kept")  # fmt: skip
+    p.add_argument("--db-busy-timeout", type=float, default=d.db_busy_timeout_s,
+                   help="seconds a write waits for the database (503 after)")  # fmt: skip
     p.add_argument("--log-level", default="warning")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper())
@@ -95,20 +110,47 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         cloud_url=a.cloud_url, cloud_poll_s=a.cloud_poll,
         sync_interval_s=a.sync_interval, tie_band=a.tie_band,
         refresh_each_round=a.refresh_each_round, slot_holds=a.slot_holds, stats_path=a.stats,
+        public_url=a.public_url, body_timeout_s=a.body_timeout, header_timeout_s=a.header_timeout,
+        upload_timeout_s=a.upload_timeout,
+        keep_alive_s=a.keep_alive, db_busy_timeout_s=a.db_busy_timeout,
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build the app and serve it with uvicorn until interrupted."""
+    """Build the app and serve it with uvicorn until interrupted.
+
+    Exit status 2, with one line on stderr, when the database cannot be used (not a database,
+    another application's, an unknown schema version, locked).
+
+    uvicorn's own limits: the request head is bounded in size (``h11_max_incomplete_event_size``)
+    and, by :mod:`scoring.server.protocol`, in time; idle connections by ``timeout_keep_alive``;
+    bodies by the application (:mod:`scoring.server.limits`). What it does not bound is the
+    number of connections (``limit_concurrency`` would answer its 503 in plain text): behind a
+    proxy, cap them there (nginx ``limit_conn``), which also sets the proxy's own timeouts
+    (``client_header_timeout``, ``client_body_timeout``).
+    """
     import uvicorn
+    from sqlalchemy.exc import DatabaseError
 
     from scoring.server.app import create_app
+    from scoring.server.db import UnusableDatabase
+    from scoring.server.limits import MAX_HEADER_BYTES
+    from scoring.server.protocol import protocol_class
 
     settings = parse_args(argv)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except (UnusableDatabase, DatabaseError) as exc:  # e.g. malformed pages read after the check
+        line = str(exc.orig if isinstance(exc, DatabaseError) else exc).splitlines()[0]
+        print(f"scoring.server: cannot use database {settings.database}: {line}", file=sys.stderr)
+        return 2
     log_level = logging.getLevelName(logging.getLogger().level).lower()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
-                access_log=False)  # fmt: skip
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
+        http=protocol_class(settings.header_timeout_s, MAX_HEADER_BYTES),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
+    )  # fmt: skip
     return 0
 
 

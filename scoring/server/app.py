@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
 
 from scoring import S3FileStore, ScoringPolicy
 from scoring.holds import SlotHolds
-from scoring.server import db, demo, errors, heartbeats, storage, tasks
+from scoring.server import community, db, demo, errors, heartbeats, limits, storage, tasks
 from scoring.server.auth import Authenticator, Principal, load_secret, require
 from scoring.server.cloud import CloudRunner
 from scoring.server.config import Settings
 from scoring.server.dispatch import Dispatcher, warm_up
-from scoring.server.errors import ApiError, not_found
+from scoring.server.errors import ApiError, ServerCode, not_found
 from scoring.server.replicas import FleetSync
 from scoring.server.schemas import (
     CompleteBody,
@@ -43,12 +43,13 @@ from scoring.server.state import ServerState
 from scoring.server.workflows import to_json
 
 log = logging.getLogger("scoring.server")
+_M = TypeVar("_M", bound=BaseModel)
 _bearer = HTTPBearer(auto_error=False, description="Session JWT, team key (sk-) or agent key (dk-)")
 
 
 def build_state(settings: Settings) -> ServerState:
     """Open the database (creating or checking its schema), the file store and the Fleet."""
-    database = db.Database(settings.database)
+    database = db.Database(settings.database, busy_timeout_s=settings.db_busy_timeout_s)
     database.create()
     auth = Authenticator(database, load_secret(database, settings.jwt_secret_from_env()))
     files: storage.UploadStore
@@ -71,17 +72,12 @@ def build_state(settings: Settings) -> ServerState:
     return state
 
 
-def _json_object(raw: bytes, *, empty_ok: bool) -> Any:
-    """Decode a body; 400 ``invalid_json`` unless it is one JSON object (strict JSON: no NaN)."""
-    if not raw.strip() and empty_ok:
-        return None
+def _parsed(model: type[_M], body: Any) -> _M:
+    """A decoded body as ``model``; 400 with every problem in the server's format."""
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, "invalid_json", "the body must be a JSON object")
-    return value
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError.many(400, errors.validation_errors(exc)) from None
 
 
 def _idempotency_key(value: str | None) -> str | None:
@@ -94,20 +90,18 @@ def _idempotency_key(value: str | None) -> str | None:
     return value
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 as soon as it is known to exceed ``limit`` bytes."""
+async def _read_upload(request: Request, limit: int) -> bytes:
+    """An upload's body (at most ``limit`` bytes, the size signed into its URL), or 413 as soon
+    as it is known to be larger; its deadline is the limits middleware's."""
     declared = request.headers.get("content-length")
+    too_large = ApiError(413, ServerCode.PAYLOAD_TOO_LARGE, f"the body is over {limit} bytes")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -161,10 +155,17 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         description="Runs of ComfyUI and Nerfstudio workflows on teams' own GPU agents.",
         lifespan=lifespan,
         default_response_class=errors.JSONAnswer,
+        # No redirect to the same path with or without a slash: a redirect's address would be
+        # built from the request's Host header.
+        redirect_slashes=False,
     )
     app.state.server = state
     app.state.dispatcher = dispatcher
     errors.install(app)
+    app.add_middleware(
+        limits.Limits, max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s, upload_timeout_s=settings.upload_timeout_s,
+    )  # fmt: skip
     app.include_router(_routes(state, settings))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -197,12 +198,14 @@ TaskId = Annotated[str, Path(alias="taskId")]
 
 
 def _routes(state: ServerState, settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/api/v1")
-    limit = settings.max_body_bytes
-
+    router = APIRouter(prefix="/api/v1", redirect_slashes=False)
     auth_errors = (400, 401, 403)
+    # Every route may answer these: the limits middleware's refusals and a busy database.
+    common = (408, 413, 431, 503)
 
-    @router.get("/health", response_model=Health, tags=["server"])
+    @router.get(
+        "/health", response_model=Health, responses=errors.responses(*common), tags=["server"]
+    )
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -210,7 +213,7 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         "/r/workflows/{workflowId}/run",
         status_code=202,
         response_model=TaskAccepted,
-        responses=errors.responses(*auth_errors, 404, 413, 422),
+        responses=errors.responses(*common, *auth_errors, 404, 415, 422),
         openapi_extra=_body_doc(RunBody),
         tags=["runs"],
     )
@@ -226,14 +229,14 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
     ) -> Any:  # fmt: skip
         """Validate a run against the workflow and queue it; 202 with its task id."""
         key = _idempotency_key(idempotency_key)
-        body = _json_object(await _read_body(request, limit), empty_ok=True)
+        body = limits.decode(await request.body(), empty_ok=True)
         task_id = await run_in_threadpool(tasks.submit, state, who, workflow_id, body, key)
         return {"task_id": task_id}
 
     @router.get(
         "/r/workflows/slug/{slug}",
         response_model=WorkflowOut,
-        responses=errors.responses(*auth_errors, 404),
+        responses=errors.responses(*common, *auth_errors, 404),
         tags=["workflows"],
     )
     def workflow_by_slug(slug: str, who: Client) -> Any:
@@ -246,7 +249,7 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
     @router.get(
         "/r/workflows/{workflowId}",
         response_model=WorkflowOut,
-        responses=errors.responses(*auth_errors, 404),
+        responses=errors.responses(*common, *auth_errors, 404),
         tags=["workflows"],
     )
     def workflow_by_id(workflow_id: WorkflowId, who: Client) -> Any:
@@ -259,12 +262,14 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
     @router.post(
         "/r/files/presign",
         response_model=PresignAnswer,
-        responses=errors.responses(*auth_errors, 413),
+        responses=errors.responses(*common, *auth_errors),
+        openapi_extra=_body_doc(PresignBody),
         tags=["files"],
     )
-    def presign(body: PresignBody, request: Request, who: Client) -> Any:
+    async def presign(request: Request, who: Client) -> Any:
         """A file key and a URL to PUT the file's bytes to (valid 15 minutes)."""
-        base = str(request.base_url).rstrip("/")
+        body = _parsed(PresignBody, limits.decode(await request.body()))
+        base = settings.base_url.removesuffix("/api/v1")  # never the request's Host header
         key, url = storage.presign(
             state.auth.sign, who.team_id, body.file_name, body.file_size, body.content_type, base
         )
@@ -273,7 +278,7 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
     @router.put(
         "/uploads/{token}",
         response_model=Uploaded,
-        responses=errors.responses(400, 401, 409, 413),
+        responses=errors.responses(*common, 400, 401, 409, 415),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -288,35 +293,48 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         """Store the file announced by a presign call: exactly ``file_size`` bytes."""
         claims = state.auth.verify(token, "upload")
         if claims is None:
-            raise ApiError(401, "unauthorized", "invalid or expired upload URL")
+            raise ApiError(401, ServerCode.UNAUTHORIZED, "invalid or expired upload URL")
         key, team = str(claims["key"]), str(claims["team"])
         size, content_type = int(claims["size"]), str(claims["ct"])  # type: ignore[call-overload]
-        if state.files.stat(key) is not None:
-            raise ApiError(409, "already_uploaded", "this upload URL was used", "file_key")
-        raw = await _read_body(request, size)
-        if len(raw) != size:
-            raise ApiError(400, "size_mismatch", f"expected {size} bytes, got {len(raw)}")
-        await run_in_threadpool(state.files.put, key, raw, team_id=team, content_type=content_type)
-        if not await run_in_threadpool(
-            storage.record_upload, state.database, key, team, content_type, size
-        ):
-            raise ApiError(409, "already_uploaded", "this upload URL was used", "file_key")
+        sent_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if sent_type and sent_type != content_type:
+            message = f"this URL takes {content_type}, as presigned"
+            raise ApiError(415, ServerCode.UNSUPPORTED_MEDIA_TYPE, message, "Content-Type")
+        used = ApiError(409, ServerCode.ALREADY_UPLOADED, "this upload URL was used", "file_key")
+        if not await run_in_threadpool(storage.claim_upload, state.database, key):
+            raise used
+        try:
+            raw = await _read_upload(request, size)
+            if len(raw) != size:
+                message = f"expected {size} bytes, got {len(raw)}"
+                raise ApiError(400, ServerCode.SIZE_MISMATCH, message)
+            storage.check_content(content_type, raw)
+            await run_in_threadpool(
+                state.files.put, key, raw, team_id=team, content_type=content_type
+            )
+            if not await run_in_threadpool(
+                storage.record_upload, state.database, key, team, content_type, size
+            ):
+                raise used
+        except BaseException:
+            await run_in_threadpool(storage.release_claim, state.database, key)
+            raise
         return {"file_key": key, "size": size}
 
     @router.get(
         "/r/tasks/{taskId}",
         response_model=TaskStatus,
-        responses=errors.responses(*auth_errors, 404),
+        responses=errors.responses(*common, *auth_errors, 404),
         tags=["tasks"],
     )
     def task_status(task_id: TaskId, who: Client) -> Any:
         """The task's status, its agent and the latest dispatch decision's explanation."""
-        return tasks.status(state, who, task_id)
+        return community.shown_to(state, who.team_id, tasks.status(state, who, task_id))
 
     @router.get(
         "/r/tasks/{taskId}/result",
         response_model=TaskResult,
-        responses=errors.responses(*auth_errors, 404, 409),
+        responses=errors.responses(*common, *auth_errors, 404, 409),
         tags=["tasks"],
     )
     def task_result(task_id: TaskId, who: Client) -> Any:
@@ -337,21 +355,21 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
     @router.post(
         "/agents/heartbeat",
         response_model=HeartbeatAnswer,
-        responses=errors.responses(*auth_errors, 413),
+        responses=errors.responses(*common, *auth_errors),
         openapi_extra=_body_doc(HeartbeatBody),
         tags=["agents"],
     )
     async def heartbeat(request: Request, who: AgentKey) -> Any:
         """Report the agent's state and the tasks it holds (``running``); answers the tasks
         dispatched to it and not yet started, and the held ones to drop (``cancel``)."""
-        body = _json_object(await _read_body(request, limit), empty_ok=False)
+        body = limits.decode(await request.body())
         view = await run_in_threadpool(heartbeats.heartbeat, state, who, body)
         return {"tasks": view.tasks, "cancel": view.cancel}
 
     @router.post(
         "/agents/tasks/{taskId}/start",
         response_model=TaskAck,
-        responses=errors.responses(*auth_errors, 404, 409),
+        responses=errors.responses(*common, *auth_errors, 404, 409),
         tags=["agents"],
     )
     def start_task(task_id: TaskId, who: AgentKey, body: StartBody | None = None) -> Any:
@@ -363,14 +381,19 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
     @router.post(
         "/agents/tasks/{taskId}/complete",
         response_model=TaskAck,
-        responses=errors.responses(*auth_errors, 404, 409),
+        responses=errors.responses(*common, *auth_errors, 404, 409),
+        openapi_extra=_body_doc(CompleteBody),
         tags=["agents"],
     )
-    def complete_task(task_id: TaskId, body: CompleteBody, who: AgentKey) -> Any:
+    async def complete_task(task_id: TaskId, request: Request, who: AgentKey) -> Any:
         """The attempt completed (with its outputs) or failed (retried elsewhere, up to
         ``max_attempts``); 409 ``stale_attempt`` when that attempt is no longer current."""
+        body = _parsed(CompleteBody, limits.decode(await request.body(), constants=True))
+        limits.check_outputs(body.outputs)  # before anything is stored: 400 invalid_outputs
         ok = body.status == "completed"
-        return tasks.complete(state, who, task_id, ok, body.outputs, body.attempt)
+        return await run_in_threadpool(
+            tasks.complete, state, who, task_id, ok, body.outputs, body.attempt
+        )
 
     return router
 

@@ -8,6 +8,7 @@ team, and an ``X-Team-ID`` sent with them is ignored. Keys are stored as their S
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import threading
 import time
@@ -19,7 +20,7 @@ import jwt
 from sqlalchemy import insert, select
 
 from scoring.server import db
-from scoring.server.errors import ApiError
+from scoring.server.errors import ApiError, ServerCode
 
 #: How long a resolved key or membership is trusted without asking the database again.
 #: Keys are never revoked by this server, so the cache only saves a query per request.
@@ -87,6 +88,12 @@ class Authenticator:
         """Sign other claims (upload tokens) with the same secret."""
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
+    def digest(self, purpose: str, text: str) -> str:
+        """A keyed hash (HMAC-SHA-256 with the server's secret) of ``text``, hex; ``purpose``
+        keeps the digests of different uses apart."""
+        message = f"{purpose}\0{text}".encode("utf-8", "surrogatepass")
+        return hmac.new(self._secret.encode(), message, hashlib.sha256).hexdigest()
+
     def verify(self, token: str, typ: str) -> dict[str, object] | None:
         """The claims of a valid, unexpired token of type ``typ``; ``None`` otherwise."""
         try:
@@ -109,24 +116,26 @@ class Authenticator:
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
+            raise ApiError(401, ServerCode.UNAUTHORIZED, "send Authorization: Bearer <token>")
         if token.startswith(("sk-", "dk-")):
             principal = self._key(token)
             if principal is None:
-                raise ApiError(401, "unauthorized", "unknown key")
+                raise ApiError(401, ServerCode.UNAUTHORIZED, "unknown key")
             return principal
         claims = self.verify(token, "session")
         if claims is None or not isinstance(claims.get("sub"), str):
-            raise ApiError(401, "unauthorized", "invalid or expired token")
+            raise ApiError(401, ServerCode.UNAUTHORIZED, "invalid or expired token")
         user_id = str(claims["sub"])
         if team_header is None or not team_header.strip():
-            raise ApiError(400, "missing_team_header", "session tokens need X-Team-ID", "X-Team-ID")
+            message = "session tokens need X-Team-ID"
+            raise ApiError(400, ServerCode.MISSING_TEAM_HEADER, message, "X-Team-ID")
+        not_member = ApiError(403, ServerCode.FORBIDDEN, "not a member of this team", "X-Team-ID")
         try:
             team = UUID(team_header.strip())
         except ValueError:
-            raise ApiError(403, "forbidden", "not a member of this team", "X-Team-ID") from None
+            raise not_member from None
         if not self._is_member(user_id, str(team)):
-            raise ApiError(403, "forbidden", "not a member of this team", "X-Team-ID")
+            raise not_member
         return Principal("user", team, user_id=user_id)
 
     def _cached(self, key: tuple[str, ...]) -> tuple[bool, object]:
@@ -178,7 +187,7 @@ def require(principal: Principal, *kinds: Kind) -> Principal:
     """Refuse (403) a caller of another kind: agents only on /agents, others only on /r."""
     if principal.kind not in kinds:
         where = "/agents/..." if "agent" in kinds else "/r/..."
-        raise ApiError(403, "forbidden", f"these credentials may not call {where}")
+        raise ApiError(403, ServerCode.FORBIDDEN, f"these credentials may not call {where}")
     return principal
 
 

@@ -52,6 +52,20 @@ class Settings:
     tie_band: float = 0.0
     #: Write the dispatch counters (placements, lost races) to this JSON file.
     stats_path: str | None = None
+    #: The address clients reach the server at (``http://host:port``), used in upload URLs;
+    #: default: from ``host`` and ``port``. Never taken from a request's Host header.
+    public_url: str | None = None
+    #: Seconds a request's body may take to arrive (408 after; DESIGN section 10.3).
+    body_timeout_s: float = 30.0
+    #: The same for an upload's body (up to 64 MiB: 300 s is about 220 kB/s).
+    upload_timeout_s: float = 300.0
+    #: Seconds a request's head (request line and headers) may take from its first byte.
+    header_timeout_s: float = 10.0
+    #: Seconds an idle keep-alive connection is kept open.
+    keep_alive_s: float = 5.0
+    #: Seconds a write waits for the database (SQLite's lock, this process's writers); a 503
+    #: with ``Retry-After`` after.
+    db_busy_timeout_s: float = 2.0
 
     @property
     def sync_interval(self) -> float:
@@ -63,6 +77,8 @@ class Settings:
     @property
     def base_url(self) -> str:
         """Where clients reach the API (``/api/v1`` included)."""
+        if self.public_url:
+            return self.public_url.rstrip("/") + "/api/v1"
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         if ":" in host:
             host = f"[{host}]"

@@ -36,10 +36,12 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
     select,
     text,
     update,
 )
+from sqlalchemy.exc import DatabaseError
 
 #: Version of the tables below; bump it with a step in MIGRATIONS when they change.
 SCHEMA_VERSION = 2
@@ -206,6 +208,15 @@ cloud_keys = Table(
     Column("created_at", Float, nullable=False),
 )
 
+#: Upload URLs being used: a PUT claims its file key here before it reads a byte, so of several
+#: PUTs to one URL the first stores its bytes and the others are refused at once (storage.py).
+upload_claims = Table(
+    "upload_claims",
+    metadata,
+    Column("key", String(1024), primary_key=True),
+    Column("claimed_at", Float, nullable=False),
+)
+
 #: Status history: one row per change of a task's status, written in the same transaction.
 task_events = Table(
     "task_events",
@@ -250,6 +261,15 @@ _V2_COLUMNS = ("attempt", "dispatched_at", "lost", "unlisted", "cancel_requested
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
 
 
+class UnusableDatabase(RuntimeError):
+    """The database cannot be this server's: not a database, another application's, of a schema
+    version with no migration, or locked past the busy timeout (the message is one line)."""
+
+
+class DatabaseBusy(Exception):
+    """This process's writers waited longer than the busy timeout for their turn."""
+
+
 class Database:
     """An engine plus the one way to write: :meth:`begin`, a transaction committed on exit.
 
@@ -257,15 +277,21 @@ class Database:
     once (``SQLITE_BUSY``, no waiting) when another writer committed in between. Writers of this
     process therefore take one lock; on PostgreSQL they run concurrently and the conditional
     updates in :mod:`scoring.server.tasks` decide races.
+
+    ``busy_timeout_s`` bounds how long a write waits for SQLite's lock (held by another process)
+    or for this process's writers: past it the write fails (a 503 answer), so a locked file
+    never holds requests for long.
     """
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, busy_timeout_s: float = 2.0) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self.busy_timeout_s = busy_timeout_s
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             _make_parent(url)
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            # sqlite3's timeout is SQLite's busy timeout (PRAGMA busy_timeout)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_s}
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -278,8 +304,13 @@ class Database:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._write_lock, self.engine.begin() as conn:
-            yield conn
+        if not self._write_lock.acquire(timeout=self.busy_timeout_s):
+            raise DatabaseBusy(f"no write turn within {self.busy_timeout_s} s")
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        finally:
+            self._write_lock.release()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -292,9 +323,20 @@ class Database:
 
         Raises
         ------
-        RuntimeError
-            If the database has a schema version this server cannot upgrade from.
+        UnusableDatabase
+            If the file is not a database, holds another application's tables (no ``meta``
+            table), has a schema version this server cannot upgrade from, or stays locked.
         """
+        try:
+            self._create()
+        except DatabaseError as exc:  # "file is not a database", "database is locked", ...
+            reason = str(exc.orig) if exc.orig is not None else str(exc)
+            raise UnusableDatabase(reason.splitlines()[0]) from exc
+
+    def _create(self) -> None:
+        existing = inspect(self.engine).get_table_names()
+        if existing and meta.name not in existing:
+            raise UnusableDatabase(f"it holds another application's tables ({existing[0]}, ...)")
         metadata.create_all(self.engine)
         with self.begin() as conn:
             found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
@@ -307,9 +349,9 @@ class Database:
                 MIGRATIONS[version](conn)
                 version += 1
             if version != SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"database {self.url} has schema version {row[0]}; this server uses "
-                    f"{SCHEMA_VERSION} and has no migration from it"
+                raise UnusableDatabase(
+                    f"schema version {row[0]}; this server uses {SCHEMA_VERSION} and has "
+                    "no migration from it"
                 )
             conn.execute(
                 update(meta).where(meta.c.key == "schema_version").values(value=str(version))
@@ -341,5 +383,4 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()

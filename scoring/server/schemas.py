@@ -61,14 +61,17 @@ class TaskResult(BaseModel):
 class PresignBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # A plain name: no separators or control characters, no outer spaces ("." and ".." are
-    # refused by the server: the schema language has no look-ahead).
+    # A plain name: no separators or control characters, no outer spaces, at most 200 bytes
+    # of UTF-8. The schema only describes it (it counts characters, and has no look-ahead for
+    # "." and ".."): the server checks it (storage.check_file_name, 400 invalid_file_name).
     file_name: str = Field(
-        min_length=1,
-        max_length=255,
-        pattern=r"^[^/\\\x00-\x20\x7f](?:[^/\\\x00-\x1f\x7f]*[^/\\\x00-\x20\x7f])?$",
+        json_schema_extra={
+            "minLength": 1,
+            "maxLength": 200,
+            "pattern": r"^[^/\\\x00-\x20\x7f](?:[^/\\\x00-\x1f\x7f]*[^/\\\x00-\x20\x7f])?$",
+        }
     )
-    file_size: int = Field(ge=0)
+    file_size: int = Field(ge=0, strict=True)  # strict: true is not 1
     content_type: str = Field(
         max_length=255,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$",

@@ -5,6 +5,10 @@ upload URL on this server carrying a signed, expiring token (what a presigned ob
 is); a PUT of exactly the announced size to it stores the file in the configured store:
 :class:`LocalFileStore` (a directory, the default) or the library's ``S3FileStore``. Run
 validation asks the same store through the library's ``FileStore`` interface.
+
+A PUT first claims its key (:func:`claim_upload`), then reads the bytes: of several PUTs to one
+URL the first stores its bytes and the others are refused before they send theirs. The bytes of
+an image must be of the declared type (:func:`check_content`, by puremagic's signatures).
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ import os
 import re
 import time
 import uuid
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 from uuid import UUID
 
-from sqlalchemy import select
+import puremagic
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
 from scoring import FileInfo
 from scoring.server import db
-from scoring.server.errors import ApiError
+from scoring.server.errors import ApiError, ServerCode
+from scoring.server.limits import MAX_FILE_NAME_BYTES
 
 UPLOAD_TOKEN_SECONDS = 15 * 60
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
@@ -56,7 +64,8 @@ class LocalFileStore:
         :func:`record_upload`, once the bytes are on disk."""
         path = self.path_of(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{uuid.uuid4().hex}.part")
+        # Named apart from the file: the file's own name may be as long as the limit allows.
+        tmp = path.with_name(f".{uuid.uuid4().hex}.part")
         with open(tmp, "wb") as out:
             out.write(body)
             out.flush()
@@ -80,7 +89,14 @@ class LocalFileStore:
 
 
 def check_file_name(name: str) -> str:
-    """A file name usable as the last part of a key and of a path: no separators, no ``..``."""
+    """A file name usable as the last part of a key and of a path: no separators, no ``..``, at
+    most :data:`~scoring.server.limits.MAX_FILE_NAME_BYTES` bytes of UTF-8.
+
+    Raises
+    ------
+    ApiError
+        400 ``invalid_file_name``.
+    """
     bad = (
         not name
         or name in (".", "..")
@@ -88,14 +104,17 @@ def check_file_name(name: str) -> str:
         or "\\" in name
         or any(ord(c) < 32 or ord(c) == 127 for c in name)
         or name != name.strip()
-        or len(name.encode("utf-8", "surrogatepass")) > 255
     )
     if bad:
-        raise ApiError(400, "invalid_value", "not a plain file name", "file_name")
+        raise ApiError(400, ServerCode.INVALID_FILE_NAME, "not a plain file name", "file_name")
     try:
-        name.encode("utf-8")
+        size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
-        raise ApiError(400, "invalid_value", "not valid Unicode", "file_name") from None
+        message = "not valid Unicode"
+        raise ApiError(400, ServerCode.INVALID_FILE_NAME, message, "file_name") from None
+    if size > MAX_FILE_NAME_BYTES:
+        message = f"{size} bytes of UTF-8; at most {MAX_FILE_NAME_BYTES}"
+        raise ApiError(400, ServerCode.INVALID_FILE_NAME, message, "file_name")
     return name
 
 
@@ -111,9 +130,11 @@ def presign(
     """
     check_file_name(file_name)
     if not _MIME.fullmatch(content_type):
-        raise ApiError(400, "invalid_value", "not a MIME type like image/png", "content_type")
+        message = "not a MIME type like image/png"
+        raise ApiError(400, ServerCode.INVALID_VALUE, message, "content_type")
     if file_size > MAX_UPLOAD_BYTES:
-        raise ApiError(413, "payload_too_large", f"at most {MAX_UPLOAD_BYTES} bytes", "file_size")
+        message = f"at most {MAX_UPLOAD_BYTES} bytes"
+        raise ApiError(413, ServerCode.PAYLOAD_TOO_LARGE, message, "file_size")
     key = f"inputs/{team_id}/{uuid.uuid4()}/{file_name}"
     claims = {
         "typ": "upload",
@@ -126,8 +147,28 @@ def presign(
     return key, f"{base_url}/api/v1/uploads/{sign(claims)}"
 
 
+def claim_upload(database: db.Database, key: str) -> bool:
+    """Take the right to store ``key`` before reading its bytes; ``False`` if another PUT has it
+    or the key was already uploaded."""
+    try:
+        with database.begin() as conn:
+            if conn.execute(select(db.files.c.key).where(db.files.c.key == key)).first():
+                return False
+            conn.execute(db.upload_claims.insert().values(key=key, claimed_at=time.time()))
+    except IntegrityError:  # another replica's PUT claimed it first
+        return False
+    return True
+
+
+def release_claim(database: db.Database, key: str) -> None:
+    """Give a claim back (its PUT failed), so the URL can be used again."""
+    with database.begin() as conn:
+        conn.execute(delete(db.upload_claims).where(db.upload_claims.c.key == key))
+
+
 def record_upload(database: db.Database, key: str, team: str, content_type: str, size: int) -> bool:
-    """Record an uploaded file's row; ``False`` if the key was already uploaded."""
+    """Record an uploaded file's row and drop its claim; ``False`` if the key was already
+    uploaded."""
     with database.begin() as conn:
         if conn.execute(select(db.files.c.key).where(db.files.c.key == key)).first() is not None:
             return False
@@ -137,4 +178,40 @@ def record_upload(database: db.Database, key: str, team: str, content_type: str,
                 uploaded_at=time.time(),
             )
         )  # fmt: skip
+        conn.execute(delete(db.upload_claims).where(db.upload_claims.c.key == key))
     return True
+
+
+#: Bytes of an upload's beginning that its type is recognised by.
+SNIFF_BYTES = 64 * 1024
+
+
+@cache
+def _recognisable() -> frozenset[str]:
+    """The image types puremagic has signatures for (other types cannot be checked)."""
+    known = {m.mime_type for m in puremagic.magic_header_array}
+    known |= {m.mime_type for m in puremagic.magic_footer_array}
+    # Text formats (SVG is XML) have no fixed first bytes to check.
+    return frozenset(t for t in known if t.startswith("image/") and not t.endswith("+xml"))
+
+
+def check_content(content_type: str, body: bytes) -> None:
+    """The bytes of an image upload must be of the type declared at presign.
+
+    Only image types with a binary signature are checked; other declared types are taken as
+    declared (run validation checks the declared type against the parameter's ``accept``).
+
+    Raises
+    ------
+    ApiError
+        400 ``content_mismatch``.
+    """
+    if content_type not in _recognisable():
+        return
+    try:
+        found = {m.mime_type for m in puremagic.magic_string(body[:SNIFF_BYTES])}
+    except (puremagic.PureError, ValueError):  # nothing recognised (or no bytes)
+        found = set()
+    if content_type not in found:
+        message = f"the bytes are not {content_type} as declared at presign"
+        raise ApiError(400, ServerCode.CONTENT_MISMATCH, message)

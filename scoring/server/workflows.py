@@ -6,6 +6,7 @@ a new version. Runs use the latest version and record which one they ran.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from scoring.server import db
 #: How long a looked-up workflow is reused without asking the database (versions are immutable,
 #: so this only bounds how late a replica sees a newly published version).
 CACHE_SECONDS = 5.0
+_VERSION = re.compile(r"[0-9]{1,9}")
 
 
 def save(conn: db.Connection, workflow: Workflow) -> int:
@@ -73,7 +75,9 @@ class WorkflowRepository:
         name, _, version = slug.partition("@")
         wanted: int | None = None
         if version:
-            if not version.isdigit() or len(version) > 9:
+            # ASCII digits only: str.isdigit() also takes superscripts and circled digits,
+            # which int() refuses
+            if not _VERSION.fullmatch(version):
                 return None
             wanted = int(version)
         with self._db.read() as conn:

@@ -1,13 +1,17 @@
 """Schemathesis against the served OpenAPI schema: no 5xx, no answer outside the schema.
 
-Every operation gets up to 30 generated requests with the credentials its routes expect (a
-team key on ``/r/...``, an agent key on ``/agents/...``); run requests go to the demo
-workflow so the body validation itself is exercised. Checked: no server error, only declared
-status codes and content types, and every body matching its declared schema.
+Every operation gets up to ``SCORING_FUZZ_EXAMPLES`` generated requests (30 in CI; ``make
+fuzz`` runs 300) with the credentials its routes expect (a team key on ``/r/...``, an agent key
+on ``/agents/...``); run requests go to the demo workflow so the body validation itself is
+exercised. Then the stateful phase: Schemathesis' state machine chains operations through the
+links it infers (a presign's ``upload_url`` to the upload, a run's ``task_id`` to the task's
+routes), as many scenarios as examples. Checked: no server error, only declared status codes
+and content types, and every body matching its declared schema.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +26,8 @@ from schemathesis.checks import (
 )
 
 from .conftest import ServerProcess
+
+EXAMPLES = int(os.environ.get("SCORING_FUZZ_EXAMPLES", "30"))
 
 CHECKS = [
     not_a_server_error,
@@ -75,14 +81,10 @@ def test_api_conforms_to_its_schema(
     api_schema: Any, fuzz_server: ServerProcess, method: str, path: str
 ) -> None:
     demo = fuzz_server.demo
-    headers: dict[str, str] = {}
-    if path.startswith("/api/v1/r/"):
-        headers["Authorization"] = f"Bearer {demo['api_key']}"
-    elif path.startswith("/api/v1/agents/"):
-        headers["Authorization"] = f"Bearer {demo['agent_keys']['gpu-node-01']}"
+    headers = credentials(fuzz_server, path)
     operation = api_schema[path][method]
 
-    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck),
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
               database=None)  # fmt: skip
     @given(case=operation.as_strategy())
     def check(case: Any) -> None:
@@ -91,3 +93,27 @@ def test_api_conforms_to_its_schema(
         case.call_and_validate(headers={**(case.headers or {}), **headers}, checks=CHECKS)
 
     check()
+
+
+def credentials(server: ServerProcess, path: str) -> dict[str, str]:
+    """The Authorization header the routes of ``path`` take (none for uploads and health)."""
+    if path.startswith("/api/v1/r/"):
+        return {"Authorization": f"Bearer {server.demo['api_key']}"}
+    if path.startswith("/api/v1/agents/"):
+        return {"Authorization": f"Bearer {server.demo['agent_keys']['gpu-node-01']}"}
+    return {}
+
+
+def test_stateful_sequences_conform(api_schema: Any, fuzz_server: ServerProcess) -> None:
+    base = api_schema.as_state_machine()
+
+    class Scenarios(base):  # type: ignore[misc, valid-type]
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"headers": {**(case.headers or {}), **credentials(fuzz_server, case.path)}}
+
+        def validate_response(self, response: Any, case: Any, *_: Any, **__: Any) -> None:
+            case.validate_response(response, checks=CHECKS)
+
+    Scenarios.run(settings=settings(max_examples=EXAMPLES, deadline=None, database=None,
+                                    suppress_health_check=list(HealthCheck),
+                                    stateful_step_count=10))  # fmt: skip
