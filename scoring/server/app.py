@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from scoring import S3FileStore, ScoringPolicy
+from scoring import S3FileStore
 from scoring.holds import SlotHolds
 from scoring.server import db, demo, errors, heartbeats, storage, tasks
 from scoring.server.auth import Authenticator, Principal, load_secret, require
@@ -57,9 +57,7 @@ def build_state(settings: Settings) -> ServerState:
         files = s3
     else:
         files = storage.LocalFileStore(settings.files_dir, database)
-    policy = ScoringPolicy(
-        heartbeat_timeout_s=settings.heartbeat_timeout_s, tie_band=settings.tie_band
-    )
+    policy = settings.policy()
     state = ServerState(database, auth, files, policy, max_attempts=settings.max_attempts)
     state.restore_fleet()
     if settings.demo:
