@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from scoring import S3FileStore
 from scoring.holds import SlotHolds
-from scoring.server import db, demo, errors, heartbeats, storage, tasks
+from scoring.server import db, demo, errors, heartbeats, metrics, storage, tasks
 from scoring.server.auth import Authenticator, Principal, load_secret, require
 from scoring.server.config import Settings
 from scoring.server.dispatch import Dispatcher, warm_up
@@ -146,6 +146,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     app.state.server = state
     app.state.dispatcher = dispatcher
     errors.install(app)
+    metrics.install(app, state, dispatcher.stats)
     app.include_router(_routes(state, settings))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -231,6 +231,7 @@ def complete(
         _free_slot(conn, agent, 1)
         _event(conn, row.id, new["status"], agent, now, detail)
     state.released(agent)
+    state.metrics.requeued("failure", int(new["status"] == "queued"))
     state.wake.set()
     return {"task_id": row.id, "task_status": new["status"]}
 
