@@ -16,10 +16,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from scoring import S3FileStore
 from scoring.holds import SlotHolds
-from scoring.server import db, demo, errors, heartbeats, metrics, storage, tasks
+from scoring.server import db, demo, errors, heartbeats, metrics, startup, storage, tasks
 from scoring.server.auth import Authenticator, Principal, load_secret, require
 from scoring.server.config import Settings
-from scoring.server.dispatch import Dispatcher, warm_up
+from scoring.server.dispatch import Dispatcher
 from scoring.server.errors import ApiError, not_found
 from scoring.server.replicas import FleetSync
 from scoring.server.schemas import (
@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         # More worker threads than a few only take turns on the GIL and on SQLite's single
         # writer: anyio's default of 40 served fewer runs per second in the load test than 8.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
-        await anyio.to_thread.run_sync(warm_up, state.policy)
+        await anyio.to_thread.run_sync(startup.compile_kernels, state.policy)
         if sync is not None:
             sync.start()
         dispatcher.start()
