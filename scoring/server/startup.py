@@ -111,7 +111,7 @@ def _progress(
         return
     said[0] = True
     total = len(watched)
-    log.warning("compiling the engine's %d kernels (first start only: about a minute; "
+    log.warning("compiling the engine's %d kernels (first start only: a minute or more; "
                 "numba caches them in %s) ...", total, where)  # fmt: skip
     finished: set[str] = set()
     last_news = time.perf_counter()

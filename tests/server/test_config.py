@@ -155,3 +155,15 @@ def test_a_configured_policy_shows_in_the_decision(
         server.stop()
     assert status["agent_id"] == agent_id
     assert status["explain"].startswith(f"{agent_id} (score 0.800)"), status["explain"]
+
+
+def test_the_readme_configuration_is_valid(tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index("### Configuration, administration, metrics") :]
+    start = after.index("```toml\n") + len("```toml\n")
+    path = tmp_path / "scoring.toml"
+    path.write_text(after[start : after.index("```", start)])
+    s = Settings.load(path)
+    assert s.database.startswith("postgresql") and s.start_timeout_s == 60.0
+    policy = s.policy()
+    assert policy.affinity("us-west", "us-east") == 0.6 and policy.weights["warm"] == 2.0
