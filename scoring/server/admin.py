@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from scoring import Workflow
 from scoring.server import accounts, db, workflows
@@ -86,12 +86,7 @@ def add_workflow(database: db.Database, a: argparse.Namespace) -> dict[str, Any]
 
 
 def list_agents(database: db.Database, a: argparse.Namespace) -> list[dict[str, Any]]:
-    t = db.agents
-    query = select(t).order_by(t.c.id)
-    if a.team is not None:
-        query = query.where(t.c.team_id == a.team)
-    with database.read() as conn:
-        rows = conn.execute(query).all()
+    rows = _rows(database, select(db.agents).order_by(db.agents.c.id), team_id=a.team)
     return [
         {
             "agent_id": r.id,
@@ -106,14 +101,8 @@ def list_agents(database: db.Database, a: argparse.Namespace) -> list[dict[str, 
 
 
 def list_tasks(database: db.Database, a: argparse.Namespace) -> list[dict[str, Any]]:
-    t = db.tasks
-    query = select(t).order_by(t.c.id.desc()).limit(a.limit)
-    if a.team is not None:
-        query = query.where(t.c.team_id == a.team)
-    if a.status is not None:
-        query = query.where(t.c.status == a.status)
-    with database.read() as conn:
-        rows = conn.execute(query).all()
+    query = select(db.tasks).order_by(db.tasks.c.id.desc()).limit(a.limit)
+    rows = _rows(database, query, team_id=a.team, status=a.status)
     return [
         {
             "task_id": r.id,
@@ -128,6 +117,16 @@ def list_tasks(database: db.Database, a: argparse.Namespace) -> list[dict[str, A
         }
         for r in rows
     ]
+
+
+def _rows(database: db.Database, query: Select[Any], **equal: str | None) -> list[Any]:
+    """The rows of ``query`` whose columns equal the values of ``equal`` that are not None."""
+    table = query.get_final_froms()[0]
+    for column, value in equal.items():
+        if value is not None:
+            query = query.where(table.c[column] == value)
+    with database.read() as conn:
+        return list(conn.execute(query).all())
 
 
 def _iso(at: float | None) -> str | None:
