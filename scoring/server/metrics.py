@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -22,14 +22,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from scoring import AgentStatus, Decision, DispatchRequest
+from scoring import AgentStatus, Decision, DispatchRequest, Fleet, ScoringPolicy
 from scoring.server import db
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-    from scoring.server.state import ServerState
 
 #: Why a task went back to the queue: its agent stopped sending heartbeats, it was not started
 #: within the start timeout, or its attempt failed (and attempts are left).
@@ -99,10 +97,20 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class Served(Protocol):
+    """What the metrics read of a :class:`~scoring.server.state.ServerState` (which holds the
+    :class:`Metrics`, so this module cannot import it)."""
+
+    database: db.Database
+    fleet: Fleet
+    policy: ScoringPolicy
+    metrics: Metrics
+
+
 class _Scraped(Collector):
     """What the server already knows, read at each scrape."""
 
-    def __init__(self, state: ServerState, stats: Mapping[str, int]) -> None:
+    def __init__(self, state: Served, stats: Mapping[str, int]) -> None:
         self.state, self.stats = state, stats
 
     def collect(self) -> Iterator[Metric]:
@@ -128,7 +136,7 @@ class _Scraped(Collector):
         yield agents
 
 
-def fleet_by_status(state: ServerState, now: float) -> dict[str, int]:
+def fleet_by_status(state: Served, now: float) -> dict[str, int]:
     """How many agents of the Fleet report each status, the stale ones apart."""
     fleet = state.fleet
     with fleet.lock:
@@ -169,7 +177,7 @@ class RequestTimer:
             )
 
 
-def install(app: FastAPI, state: ServerState, stats: Mapping[str, int]) -> None:
+def install(app: FastAPI, state: Served, stats: Mapping[str, int]) -> None:
     """Serve ``GET /metrics`` on ``app``, time its requests, and export ``stats`` (the
     dispatcher's counters) with what ``state`` holds."""
     from fastapi import Response
