@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     state = state or build_state(settings)
     replicated = settings.sync_interval > 0
     if settings.slot_holds and state.holds is None:
-        state.holds = SlotHolds(uuid.uuid4().hex)
+        state.holds = SlotHolds(uuid.uuid4().hex, settings.slot_hold_s, settings.owner_grace_s)
     dispatcher = Dispatcher(
         state,
         interval=settings.dispatch_interval_s,

@@ -25,7 +25,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from scoring import ScoringPolicy
+from scoring import ScoringPolicy, holds
 
 #: The ``--config`` file of the settings being loaded (see :meth:`Settings.load`).
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("scoring_config_file", default=None)
@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     #: with their models cached there and, with replicas, for the agent's owner
     #: (:mod:`scoring.holds`).
     slot_holds: bool = True
+    #: Seconds a freshly freed slot is open only to runs with their models cached there.
+    slot_hold_s: float = Field(holds.HOLD_S, ge=0)
+    #: Seconds another replica leaves a freshly freed slot to the agent's owner replica.
+    owner_grace_s: float = Field(holds.GRACE_S, ge=0)
     #: Seconds a dispatched task may wait for its agent's start before it is queued again.
     start_timeout_s: float = Field(60.0, gt=0)
     #: Write the dispatch counters (placements, lost races) to this JSON file.

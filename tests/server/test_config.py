@@ -70,6 +70,19 @@ def test_environment_overrides_the_file_and_flags_override_both(
     assert parse_args([]).tie_band == Settings.model_fields["tie_band"].default
 
 
+def test_slot_holds_take_their_configured_times(tmp_path: Path) -> None:
+    from scoring.server.app import create_app
+
+    path = tmp_path / "scoring.toml"
+    path.write_text("slot_hold_s = 2.5\nowner_grace_s = 0.5\n")
+    settings = Settings.load(path, database=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                             files_dir=str(tmp_path / "files"))  # fmt: skip
+    app = create_app(settings)
+    holds = app.state.server.holds
+    app.state.server.database.dispose()
+    assert (holds.hold_s, holds.grace_s) == (2.5, 0.5)
+
+
 def test_boolean_flags_override_the_file(tmp_path: Path) -> None:
     path = tmp_path / "scoring.toml"
     path.write_text("slot_holds = true\nrefresh_each_round = false\n")
