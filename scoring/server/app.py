@@ -14,13 +14,24 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 
-from scoring import S3FileStore, ScoringPolicy
+from scoring import S3FileStore
 from scoring.holds import SlotHolds
-from scoring.server import community, db, demo, errors, heartbeats, limits, storage, tasks
+from scoring.server import (
+    community,
+    db,
+    demo,
+    errors,
+    heartbeats,
+    limits,
+    metrics,
+    startup,
+    storage,
+    tasks,
+)
 from scoring.server.auth import Authenticator, Principal, load_secret, require
 from scoring.server.cloud import CloudRunner
 from scoring.server.config import Settings
-from scoring.server.dispatch import Dispatcher, warm_up
+from scoring.server.dispatch import Dispatcher
 from scoring.server.errors import ApiError, ServerCode, not_found
 from scoring.server.replicas import FleetSync
 from scoring.server.schemas import (
@@ -60,9 +71,7 @@ def build_state(settings: Settings) -> ServerState:
         files = s3
     else:
         files = storage.LocalFileStore(settings.files_dir, database)
-    policy = ScoringPolicy(
-        heartbeat_timeout_s=settings.heartbeat_timeout_s, tie_band=settings.tie_band
-    )
+    policy = settings.policy()
     state = ServerState(database, auth, files, policy, max_attempts=settings.max_attempts,
                         max_lost_attempts=settings.max_lost_attempts,
                         start_timeout_s=settings.start_timeout_s)  # fmt: skip
@@ -118,7 +127,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     state = state or build_state(settings)
     replicated = settings.sync_interval > 0
     if settings.slot_holds and state.holds is None:
-        state.holds = SlotHolds(uuid.uuid4().hex)
+        state.holds = SlotHolds(uuid.uuid4().hex, settings.slot_hold_s, settings.owner_grace_s)
     dispatcher = Dispatcher(
         state,
         interval=settings.dispatch_interval_s,
@@ -134,7 +143,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         # More worker threads than a few only take turns on the GIL and on SQLite's single
         # writer: anyio's default of 40 served fewer runs per second in the load test than 8.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
-        await anyio.to_thread.run_sync(warm_up, state.policy)
+        await anyio.to_thread.run_sync(startup.compile_kernels, state.policy)
         if sync is not None:
             sync.start()
         dispatcher.start()
@@ -166,6 +175,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         limits.Limits, max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s, upload_timeout_s=settings.upload_timeout_s,
     )  # fmt: skip
+    metrics.install(app, state, dispatcher.stats)
     app.include_router(_routes(state, settings))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -344,7 +354,7 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
     @router.post(
         "/r/tasks/{taskId}/cancel",
         response_model=TaskAck,
-        responses=errors.responses(*auth_errors, 404, 409),
+        responses=errors.responses(*common, *auth_errors, 404, 409),
         tags=["tasks"],
     )
     def cancel_task(task_id: TaskId, who: Client) -> Any:

@@ -22,9 +22,14 @@ from sqlalchemy import insert, select
 from scoring.server import db
 from scoring.server.errors import ApiError, ServerCode
 
-#: How long a resolved key or membership is trusted without asking the database again.
-#: Keys are never revoked by this server, so the cache only saves a query per request.
+#: How long a resolved membership is trusted without asking the database again.
 CACHE_SECONDS = 30.0
+#: How long a resolved key is trusted: a key revoked by the admin CLI (another process) stops
+#: working on every replica within this; it still saves all but one query a second per key.
+KEY_CACHE_SECONDS = 1.0
+#: Characters of a key kept in clear (``sk-`` and 9 random ones, 54 bits): how an administrator
+#: names a key to revoke (``python -m scoring.server.admin revoke-key PREFIX``).
+PREFIX_CHARS = 12
 SESSION_SECONDS = 30 * 24 * 3600
 
 Kind = Literal["user", "team_key", "agent"]
@@ -56,17 +61,18 @@ def new_key(kind: Literal["sk", "dk"]) -> str:
 
 
 def store_key(conn: db.Connection, key: str, team_id: str, agent_id: str | None = None) -> None:
-    """Insert a key's hash (inside the caller's transaction)."""
-    kind = key[:2]
+    """Insert a key's hash and its prefix (inside the caller's transaction)."""
+    kind, digest = key[:2], hash_key(key)
     conn.execute(
         insert(db.api_keys).values(
-            key_hash=hash_key(key),
+            key_hash=digest,
             kind=kind,
             team_id=team_id,
             agent_id=agent_id,
             created_at=time.time(),
         )
     )
+    conn.execute(insert(db.key_prefixes).values(key_hash=digest, prefix=key[:PREFIX_CHARS]))
 
 
 class Authenticator:
@@ -145,11 +151,11 @@ class Authenticator:
             return True, hit[1]
         return False, None
 
-    def _remember(self, key: tuple[str, ...], value: object) -> None:
+    def _remember(self, key: tuple[str, ...], value: object, ttl: float = CACHE_SECONDS) -> None:
         with self._lock:
             if len(self._cache) > 100_000:
                 self._cache.clear()  # bounded: a flood of bad keys cannot grow it forever
-            self._cache[key] = (time.monotonic() + CACHE_SECONDS, value)
+            self._cache[key] = (time.monotonic() + ttl, value)
 
     def _key(self, token: str) -> Principal | None:
         digest = hash_key(token)
@@ -166,7 +172,7 @@ class Authenticator:
         if row is not None and row.kind == token[:2]:
             kind: Kind = "agent" if row.kind == "dk" else "team_key"
             principal = Principal(kind, UUID(row.team_id), agent_id=row.agent_id)
-        self._remember(("key", digest), principal)
+        self._remember(("key", digest), principal, KEY_CACHE_SECONDS)
         return principal
 
     def _is_member(self, user_id: str, team_id: str) -> bool:

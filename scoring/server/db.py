@@ -89,6 +89,16 @@ api_keys = Table(
     Column("created_at", Float, nullable=False),
 )
 
+#: The first characters of each key (``auth.PREFIX_CHARS``), by which an administrator names a key
+#: to revoke without holding it. Added within schema version 1: ``create_all`` adds it (keys
+#: issued before it have no prefix and are revoked by the whole key).
+key_prefixes = Table(
+    "key_prefixes",
+    metadata,
+    Column("key_hash", String(64), ForeignKey("api_keys.key_hash"), primary_key=True),
+    Column("prefix", String(16), nullable=False, index=True),
+)
+
 workflows = Table(
     "workflows",
     metadata,

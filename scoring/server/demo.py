@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert
 
 from scoring import ParameterDef, Workflow
-from scoring.server import db, workflows
-from scoring.server.auth import Authenticator, new_key, store_key
+from scoring.server import accounts, db, workflows
+from scoring.server.auth import Authenticator
 
 META_KEY = "demo"
 
@@ -76,15 +75,12 @@ def ensure_demo(database: db.Database, auth: Authenticator, path: str | Path, ba
 
 
 def _create(database: db.Database) -> dict[str, str]:
-    now = time.time()
-    team_id, user_id, workflow_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    ids = {"team_id": str(team_id), "user_id": str(user_id), "workflow_id": str(workflow_id)}
     with database.begin() as conn:
-        conn.execute(insert(db.teams).values(id=str(team_id), name="demo", created_at=now))
-        email = f"demo-{user_id.hex[:8]}@example.com"
-        conn.execute(insert(db.users).values(id=str(user_id), email=email, created_at=now))
-        conn.execute(insert(db.memberships).values(user_id=str(user_id), team_id=str(team_id)))
-        workflows.save(conn, demo_workflow(team_id, workflow_id))
+        team_id = accounts.create_team(conn, "demo")
+        user = accounts.create_user(conn, team_id)
+        workflow_id = uuid.uuid4()
+        workflows.save(conn, demo_workflow(uuid.UUID(team_id), workflow_id))
+        ids = {"team_id": team_id, "user_id": user["user_id"], "workflow_id": str(workflow_id)}
         conn.execute(insert(db.meta).values(key=META_KEY, value=json.dumps(ids)))
     return ids
 
@@ -92,16 +88,9 @@ def _create(database: db.Database) -> dict[str, str]:
 def _issue_keys(database: db.Database, auth: Authenticator, ids: dict[str, str],
                 agents: list[str], base_url: str) -> dict[str, Any]:  # fmt: skip
     team = ids["team_id"]
-    api_key = new_key("sk")
-    agent_keys = {agent: new_key("dk") for agent in agents}
     with database.begin() as conn:
-        known = set(conn.execute(select(db.agents.c.id)).scalars())
-        for agent, key in agent_keys.items():
-            if agent not in known:
-                conn.execute(insert(db.agents).values(id=agent, team_id=team, gpu_capacity=0,
-                                                      running_count=0))  # fmt: skip
-            store_key(conn, key, team, agent)
-        store_key(conn, api_key, team)
+        agent_keys = {agent: accounts.issue_key(conn, team, "dk", agent) for agent in agents}
+        api_key = accounts.issue_key(conn, team, "sk")
     return {
         "base_url": base_url,
         "team_id": team,

@@ -140,7 +140,8 @@ class Dispatcher:
             if self._stop.is_set():
                 break
             try:
-                self.run_once()
+                with self.state.metrics.round_seconds.time():
+                    self.run_once()
             except Exception:  # the loop must outlive a failed round (e.g. a busy database)
                 log.exception("dispatch round failed")
             self._stop.wait(self.min_gap)
@@ -253,6 +254,7 @@ class Dispatcher:
         self.stats["lost_tasks"] += sum(not x.agent_full for x in lost)
         self._give_back(list(refused.elements()))  # and their agents' counts resynced
         taken = {x.task_id for x in lost}
+        state.metrics.decided(batch, decisions, [n for n, i in enumerate(ids) if i in taken])
         for task_id, d in zip(ids, decisions, strict=True):
             if task_id in self._heads:
                 placed_now = d.agent_id is not None and task_id not in taken

@@ -21,6 +21,7 @@ from scoring import Agent, Fleet, ScoringPolicy
 from scoring.holds import SlotHolds
 from scoring.server import db
 from scoring.server.auth import Authenticator
+from scoring.server.metrics import Metrics
 from scoring.server.storage import UploadStore
 from scoring.server.workflows import WorkflowRepository
 
@@ -67,6 +68,8 @@ class ServerState:
     holds: SlotHolds | None = None
     #: Last heartbeat record written to the database per agent, and when (see heartbeats.py).
     persisted: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
+    #: The Prometheus metrics of this process (GET /metrics).
+    metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         self.workflows = WorkflowRepository(self.database)

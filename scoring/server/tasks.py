@@ -43,6 +43,7 @@ from scoring.server import db
 from scoring.server.auth import Principal
 from scoring.server.errors import ApiError, not_found
 from scoring.server.ids import uuid7
+from scoring.server.metrics import Cause
 from scoring.server.state import ServerState
 
 ACTIVE = ("dispatched", "running")
@@ -68,6 +69,13 @@ class Outcome(StrEnum):
 COUNTED = frozenset({Outcome.FAILED, Outcome.START_TIMEOUT})
 #: Outcomes of a lost machine: counted against ``max_lost_attempts`` only.
 LOST = frozenset({Outcome.AGENT_LOST, Outcome.NOT_LISTED})
+#: The ``scoring_requeues_total`` cause of each outcome that can queue a task again.
+REQUEUE_CAUSE: dict[Outcome, Cause] = {
+    Outcome.FAILED: "failure",
+    Outcome.START_TIMEOUT: "start_timeout",
+    Outcome.AGENT_LOST: "agent_lost",
+    Outcome.NOT_LISTED: "not_listed",
+}
 
 
 class Lost(NamedTuple):
@@ -506,6 +514,8 @@ def _end_attempt(
         return None
     _free_slot(conn, agent, 1)
     _event(conn, row.id, values["status"], agent, now, f"attempt {row.attempt}: {outcome}")
+    if values["status"] == "queued":
+        state.metrics.requeued(REQUEUE_CAUSE[outcome])
     return str(values["status"])
 
 

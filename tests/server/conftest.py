@@ -162,31 +162,24 @@ def add_team(
     server: ServerProcess, *, disabled_workflow: bool = False, agents: int = 0
 ) -> dict[str, Any]:
     """Another team with a user, a key and a workflow, written straight into the server's
-    database (there is no admin API); returns their ids and the key."""
+    database (as ``python -m scoring.server.admin`` does); returns their ids and the key."""
     import uuid as _uuid
 
     from scoring import Workflow
-    from scoring.server import db, workflows
-    from scoring.server.auth import new_key, store_key
+    from scoring.server import accounts, db, workflows
     from scoring.server.demo import demo_workflow
 
     database = db.Database(server.database)
-    team, user, workflow = _uuid.uuid4(), _uuid.uuid4(), _uuid.uuid4()
-    key = new_key("sk")
-    now = time.time()
+    workflow = _uuid.uuid4()
     with database.begin() as conn:
-        conn.execute(db.teams.insert().values(id=str(team), name="other", created_at=now))
-        conn.execute(db.users.insert().values(id=str(user), email=f"{user}@example.com",
-                                              created_at=now))  # fmt: skip
-        conn.execute(db.memberships.insert().values(user_id=str(user), team_id=str(team)))
-        workflows.save(conn, demo_workflow(team, workflow))
-        store_key(conn, key, str(team))
+        team = accounts.create_team(conn, "other")
+        user = accounts.create_user(conn, team)["user_id"]
+        workflows.save(conn, demo_workflow(_uuid.UUID(team), workflow))
+        key = accounts.issue_key(conn, team, "sk")
         agent_keys = {}
         for i in range(agents):
-            agent_id = f"other-{team.hex[:6]}-{i}"
-            conn.execute(db.agents.insert().values(id=agent_id, team_id=str(team)))
-            agent_keys[agent_id] = new_key("dk")
-            store_key(conn, agent_keys[agent_id], str(team), agent_id)
+            agent_id = f"other-{team[:6]}-{i}"
+            agent_keys[agent_id] = accounts.issue_key(conn, team, "dk", agent_id)
         disabled = ""
         if disabled_workflow:
             wf: Workflow = demo_workflow(_uuid.UUID(server.demo["team_id"]), _uuid.uuid4())
@@ -194,7 +187,7 @@ def add_team(
             workflows.save(conn, wf)
             disabled = str(wf.id)
     database.dispose()
-    return {"team_id": str(team), "user_id": str(user), "workflow_id": str(workflow),
+    return {"team_id": team, "user_id": user, "workflow_id": str(workflow),
             "api_key": key, "disabled_workflow_id": disabled, "agent_keys": agent_keys}  # fmt: skip
 
 

@@ -51,3 +51,33 @@ def test_readme_curl_example_runs_to_completion(server: ServerProcess, tmp_path:
     assert polls[-1]["task_status"] == "completed" and polls[-1]["task_id"] == task_id
     assert result["task_id"] == task_id and result["outputs"]["images"]
     assert sum(len(a.completed) for a in agents) == 1
+
+
+def test_readme_admin_example_runs_against_a_running_server(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    import sys
+
+    import httpx
+
+    script = readme_block("### Configuration, administration, metrics")
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PY": sys.executable, "DB": server.database, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    agent_key = next(line for line in lines if line.startswith("dk-"))
+    beat = {"status": "idle", "gpu_capacity": 1, "running_count": 0, "labels": ["gpu"]}
+    r = httpx.post(f"{server.url}/agents/heartbeat", json=beat,
+                   headers={"Authorization": f"Bearer {agent_key}"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    team_key = json.loads((tmp_path / "team-key.json").read_text())["key"]
+    r = httpx.get(f"{server.url}/r/workflows/slug/upscale",
+                  headers={"Authorization": f"Bearer {team_key}"})  # fmt: skip
+    assert r.status_code == 401  # revoked by the block's last line
+    assert '"revoked"' in done.stdout and '"gpu-acme-01"' in done.stdout
