@@ -1,43 +1,48 @@
-# Both main commands set up what they need: a virtual environment installed from pyproject.toml.
+# Each command sets up what it needs: a virtual environment with the package and one extra of
+# pyproject.toml (`make demo` the `sim` extra, `make serve` the `server` extra, `make test` and
+# `make lint` the `dev` extra, `make bench` the `bench` extra). Each extra has its own stamp, so a
+# second command installs only what it lacks, and an edit of pyproject.toml installs again.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
 OUT    ?= out/demo
 
-.PHONY: demo serve test test-jit test-nojit bench lint clean
+.PHONY: demo serve test test-jit test-nojit test-all bench lint clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
 
-demo: $(STAMP)
+# The package (editable) with one extra: $(VENV)/.installed-sim, -server, -dev, -bench.
+$(VENV)/.installed-%: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[$*]'
+	touch $@
+
+demo: $(VENV)/.installed-sim
 	$(PY) -m scoring.sim --out $(OUT)
 
 # The API server on localhost with a demo team, workflow and keys (written to out/serve/demo.json);
 # `python -m scoring.server.agent --demo out/serve/demo.json` runs fake agents against it.
-serve: $(STAMP)
+serve: $(VENV)/.installed-server
 	$(PY) -m scoring.server --host 127.0.0.1 --port 8000 --database sqlite:///out/serve/scoring.db \
 		--files out/serve/files --demo out/serve/demo.json --log-level info
 
 test: test-jit test-nojit
 
-test-jit: $(STAMP)
+test-jit: $(VENV)/.installed-dev
 	$(PY) -m pytest
 
 # The same suite with numba off, so every kernel body also runs (and is covered) as plain Python.
-test-nojit: $(STAMP)
+test-nojit: $(VENV)/.installed-dev
 	NUMBA_DISABLE_JIT=1 $(PY) -m pytest
 
 # The whole ladder up to 1,000,000 agents (about 5 minutes on an idle 2-core machine), then the report and the plot.
-bench: $(STAMP)
+bench: $(VENV)/.installed-bench
 	mkdir -p out/bench
 	$(PY) -m pytest benchmarks --benchmark-json=out/bench/benchmark.json
 	$(PY) -m benchmarks.report out/bench/benchmark.json --out out/bench
 
-lint: $(STAMP)
+lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
