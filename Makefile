@@ -27,14 +27,21 @@ serve: $(VENV)/.installed-server
 	$(PY) -m scoring.server --host 127.0.0.1 --port 8000 --database sqlite:///out/serve/scoring.db \
 		--files out/serve/files --demo out/serve/demo.json --log-level info
 
+# CI runs `make test` (.ci/run): every test but the slow ones with the kernels compiled, then the
+# kernels' tests again with numba off. `make test-all` adds the slow suites.
 test: test-jit test-nojit
 
 test-jit: $(VENV)/.installed-dev
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
 
-# The same suite with numba off, so every kernel body also runs (and is covered) as plain Python.
+# The tests that exercise the kernels (marked `kernels`) with numba off, so every kernel body also
+# runs (and is covered) as plain Python; the server and simulation suites run once, above.
 test-nojit: $(VENV)/.installed-dev
-	NUMBA_DISABLE_JIT=1 $(PY) -m pytest
+	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -m "kernels and not slow"
+
+test-all: $(VENV)/.installed-dev
+	$(PY) -m pytest
+	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -m kernels
 
 # The whole ladder up to 1,000,000 agents (about 5 minutes on an idle 2-core machine), then the report and the plot.
 bench: $(VENV)/.installed-bench

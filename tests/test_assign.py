@@ -10,6 +10,9 @@ from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, assign, models
 from scoring import reference as R
 from tests.strategies import NOW, agent_lists, policies, requests
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 waits = st.sampled_from([0.0, 0.0, 1.0, 5.0, 30.0])
 ages = st.one_of(st.none(), st.sampled_from([0.0, 0.5, 1.0, 4.999, 5.0, 29.0, 30.0, 100.0]))
 

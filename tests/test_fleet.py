@@ -15,6 +15,9 @@ from scoring import reference as R
 from scoring.layout import COLUMNS
 from tests.strategies import NOW, agent_lists, agents, requests
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 TEAM = "11111111-1111-4111-8111-111111111111"
 
 

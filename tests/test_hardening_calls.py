@@ -53,6 +53,9 @@ from tests.strategies import (
     requests,
 )
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 IDS = ["a0", "a1", "a2", "a3"]
 
 
