@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 OUT    ?= out/demo
+# Extra arguments of the demo's simulation, e.g. DEMO_ARGS="--tasks 2000" for a shorter run.
+DEMO_ARGS ?=
 
 .PHONY: demo serve test test-jit test-nojit test-all bench lint clean
 
@@ -19,7 +21,7 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 	touch $@
 
 demo: $(VENV)/.installed-sim
-	$(PY) -m scoring.sim --out $(OUT)
+	$(PY) -m scoring.sim --out $(OUT) $(DEMO_ARGS)
 
 # The API server on localhost with a demo team, workflow and keys (written to out/serve/demo.json);
 # `python -m scoring.server.agent --demo out/serve/demo.json` runs fake agents against it.
