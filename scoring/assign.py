@@ -97,7 +97,10 @@ def _entries(requests: list[DispatchRequest], now: float) -> tuple[np.ndarray, .
     entries = np.frombuffer(b"".join([r.queue_entry for r in requests]), QUEUE_ENTRY)
     submitted = entries["submitted_at"].copy()
     submitted[np.isnan(submitted)] = now
-    return entries["template_id"], entries["tie_key_hash"], submitted
+    # The tie hashes as a contiguous, writable copy, like the reordered or selected arrays that
+    # `_Batch.run` also passes: numba compiles a kernel once per layout and writability of its
+    # arrays, and this strided read-only view of the entries made `_assign` compile three times.
+    return entries["template_id"], entries["tie_key_hash"].copy(), submitted
 
 
 @contextmanager

@@ -310,6 +310,13 @@ class Fleet:
         with self._lock:
             return self._agent_at(self._row(agent_id))
 
+    def cached_models(self, agent_id: str) -> frozenset[str]:
+        """The agent's ``cached_models``, as :meth:`get` gives them, without the whole record."""
+        with self._lock:
+            return frozenset(
+                self._models.names_of_bits(self._data["cached_models"][self._row(agent_id)])
+            )
+
     def agents(self) -> list[Agent]:
         """Every agent's current record, in row order."""
         with self._lock:

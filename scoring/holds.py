@@ -154,7 +154,7 @@ def restrict(
     if not held:
         return list(requests)
     agents = held.fresh | held.foreign
-    models = {agent: fleet.get(agent).cached_models for agent in agents}
+    models = {agent: fleet.cached_models(agent) for agent in agents}
     by_template: dict[tuple[object, ...], frozenset[str]] = {}
     out = []
     for r in requests:
@@ -167,6 +167,5 @@ def restrict(
             extra = by_template[r.template] = frozenset(
                 cold[: MAX_EXCLUDED - len(r.exclude_agents)]
             )
-        out.append(r.model_copy(update={"exclude_agents": r.exclude_agents | extra})
-                   if extra else r)  # fmt: skip
+        out.append(r.excluding(extra) if extra else r)
     return out

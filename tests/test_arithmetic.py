@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,6 +27,9 @@ from scoring.layout import (
     vram_floor,
 )
 from scoring.models import FACTORS, MAX_WEIGHT
+
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
 
 SLOTS = st.integers(0, 65535)  # running_count and gpu_capacity are uint16 columns
 

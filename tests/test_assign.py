@@ -7,8 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, assign, models, pick_agent
+from scoring import _assign_kernels as A
 from scoring import reference as R
 from tests.strategies import NOW, agent_lists, policies, requests
+
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
 
 waits = st.sampled_from([0.0, 0.0, 1.0, 5.0, 30.0])
 ages = st.one_of(st.none(), st.sampled_from([0.0, 0.5, 1.0, 4.999, 5.0, 29.0, 30.0, 100.0]))
@@ -225,3 +229,21 @@ def test_a_numbering_stays_bounded_and_never_gives_two_values_one_number():
     a, b, c = numbers("a"), numbers("b"), numbers("c")  # "c" clears the table: it was full
     assert len({a, b, c}) == 3 and numbers("c") == c and len(numbers._numbers) == 1
     assert numbers("a") not in (a, b, c)  # "a" again after the clear: a new number, not "b"'s
+
+
+def test_the_assign_kernel_compiles_once_for_every_shape_of_queue():
+    """A queue of one, one in order and one out of order pass the kernel arrays of one layout
+    (the tie hashes were a strided read-only view of the entries, or a copy: three compiles)."""
+    if not hasattr(A._assign, "signatures"):
+        pytest.skip("numba's JIT is off")
+    fleet = Fleet.from_agents([Agent(agent_id=f"gpu-{i}", team_id=TEAM, status="idle",
+                                     labels={"comfyui"}, last_heartbeat=NOW, gpu_capacity=1)
+                               for i in range(3)])  # fmt: skip
+    one = [DispatchRequest(team_id=TEAM, tie_key="a", submitted_at=NOW - 5)]
+    ordered = [*one, DispatchRequest(team_id=TEAM, tie_key="b", submitted_at=NOW - 1)]
+    for queue in (one, ordered, ordered[::-1]):
+        placed = assign(fleet, queue, ScoringPolicy(), now=NOW)
+        assert all(d.agent_id is not None for d in placed)
+        for d in placed:
+            fleet.release(d.agent_id)
+    assert len(A._assign.signatures) == 1

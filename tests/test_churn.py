@@ -25,6 +25,9 @@ from scoring import reference as R
 from scoring.fleet import UnknownAgentError
 from tests.strategies import GPUS, LABELS, MODELS, NOW, REGIONS, check_fleet, fleet_state
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 TEAMS = [uuid.UUID(int=i + 1) for i in range(4)]
 #: Documented allocation slack: capacity at most 4x what is live (see the module docstring).
 SLACK = 4

@@ -20,6 +20,9 @@ from scoring import reference as R
 from scoring.pick import eligible_agents, evaluate
 from tests.strategies import FOREIGN_TEAM, NOW, policies, requests, scenarios, seeded_agent_lists
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 SCORE_TOLERANCE = 0.0
 
 

@@ -15,6 +15,9 @@ from scoring import reference as R
 from scoring.layout import COLUMNS
 from tests.strategies import NOW, agent_lists, agents, requests
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 TEAM = "11111111-1111-4111-8111-111111111111"
 
 
@@ -32,6 +35,7 @@ def test_every_agent_reads_back_as_it_went_in(fleet_agents):
     assert {a.agent_id: a for a in fleet.agents()} == by_id and len(fleet.agents()) == len(by_id)
     for agent in fleet_agents:
         assert fleet.get(agent.agent_id) == agent and agent.agent_id in fleet
+        assert fleet.cached_models(agent.agent_id) == agent.cached_models
     rows = list(range(len(fleet_agents)))[::-1]
     assert fleet.agent_ids_at(rows) == [fleet.agent_id_at(r) for r in rows]
     assert fleet.agent_ids_at(rows[:1]) == [fleet.agent_id_at(r) for r in rows[:1]]

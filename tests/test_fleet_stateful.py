@@ -36,6 +36,9 @@ from tests.strategies import (
     requests,
 )
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 IDS = [f"agent-{i:02d}" for i in range(8)]
 BANDED = ScoringPolicy(tie_band=0.1)
 GHOST = "ghost"

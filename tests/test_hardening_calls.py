@@ -53,6 +53,9 @@ from tests.strategies import (
     requests,
 )
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 IDS = ["a0", "a1", "a2", "a3"]
 
 
@@ -112,6 +115,7 @@ def calls(draw) -> tuple[str, tuple]:
                 "reserve",
                 "release",
                 "get",
+                "cached_models",
                 "contains",
                 "dispatch",
                 "pick_agent",
@@ -133,7 +137,7 @@ def calls(draw) -> tuple[str, tuple]:
         )
     if name == "upsert":
         return name, (draw(new_agents),)
-    if name in ("remove", "reserve", "release", "get", "contains"):
+    if name in ("remove", "reserve", "release", "get", "cached_models", "contains"):
         return name, (draw(ids),)
     if name == "heartbeat":
         return name, (draw(ids), draw(times), draw(statuses), draw(counts), draw(model_sets))
@@ -237,6 +241,8 @@ def _check_answer(fleet: Fleet, records: dict[str, Agent], name: str, args: tupl
         check_fleet(got, {a.agent_id: a for a in args[0]})
     elif name == "get":
         assert got == records[args[0]]
+    elif name == "cached_models":
+        assert got == records[args[0]].cached_models
     elif name == "contains":
         assert got is (isinstance(args[0], str) and args[0] in records)
     elif name in ("pick_agent", "dispatch"):

@@ -8,6 +8,9 @@ from numba import config
 
 from scoring._jit import NativeEntry, jit
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 
 @jit
 def _total(values):

@@ -8,10 +8,15 @@ and the plain-Python reference.
 
 from __future__ import annotations
 
+import pytest
+
 from scoring import DispatchRequest, Fleet, ScoringPolicy, pick_agent
 from scoring import reference as R
 from scoring.pick import decide
 from tests.test_worked_examples import EQUAL, NOW, OTHER, agent, request
+
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
 
 
 def _check(fleet: Fleet, req: DispatchRequest, policy: ScoringPolicy = EQUAL):

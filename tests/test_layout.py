@@ -13,6 +13,7 @@ import random
 import uuid
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,9 @@ from scoring.models import DEFAULT_POLICY
 from scoring.query import build_query
 from tests.strategies import agent_lists, check_fleet, requests
 from tests.test_worked_examples import NOW, agent
+
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
 
 TEAMS = [uuid.UUID(int=k) for k in range(1, 5)]
 

@@ -6,9 +6,13 @@ import math
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from scoring import Agent, AgentStatus, DispatchRequest, ScoringPolicy
+from scoring.models import MAX_EXCLUDED
+from tests.strategies import requests
 
 TEAM = "11111111-1111-4111-8111-111111111111"
 GOOD_AGENT = dict(agent_id="gpu-node-01", team_id=TEAM, status="idle", last_heartbeat=0.0,
@@ -152,3 +156,33 @@ def test_copies_are_validated_and_recompute_cached_values():
     request = DispatchRequest(team_id=TEAM)
     assert request.labels_needed == {"comfyui"}
     assert request.model_copy(update={"tool_type": "nerfstudio"}).labels_needed == {"nerfstudio"}
+
+
+# --- DispatchRequest.excluding: the copy scoring.holds.restrict makes of a held-back request ---
+
+
+HELD = st.frozensets(st.sampled_from(["gpu-2", "gpu-4", "node 7", "x" * 256]), min_size=1)
+
+
+@given(requests(agent_ids=["gpu-1", "gpu-2", "gpu-3"]), HELD)
+def test_excluding_is_the_validated_copy_with_those_agents_excluded(req, agents):
+    got = req.excluding(agents)
+    expected = req.model_copy(update={"exclude_agents": req.exclude_agents | agents})
+    assert got == expected and got.model_fields_set == expected.model_fields_set
+    # derived values of the copy are its own, not the original's
+    assert (got.template, got.template_id, got.queue_entry) == (
+        expected.template, expected.template_id, expected.queue_entry)  # fmt: skip
+    assert got.template_id != req.template_id or agents <= req.exclude_agents
+    assert req.excluding(frozenset(agents)) is got  # kept for the same agents
+    assert req.excluding(agents | {"gpu-9"}) is not got
+
+
+@pytest.mark.parametrize(
+    "agents",
+    [frozenset({"   "}), frozenset({"x" * 257}), frozenset(f"a{i}" for i in range(MAX_EXCLUDED))],
+)
+def test_excluding_bad_or_too_many_agents_is_a_validation_error(agents):
+    req = DispatchRequest(team_id=TEAM, exclude_agents={"gpu-1"})
+    with pytest.raises(ValidationError) as info:
+        req.excluding(agents)
+    assert _error_fields(info.value) == {"exclude_agents"}

@@ -34,6 +34,9 @@ from scoring.layout import COLUMNS, FAILURE_STEPS
 from scoring.query import build_query
 from scoring.synthetic import NOW, synthetic_agents, synthetic_requests, team_ids
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [impl.name for impl in PICKERS]
 # The parallel kernel starts numba's threads on every call: 0.1 ms on an idle machine, but up to

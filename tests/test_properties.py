@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -11,6 +12,9 @@ from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, pick_agent
 from scoring import reference as R
 from scoring.models import FACTORS
 from tests.strategies import NOW, REGIONS, TEAMS, scenarios
+
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
 
 REASONS_TO_FAIL = ["stale", "status", "pool", "labels", "capacity", "vram", "excluded"]
 

@@ -10,6 +10,9 @@ import pytest
 from scoring.sim import SimConfig, simulate
 from scoring.sim.cluster import Job, connect, run_jobs
 
+# A Dask LocalCluster of two worker processes: `make test-all`, not CI (sweeps are not the demo).
+pytestmark = pytest.mark.slow
+
 TINY = SimConfig(n_agents=12, n_tasks=80, n_teams=3)
 WALL_CLOCK = {"wall_s", "tasks_per_wall_s"}
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+# A Jupyter kernel running the whole notebook: `make test-all`, not CI.
+pytestmark = pytest.mark.slow
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "fleet_simulation.ipynb"
 

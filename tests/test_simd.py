@@ -8,12 +8,16 @@ Both must give bit ``k`` for row ``start + k`` exactly as Python's comparison of
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from scoring import _simd as S
 from scoring._jit import jit
+
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
 
 ROWS = 3 * S.LANES
 

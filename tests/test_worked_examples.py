@@ -13,6 +13,9 @@ from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, pick_agent
 from scoring import reference as R
 from scoring.decision import COUNT_BYTES, FACTOR_BYTES, Decision, decided
 
+# The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
+pytestmark = pytest.mark.kernels
+
 NOW = 1_000_000.0
 TEAM = "11111111-1111-4111-8111-111111111111"
 OTHER = "22222222-2222-4222-8222-222222222222"

@@ -22,6 +22,7 @@ from scoring.sim.metrics import format_table
 from scoring.sim.policies import POLICY_NAMES
 from scoring.sim.simulation import SimConfig, compare
 from scoring.sim.trace import find_trace
+from scoring.warmup import compile_kernels
 
 #: Default offered load of a trace replay. Over the whole span it is low, but the trace's busiest
 #: hour has about 9 times the mean rate, so peaks still queue.
@@ -137,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     out = Path(args.out)
+    # Compiled first, so that the first policy's tasks/s does not include it and a first run
+    # says why it is quiet.
+    compile_kernels(report=lambda line: print(line, file=sys.stderr, flush=True))
     results = compare(config, args.policies, progress=not args.no_progress)
     metrics = {name: r.metrics for name, r in results.items()}
     first = next(iter(results.values()))

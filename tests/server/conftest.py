@@ -60,7 +60,9 @@ class ServerProcess:
         self.log = tmp / "server.log"
         self.demo: dict[str, Any] = {}
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 180.0) -> None:
+        """Start the server and wait for its health answer (a first start compiles the
+        kernels: about a minute on a busy 2-core machine without numba's cache)."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=log, stderr=log)

@@ -9,8 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT, ServerProcess
 from .load import check, run_load
+
+# 2,000 runs against one server: `make test-all`, not CI (the crash test, in CI, runs the same
+# load and checks the same exactly-once completion, with a SIGKILL in the middle).
+pytestmark = pytest.mark.slow
 
 CAPACITY = 2
 

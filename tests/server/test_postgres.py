@@ -8,8 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from .conftest import ServerProcess, example_body, new_database, upload, wait_for
 from .load import check, run_load
+
+# The example and a load on PostgreSQL: `make test-all`, not CI (the replica tests, in CI, run
+# the server on PostgreSQL under load too).
+pytestmark = pytest.mark.slow
 
 
 def test_example_request_and_a_concurrent_load_on_postgresql(postgres: str, tmp_path: Path) -> None:
