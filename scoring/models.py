@@ -337,6 +337,17 @@ def _text_input(value: Any, info: ValidationInfo) -> str | None:
     return _optional_text(value, _field(info))
 
 
+def _uuid_input(value: Any, info: ValidationInfo) -> Any:
+    """A UUID or its string form (DESIGN section 3), nothing else: pydantic's lax UUID would take
+    any 16 raw bytes (``b"0123456789abcdef"``) or an integer-like value as an id."""
+    if isinstance(value, UUID):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{_field(info)} must be a UUID or its string form, got "
+                         f"{type(value).__name__}")  # fmt: skip
+    return valid_text(value, _field(info))
+
+
 Slots = Annotated[int, Strict(), Field(ge=0, le=MAX_SLOTS), BeforeValidator(_int_input)]
 Capacity = Annotated[int, Strict(), Field(ge=1, le=MAX_SLOTS), BeforeValidator(_int_input)]
 StrictFlag = Annotated[bool, Strict(), BeforeValidator(_bool_input)]
@@ -366,6 +377,8 @@ Labels = Annotated[frozenset[str], BeforeValidator(_labels_input)]
 Names = Annotated[frozenset[str], BeforeValidator(_models_input)]
 AgentIds = Annotated[frozenset[str], BeforeValidator(_agent_ids_input)]
 OptionalText = Annotated[str | None, BeforeValidator(_text_input)]
+#: A UUID, given as one or as its string form (never raw bytes).
+Uuid = Annotated[UUID, BeforeValidator(_uuid_input)]
 
 
 class cached:  # a decorator, named like functools.cached_property
@@ -416,7 +429,7 @@ class Agent(_Record):
     """
 
     agent_id: Annotated[str, BeforeValidator(_agent_id)]
-    team_id: UUID
+    team_id: Uuid
     status: AgentStatus
     labels: Labels = frozenset()
     last_heartbeat: Timestamp
@@ -467,7 +480,7 @@ class DispatchRequest(_Record):
     in :func:`scoring.assign` and bounds how long a request may wait for a warm agent.
     """
 
-    team_id: UUID
+    team_id: Uuid
     target_pool: Literal["team", "community"] = "team"
     submitter_region: Region = None
     tool_type: Literal["comfyui", "nerfstudio"] = "comfyui"

@@ -1,0 +1,131 @@
+"""Regression tests for the engine defects of issue 27 (the third attack on the engine).
+
+Each test failed on the code before its fix (checked by reverting the fix and running it).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from scoring import Agent, DispatchRequest, Fleet, InMemoryFileStore, ParameterDef, Workflow
+from scoring import assign, pick_agent, validate_run
+from scoring.contract.errors import RunValidationError
+from tests.strategies import NOW
+
+TEAM = uuid.UUID("7f9c2a52-0d1e-4b7a-9a43-5a1f0c3b2d10")
+
+
+def _agent(agent_id: str, **fields) -> Agent:
+    base = dict(agent_id=agent_id, team_id=TEAM, status="idle", labels={"comfyui"},
+                last_heartbeat=NOW, gpu_capacity=2)  # fmt: skip
+    return Agent(**{**base, **fields})
+
+
+# --- defect 5: Decision fields are Python numbers, with the JIT and without ---------------------
+
+
+def _assert_plain(d) -> None:
+    assert type(d.eligible) is int and type(d.row) is int and type(d.considered) is int
+    assert d.score is None or type(d.score) is float
+    assert all(type(v) is float for v in d.factors.values())
+    assert all(type(v) is int for v in d.rejected.values())
+    json.dumps({"eligible": d.eligible, "row": d.row, "score": d.score, "factors": d.factors,
+                "rejected": d.rejected, "considered": d.considered})  # fmt: skip
+
+
+def test_defect_5_decision_fields_are_python_numbers():
+    fleet = Fleet.from_agents([_agent("a"), _agent("b", status="unhealthy")])
+    request = DispatchRequest(team_id=TEAM, tie_key="t")
+    _assert_plain(pick_agent(fleet, request, now=NOW))  # the bound (cached) path
+    _assert_plain(pick_agent(fleet, request, now=NOW))
+    _assert_plain(fleet.dispatch(request, now=NOW))
+    none = DispatchRequest(team_id=TEAM, required_labels={"h100"})
+    _assert_plain(pick_agent(fleet, none, now=NOW))
+    for d in assign(fleet, [request, none], now=NOW):
+        _assert_plain(d)
+
+
+# --- defect 6: validate_run reports, never raises, on deep nesting and lone surrogates ---------
+
+
+def _workflow(**fields) -> Workflow:
+    return Workflow(id=uuid.uuid4(), slug="w", team_id=TEAM, **fields)
+
+
+@pytest.mark.parametrize("field", ["dispatch_target", "target_pool", "tool_type"])
+def test_defect_6_a_body_nested_5000_deep_is_a_validation_error(field):
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(RunValidationError) as caught:
+        validate_run(_workflow(), {field: deep}, TEAM, InMemoryFileStore())
+    assert caught.value.codes == ["invalid_value"]
+    assert len(caught.value.errors[0].message) < 200
+
+
+def test_a_deep_parameter_value_is_a_validation_error():
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    wf = _workflow(parameters=[ParameterDef(key="n", type="select", options=["x"])])
+    with pytest.raises(RunValidationError) as caught:
+        validate_run(wf, {"parameters": {"n": deep}}, TEAM, InMemoryFileStore())
+    assert caught.value.codes == ["type_mismatch"]
+
+
+def test_defect_6_a_lone_surrogate_region_is_not_text_rather_than_too_long():
+    with pytest.raises(RunValidationError) as caught:
+        validate_run(_workflow(), {"submitter_region": "us-\ud800"}, TEAM, InMemoryFileStore())
+    assert caught.value.codes == ["type_mismatch"]
+    assert "Unicode" in caught.value.errors[0].message
+    with pytest.raises(RunValidationError) as caught:  # a long one stays too long
+        validate_run(_workflow(), {"submitter_region": "x" * 65}, TEAM, InMemoryFileStore())
+    assert caught.value.codes == ["region_too_long"]
+
+
+# --- defect 7: strict booleans and UUIDs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "on", "true", 0, "off"])
+def test_defect_7_required_is_a_strict_bool(value):
+    with pytest.raises(ValidationError, match="required"):
+        ParameterDef(key="a", type="string", required=value)
+
+
+def test_defect_7_required_takes_a_bool():
+    assert ParameterDef(key="a", type="string", required=True).required is True
+    assert ParameterDef(key="a", type="string").required is False
+
+
+RAW = b"0123456789abcdef"  # 16 bytes: pydantic's lax UUID took them as an id
+
+
+@pytest.mark.parametrize("value", [RAW, bytearray(RAW), TEAM.bytes, TEAM.int, 12345])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: DispatchRequest(team_id=t),
+        lambda t: Agent(agent_id="a", team_id=t, status="idle", last_heartbeat=NOW,
+                        gpu_capacity=1),  # fmt: skip
+        lambda t: Workflow(id=uuid.uuid4(), slug="w", team_id=t),
+    ],
+    ids=["request", "agent", "workflow"],
+)
+def test_defect_7_team_id_is_a_uuid_or_its_string_never_raw_bytes(make, value):
+    with pytest.raises(ValidationError, match="team_id"):
+        make(value)
+
+
+@pytest.mark.parametrize("value", [TEAM, str(TEAM), str(TEAM).upper(), TEAM.hex])
+def test_defect_7_team_id_takes_a_uuid_or_its_string_form(value):
+    assert DispatchRequest(team_id=value).team_id == TEAM
+    assert Workflow(id=uuid.uuid4(), slug="w", team_id=value).team_id == TEAM
+
+
+def test_defect_7_a_lone_surrogate_team_id_is_a_validation_error():
+    with pytest.raises(ValidationError, match="team_id"):
+        DispatchRequest(team_id=str(TEAM)[:-1] + "\ud800")
