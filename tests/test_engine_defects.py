@@ -11,8 +11,17 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from scoring import Agent, DispatchRequest, Fleet, InMemoryFileStore, ParameterDef, Workflow
-from scoring import assign, pick_agent, validate_run
+from scoring import (
+    Agent,
+    DispatchRequest,
+    Fleet,
+    InMemoryFileStore,
+    ParameterDef,
+    Workflow,
+    assign,
+    pick_agent,
+    validate_run,
+)
 from scoring.contract.errors import RunValidationError
 from tests.strategies import NOW
 
@@ -109,8 +118,7 @@ RAW = b"0123456789abcdef"  # 16 bytes: pydantic's lax UUID took them as an id
     "make",
     [
         lambda t: DispatchRequest(team_id=t),
-        lambda t: Agent(agent_id="a", team_id=t, status="idle", last_heartbeat=NOW,
-                        gpu_capacity=1),  # fmt: skip
+        lambda t: Agent(agent_id="a", team_id=t, status="idle", last_heartbeat=NOW, gpu_capacity=1),
         lambda t: Workflow(id=uuid.uuid4(), slug="w", team_id=t),
     ],
     ids=["request", "agent", "workflow"],
