@@ -17,6 +17,12 @@ matching, in two passes over the queue:
 2. The requests left (young, and cold on every free agent) are placed oldest first on what
    remains, as ``dispatch`` would place them.
 
+A request stamped after ``now`` (``submitted_at > now``: a client's or replica's clock ahead of
+the dispatcher's) is never deferred: its age is not below zero, and letting a future stamp count
+as "young" would let a request stamped in year 9999 wait on every call, or defer with
+``locality_wait_s == 0``. It still takes its place in the oldest-first order by its stamp. The
+reference (:func:`scoring.reference.assign`) follows the same rule.
+
 So a freed slot goes to a run whose model is cached there before one that would load cold, and a
 cold run still takes a slot that no warm run wanted in the same call. The bound on deferrals per
 busy slot keeps a burst of runs for one hot model from all waiting out the budget for the few
@@ -154,7 +160,8 @@ class _Batch:
         self._pack()
         n, wait = len(queue), policy.locality_wait_s
         has_models = np.array([g.has_models for g in groups], bool)[req_group]
-        self.young = has_models & (now - submitted < wait) if wait > 0 else np.zeros(n, bool)
+        age = now - submitted  # negative for a stamp after now: never young (module docstring)
+        self.young = has_models & (age >= 0.0) & (age < wait) if wait > 0 else np.zeros(n, bool)
         self.out = (
             np.zeros(n, np.int64),  # state
             np.full(n, -1, np.int64),  # row

@@ -250,7 +250,9 @@ def assign(
     deferred: dict[tuple, int] = {}  # requests deferred so far, by template
     for i in order:
         r = requests[i]
-        young = now - submitted(r) < policy.locality_wait_s
+        # a request stamped after ``now`` (a skewed clock) is no younger than zero: never
+        # deferred, so a far-future stamp cannot buy an endless wait
+        young = 0.0 <= now - submitted(r) < policy.locality_wait_s
         if not (young and r.required_models):
             out[i] = place(r, list(fleet.values()))
             continue

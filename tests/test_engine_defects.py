@@ -17,12 +17,16 @@ from scoring import (
     Fleet,
     InMemoryFileStore,
     ParameterDef,
+    ScoringPolicy,
     Workflow,
     assign,
     pick_agent,
     validate_run,
 )
+from scoring import reference as R
 from scoring.contract.errors import RunValidationError
+from scoring.holds import SlotHolds, restrict
+from scoring.models import MAX_TIMESTAMP
 from tests.strategies import NOW
 
 TEAM = uuid.UUID("7f9c2a52-0d1e-4b7a-9a43-5a1f0c3b2d10")
@@ -137,3 +141,75 @@ def test_defect_7_team_id_takes_a_uuid_or_its_string_form(value):
 def test_defect_7_a_lone_surrogate_team_id_is_a_validation_error():
     with pytest.raises(ValidationError, match="team_id"):
         DispatchRequest(team_id=str(TEAM)[:-1] + "\ud800")
+
+
+# --- defect 3: slot holds are bounded -----------------------------------------------------------
+
+
+def test_defect_3_a_clock_stepped_back_ends_a_hold_instead_of_stretching_it():
+    fleet = Fleet.from_agents([_agent("a", gpu_capacity=4)])
+    holds = SlotHolds("me", hold_s=1.0, grace_s=1.0)
+    holds.update(["me", "other"], saturated=True)
+    assert "a" in holds.held(fleet, now=NOW).fresh
+    back = NOW - 3600.0  # the clock stepped back an hour
+    assert not holds.held(fleet, now=back)  # neither for warm runs nor for an owner
+    fleet.heartbeat("a", NOW, running_count=1)  # a change after the step starts a new hold
+    assert "a" in holds.held(fleet, now=back + 1.0).fresh
+    assert "a" not in holds.held(fleet, now=back + 2.0).fresh
+
+
+def test_defect_3_a_count_that_keeps_changing_does_not_hold_free_slots_for_good():
+    """An agent with 2-3 free slots whose count changes every half second: a cold run (one
+    the hold excludes) must find it open within two hold lengths, again and again."""
+    fleet = Fleet.from_agents([_agent("a", gpu_capacity=4)])
+    holds = SlotHolds("me", hold_s=1.0)
+    holds.update(["me"], saturated=True)
+    cold = DispatchRequest(team_id=TEAM, required_models={"m"}, tie_key="cold")  # not on "a"
+    open_at, held_since = [], None
+    for step in range(240):  # 60 s, a dispatch round every 0.25 s
+        now = NOW + step * 0.25
+        if step % 2 == 0:
+            fleet.heartbeat("a", NOW, running_count=1 + step // 2 % 2)
+        held = holds.held(fleet, now)
+        restricted = restrict(fleet, [cold], held)[0]
+        if "a" in restricted.exclude_agents:
+            held_since = now if held_since is None else held_since
+            assert now - held_since < holds.hold_s  # held at most one hold length at a time
+        else:
+            held_since = None
+            open_at.append(now)
+    gaps = [b - a for a, b in zip([NOW, *open_at], [*open_at, NOW + 60.0], strict=True)]
+    assert max(gaps) <= 2 * holds.hold_s
+    later = restrict(fleet, [cold], holds.held(fleet, NOW + 61.0))
+    d = assign(fleet, later, ScoringPolicy(locality_wait_s=0.0), now=NOW)
+    assert d[0].agent_id == "a"
+
+
+# --- defect 4: a request stamped after now ------------------------------------------------------
+
+
+def _future_case(wait: float, stamp: float):
+    team_agents = [
+        _agent("warm", gpu_capacity=1, running_count=1, cached_models={"m"}),
+        _agent("cold", gpu_capacity=1),
+    ]
+    request = DispatchRequest(team_id=TEAM, required_models={"m"}, tie_key="t", submitted_at=stamp)
+    policy = ScoringPolicy(locality_wait_s=wait)
+    return team_agents, request, policy
+
+
+@pytest.mark.parametrize("wait", [0.0, 30.0])
+@pytest.mark.parametrize("ahead", [1.0, MAX_TIMESTAMP - NOW])  # a second ahead; year 9999
+def test_defect_4_a_request_stamped_after_now_is_never_deferred(wait, ahead):
+    agents, request, policy = _future_case(wait, NOW + ahead)
+    expected, _ = R.assign(agents, [request], policy, now=NOW)
+    got = assign(Fleet.from_agents(agents), [request], policy, now=NOW)
+    assert (expected[0].agent_id, expected[0].deferred) == ("cold", False)
+    assert (got[0].agent_id, got[0].deferred) == ("cold", False)
+
+
+def test_defect_4_a_young_request_is_still_deferred():
+    agents, request, policy = _future_case(30.0, NOW - 1.0)
+    expected, _ = R.assign(agents, [request], policy, now=NOW)
+    got = assign(Fleet.from_agents(agents), [request], policy, now=NOW)
+    assert expected[0].deferred and got[0].deferred
