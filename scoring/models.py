@@ -466,10 +466,13 @@ class Numbering:
 
 
 #: :attr:`DispatchRequest.queue_entry`'s fields, as a numpy dtype and as a ``struct`` format.
-QUEUE_ENTRY = np.dtype([("template_id", "<i8"), ("tie_key_hash", "<u8"), ("submitted_at", "<f8")])
-QUEUE_ENTRY_STRUCT = struct.Struct("<qQd")
+QUEUE_ENTRY = np.dtype(
+    [("kind_id", "<i8"), ("tie_key_hash", "<u8"), ("submitted_at", "<f8"), ("n_excluded", "<i8")]
+)
+QUEUE_ENTRY_STRUCT = struct.Struct("<qQdq")
 assert QUEUE_ENTRY.itemsize == QUEUE_ENTRY_STRUCT.size
 TEMPLATES = Numbering()  # DispatchRequest.template_id
+KINDS = Numbering()  # DispatchRequest.kind_id
 TRANSLATIONS = Numbering()  # DispatchRequest.translation_id
 
 
@@ -496,10 +499,21 @@ class DispatchRequest(_Record):
     def template(self) -> tuple[Any, ...]:
         """Everything but the tie key and the submission time that decides which agents are
         eligible and how they score: requests with equal templates rank a fleet alike."""
+        return (*self.kind, self.exclude_agents)
+
+    @cached
+    def kind(self) -> tuple[Any, ...]:
+        """:attr:`template` without ``exclude_agents``: requests of one kind score every agent
+        alike and differ at most in a few agents they exclude (retried tasks), so
+        :func:`scoring.assign` serves them from one heap and bounds their deferrals together."""
         # the team as its int: a tuple's hash is not kept, and a UUID hashes in Python
         return (self.team_id.int, self.target_pool, self.labels_needed, self.min_vram_gb,
-                self.required_models, self.exclude_agents, self.submitter_region,
-                self.preferred_gpu)  # fmt: skip
+                self.required_models, self.submitter_region, self.preferred_gpu)  # fmt: skip
+
+    @cached
+    def kind_id(self) -> int:
+        """A number for :attr:`kind`, as :attr:`template_id` is for the template."""
+        return KINDS(self.kind)
 
     @cached
     def template_id(self) -> int:
@@ -522,15 +536,17 @@ class DispatchRequest(_Record):
 
     @cached
     def queue_entry(self) -> bytes:
-        """``template_id``, the tie key's hash and ``submitted_at`` (NaN: submitted now) packed as
-        :data:`QUEUE_ENTRY` (int64, uint64, float64): what :func:`scoring.assign` reads of a
+        """``kind_id``, the tie key's hash, ``submitted_at`` (NaN: submitted now) and the number
+        of excluded agents packed as :data:`QUEUE_ENTRY` (int64, uint64, float64, int64): what
+        :func:`scoring.assign` reads of a
         queued request, one object a request that a queue's entries are joined from into one
         array without a conversion per number. A waiting request is offered to every assignment
         until it is placed; reading three attributes and converting them took 1.9 ms a queue of
         10,000, this 0.9 ms (measured, the requests out of cache)."""
         at = self.submitted_at
-        return QUEUE_ENTRY_STRUCT.pack(self.template_id, int(self.tie_key_hash),
-                                       math.nan if at is None else at)  # fmt: skip
+        return QUEUE_ENTRY_STRUCT.pack(self.kind_id, int(self.tie_key_hash),
+                                       math.nan if at is None else at,
+                                       len(self.exclude_agents))  # fmt: skip
 
     @cached
     def tie_key_hash(self) -> np.uint64:
@@ -635,7 +651,8 @@ class ScoringPolicy(_Record):
     the production trace at loads 0.1 to 0.3 (notebooks/WEIGHTS.md): cold loads fall from
     0.33-0.47 to 0.15-0.32 and the e2e p95 by 4-9% where queues are long.
 
-    ``deferrals_per_slot`` bounds how many requests of one template ``assign`` defers in a call:
+    ``deferrals_per_slot`` bounds how many requests of one kind (their template apart from
+    ``exclude_agents``: :attr:`DispatchRequest.kind`) ``assign`` defers in a call:
     at most this many per busy slot of the warm agents they wait for, oldest first (each slot
     frees when its run ends, so a deferral beyond them waits for a second run to end: longer
     than the cold load it avoids). The rest load cold at once. ``MAX_SLOTS`` is no bound in

@@ -225,3 +225,60 @@ def test_a_numbering_stays_bounded_and_never_gives_two_values_one_number():
     a, b, c = numbers("a"), numbers("b"), numbers("c")  # "c" clears the table: it was full
     assert len({a, b, c}) == 3 and numbers("c") == c and len(numbers._numbers) == 1
     assert numbers("a") not in (a, b, c)  # "a" again after the clear: a new number, not "b"'s
+
+
+# --- requests of one kind that exclude different agents (retried tasks) ------------------------
+
+
+@st.composite
+def retried_queues(draw, max_agents: int = 30, max_requests: int = 14):
+    """``(agents, requests, policy)``: a queue of a few kinds, each request excluding its own
+    few agents (a retried task excludes the agents it failed on), with mixed ages."""
+    agents = draw(agent_lists(0, max_agents))
+    ids = [a.agent_id for a in agents] or ["nobody"]
+    kinds = draw(st.lists(requests(ids), min_size=1, max_size=3))
+    queue = []
+    for i in range(draw(st.integers(0, max_requests))):
+        age = draw(ages)
+        excluded = draw(st.sets(st.sampled_from(ids), max_size=4))
+        queue.append(draw(st.sampled_from(kinds)).model_copy(update={
+            "exclude_agents": excluded, "tie_key": f"task-{i}",
+            "submitted_at": None if age is None else NOW - age}))  # fmt: skip
+    policy = draw(policies())
+    per_slot = draw(st.sampled_from([1, 2, models.MAX_SLOTS]))
+    return (
+        agents,
+        queue,
+        policy.model_copy(update={"locality_wait_s": draw(waits), "deferrals_per_slot": per_slot}),
+    )
+
+
+@settings(max_examples=200)
+@given(retried_queues())
+def test_retried_requests_assign_equals_reference(queue):
+    agents, reqs, policy = queue
+    fleet = Fleet.from_agents(agents)
+    got = assign(fleet, reqs, policy, now=NOW)
+    expected, after = R.assign(agents, reqs, policy, now=NOW)
+    assert _outcome(got) == [(a.agent_id, a.deferred, a.waiting_for) for a in expected]
+    by_id = lambda a: a.agent_id  # noqa: E731
+    assert sorted(fleet.agents(), key=by_id) == sorted(after, key=by_id)
+
+
+@settings(max_examples=200)
+@given(retried_queues())
+def test_retried_requests_without_a_wait_are_a_dispatch_loop(queue):
+    """Counts, eligible and factors too: each request's own exclusions are counted as the pick
+    counts them, though its group's heap and counts are shared."""
+    agents, reqs, policy = queue
+    policy = policy.model_copy(update={"locality_wait_s": 0.0})
+    fleet, loop = Fleet.from_agents(agents), Fleet.from_agents(agents)
+    got = assign(fleet, reqs, policy, now=NOW)
+    order = sorted(range(len(reqs)), key=lambda i: (reqs[i].submitted_at or NOW, i))
+    expected = {i: loop.dispatch(reqs[i], policy, now=NOW) for i in order}
+    for i, decision in enumerate(got):
+        want = expected[i]
+        assert decision == want
+        assert (decision.factors, decision.rejected, decision.explain(), decision.row) == (
+            want.factors, want.rejected, want.explain(), want.row)  # fmt: skip
+    assert fleet.agents() == loop.agents()

@@ -6,6 +6,7 @@ Each test failed on the code before its fix (checked by reverting the fix and ru
 from __future__ import annotations
 
 import json
+import tracemalloc
 import uuid
 
 import pytest
@@ -213,3 +214,79 @@ def test_defect_4_a_young_request_is_still_deferred():
     expected, _ = R.assign(agents, [request], policy, now=NOW)
     got = assign(Fleet.from_agents(agents), [request], policy, now=NOW)
     assert expected[0].deferred and got[0].deferred
+
+
+# --- defect 1: exclusions do not split assign's heap --------------------------------------------
+
+
+def test_defect_1_retried_requests_share_one_heap():
+    """1,000 requests of one kind, each excluding a different agent (retried tasks), onto 1,000
+    agents: grouped by template, each built a heap of the whole pool (1,000 heaps of 1,000
+    rows, 32 MB); of one kind, they share one. Measured as the call's peak of allocations."""
+    agents = [_agent(f"gpu-{i}", gpu_capacity=1) for i in range(1000)]
+    fleet = Fleet.from_agents(agents)
+    queue = [DispatchRequest(team_id=TEAM, exclude_agents={f"gpu-{i}"}, tie_key=f"task-{i}",
+                             submitted_at=NOW) for i in range(1000)]  # fmt: skip
+    assign(Fleet.from_agents(agents[:2]), queue[:2], now=NOW)  # compiled before measuring
+    tracemalloc.start()
+    try:
+        decisions = assign(fleet, queue, now=NOW)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, f"{peak:,} bytes"
+    assert all(d.agent_id is not None for d in decisions)
+    for r, d in zip(queue, decisions, strict=True):
+        assert d.agent_id not in r.exclude_agents
+        assert d.rejected["excluded"] == 1
+
+
+# --- defect 2: one team cannot widen or fill the name tables for the others ---------------------
+
+TEAM_B = uuid.UUID("0b0b0b0b-0d1e-4b7a-9a43-5a1f0c3b2d10")
+
+
+def _hostile(k: int, team: uuid.UUID = TEAM_B) -> Agent:
+    """An agent within its own limits: 64 fresh labels, 256 fresh cached models."""
+    return _agent(f"b-{k}", team_id=team, labels={f"b{k}-label-{i}" for i in range(64)},
+                  cached_models={f"b{k}/model-{i}" for i in range(256)})  # fmt: skip
+
+
+def test_defect_2_one_team_widens_the_bitsets_by_its_share_at_most():
+    fleet = Fleet.from_agents([_agent(f"a-{i}", cached_models={f"m{i % 5}"}) for i in range(500)])
+    refused = 0
+    for k in range(100):  # the attack: 100 such agents of team B
+        try:
+            fleet.upsert(_hostile(k))
+        except ValueError as e:
+            assert "distinct" in str(e)
+            refused += 1
+    assert refused == 96  # four agents' names fit the team's share (256 labels, 1,024 models)
+    # every row of team A's fleet: at most 4 + 16 words more (100 and 400 more before)
+    assert fleet.columns.labels.shape[1] <= 1 + 4 and fleet.columns.cached_models.shape[1] <= 1 + 16
+    # the refusals changed nothing: each refused agent is absent, the team's share as it was
+    assert len(fleet) == 504 and "b-50" not in fleet
+    fleet.remove("b-0")
+    fleet.upsert(_hostile(50))  # room again once an agent's names are gone
+    other = uuid.UUID(int=77)
+    fleet.upsert(_hostile(99, team=other))  # another team has its own share
+
+
+def test_defect_2_one_team_cannot_fill_the_gpu_name_table():
+    fleet = Fleet()
+    for k in range(64):
+        fleet.upsert(_agent(f"b-{k}", team_id=TEAM_B, gpu_model=f"GPU model {k}"))
+    with pytest.raises(ValueError, match="GPU models"):
+        fleet.upsert(_agent("b-64", team_id=TEAM_B, gpu_model="GPU model 64"))
+    fleet.upsert(_agent("b-64", team_id=TEAM_B, gpu_model="GPU model 0"))  # a name it holds
+    fleet.upsert(_agent("a-0", gpu_model="NVIDIA GeForce RTX 4090"))  # team A's new name fits
+    # a heartbeat's models count against the agent's team too, and a refused one changes nothing
+    team_c = uuid.UUID(int=78)
+    for k in range(4):
+        fleet.remove(f"b-{k}")
+        fleet.upsert(_hostile(k, team=team_c))
+    with pytest.raises(ValueError, match="cached models"):
+        fleet.heartbeat("b-1", NOW, running_count=1, cached_models={f"x{i}" for i in range(256)})
+    assert fleet.get("b-1").running_count == 0 and len(fleet.get("b-1").cached_models) == 256
+    fleet.heartbeat("b-1", NOW, cached_models={"b0/model-0"})  # frees b-1's 256 names
+    fleet.heartbeat("b-1", NOW, cached_models={f"x{i}" for i in range(255)})
