@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from scoring.hashing import stable_hash64
+from scoring.layout import FAILURE_STEPS, VRAM_STEPS_PER_GB, VRAM_UNKNOWN
 
 #: Scoring factors, in the order the kernels store them.
 FACTORS: tuple[str, ...] = ("region", "load", "pool", "warm", "gpu", "reliability")
@@ -51,7 +52,10 @@ MAX_LABELS = 64  # labels of an agent, required labels of a request
 MAX_MODELS = 256  # cached models of an agent, required models of a request
 MAX_EXCLUDED = 1024  # agents a request excludes
 MAX_WEIGHT = 1e6  # so that the sum of the weights is finite
-MAX_VRAM_GB = 16_383.75  # quarter GB in a uint16, one code kept for unknown
+#: The largest VRAM the fleet can store: the largest ``vram_gb`` code that is not the unknown
+#: code, in GB. With quarter-GB steps in a uint16 (VRAM_UNKNOWN = 65535): 65534 / 4 = 16383.5.
+#: (16383.75 was accepted before and stored as code 65535, read back as unknown.)
+MAX_VRAM_GB = (VRAM_UNKNOWN - 1) / VRAM_STEPS_PER_GB
 MAX_LOCALITY_WAIT_S = 86_400.0  # a day: longer than any task is worth waiting for a warm agent
 #: Latest accepted time, seconds since the epoch: the end of 9999-12-31 UTC (253402300800.0;
 #: ``datetime.max`` rounds to it as a float), so every UTC ``datetime`` fits.
@@ -302,13 +306,14 @@ def _int_input(value: Any, info: ValidationInfo) -> Any:
 
 
 def _quarter_gb(value: float | None) -> float | None:
-    """VRAM down to the quarter GB, as the fleet stores it (never more than the agent has)."""
-    return None if value is None else math.floor(value * 4) / 4
+    """VRAM down to the fleet's step (a quarter GB), as the fleet stores it (never more than
+    the agent has)."""
+    return None if value is None else math.floor(value * VRAM_STEPS_PER_GB) / VRAM_STEPS_PER_GB
 
 
 def _failure_steps(value: float) -> float:
-    """A failure rate to the nearest 1/32768, as the fleet stores it."""
-    return round(value * 32768) / 32768
+    """A failure rate to the nearest step of the fleet's (1/32768), as the fleet stores it."""
+    return round(value * FAILURE_STEPS) / FAILURE_STEPS
 
 
 def _bool_input(value: Any) -> Any:

@@ -27,7 +27,8 @@ from scoring import (
 from scoring import reference as R
 from scoring.contract.errors import RunValidationError
 from scoring.holds import SlotHolds, restrict
-from scoring.models import MAX_TIMESTAMP
+from scoring.layout import VRAM_STEPS_PER_GB, VRAM_UNKNOWN
+from scoring.models import MAX_TIMESTAMP, MAX_VRAM_GB
 from tests.strategies import NOW
 
 TEAM = uuid.UUID("7f9c2a52-0d1e-4b7a-9a43-5a1f0c3b2d10")
@@ -290,3 +291,38 @@ def test_defect_2_one_team_cannot_fill_the_gpu_name_table():
     assert fleet.get("b-1").running_count == 0 and len(fleet.get("b-1").cached_models) == 256
     fleet.heartbeat("b-1", NOW, cached_models={"b0/model-0"})  # frees b-1's 256 names
     fleet.heartbeat("b-1", NOW, cached_models={f"x{i}" for i in range(255)})
+
+
+# --- the largest VRAM: derived from the layout, never stored as unknown -------------------------
+
+
+@pytest.mark.parametrize(
+    ("vram_gb", "min_vram_gb", "eligible"),
+    [
+        # the largest accepted value: code 65534 = 16383.5 * 4, one below VRAM_UNKNOWN (65535)
+        (16_383.5, 16_383.5, True),
+        (16_383.5, 16_383.25, True),  # floor code 65533 <= 65534
+        (16_383.25, 16_383.5, False),  # code 65533 < floor 65534
+        (None, 0.0, False),  # unknown fails any minimum, even 0
+    ],
+    ids=["largest-meets-largest", "largest-meets-less", "less-misses-largest", "unknown"],
+)
+def test_vram_at_the_largest_code_is_known_and_compared(vram_gb, min_vram_gb, eligible):
+    agents = [_agent("big", vram_gb=vram_gb)]
+    fleet = Fleet.from_agents(agents)
+    assert fleet.get("big").vram_gb == vram_gb  # not read back as unknown
+    request = DispatchRequest(team_id=TEAM, min_vram_gb=min_vram_gb, tie_key="t")
+    got = pick_agent(fleet, request, now=NOW)
+    expected = R.pick_agent(agents, request, now=NOW)
+    assert (got.agent_id is not None) is eligible
+    assert got.agent_id == expected.agent_id and got.rejected == expected.rejected
+
+
+def test_vram_above_the_largest_code_is_refused():
+    """16383.75 (code 65535) was accepted and stored as unknown: a min_vram_gb rejected the
+    agent while the reference picked it."""
+    assert MAX_VRAM_GB == (VRAM_UNKNOWN - 1) / VRAM_STEPS_PER_GB == 16_383.5
+    with pytest.raises(ValidationError, match="vram_gb"):
+        _agent("big", vram_gb=16_383.75)
+    with pytest.raises(ValidationError, match="min_vram_gb"):
+        DispatchRequest(team_id=TEAM, min_vram_gb=16_383.75)
