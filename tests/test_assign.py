@@ -37,9 +37,8 @@ def _outcome(decisions):
     return [(d.agent_id, d.deferred, d.waiting_for) for d in decisions]
 
 
-@settings(max_examples=200)
-@given(queues())
-def test_assign_equals_reference(queue):
+def equals_reference(queue) -> None:
+    """``assign`` places, defers and leaves the queue as the reference does."""
     agents, reqs, policy = queue
     fleet = Fleet.from_agents(agents)
     got = assign(fleet, reqs, policy, now=NOW)
@@ -49,8 +48,20 @@ def test_assign_equals_reference(queue):
     assert sorted(fleet.agents(), key=by_id) == sorted(after, key=by_id)
 
 
+@settings(max_examples=200)
+@given(queues())
+def test_assign_equals_reference(queue):
+    equals_reference(queue)
+
+
 @given(queues())
 def test_without_a_wait_assign_is_a_dispatch_loop(queue):
+    is_a_dispatch_loop(queue)
+
+
+def is_a_dispatch_loop(queue) -> None:
+    """Without a wait, ``assign`` equals a loop of ``Fleet.dispatch``: decisions (counts,
+    eligible, factors, explanations, rows) and the fleet afterwards."""
     agents, reqs, policy = queue
     policy = policy.model_copy(update={"locality_wait_s": 0.0})
     fleet, loop = Fleet.from_agents(agents), Fleet.from_agents(agents)
@@ -256,29 +267,12 @@ def retried_queues(draw, max_agents: int = 30, max_requests: int = 14):
 @settings(max_examples=200)
 @given(retried_queues())
 def test_retried_requests_assign_equals_reference(queue):
-    agents, reqs, policy = queue
-    fleet = Fleet.from_agents(agents)
-    got = assign(fleet, reqs, policy, now=NOW)
-    expected, after = R.assign(agents, reqs, policy, now=NOW)
-    assert _outcome(got) == [(a.agent_id, a.deferred, a.waiting_for) for a in expected]
-    by_id = lambda a: a.agent_id  # noqa: E731
-    assert sorted(fleet.agents(), key=by_id) == sorted(after, key=by_id)
+    equals_reference(queue)
 
 
 @settings(max_examples=200)
 @given(retried_queues())
 def test_retried_requests_without_a_wait_are_a_dispatch_loop(queue):
-    """Counts, eligible and factors too: each request's own exclusions are counted as the pick
-    counts them, though its group's heap and counts are shared."""
-    agents, reqs, policy = queue
-    policy = policy.model_copy(update={"locality_wait_s": 0.0})
-    fleet, loop = Fleet.from_agents(agents), Fleet.from_agents(agents)
-    got = assign(fleet, reqs, policy, now=NOW)
-    order = sorted(range(len(reqs)), key=lambda i: (reqs[i].submitted_at or NOW, i))
-    expected = {i: loop.dispatch(reqs[i], policy, now=NOW) for i in order}
-    for i, decision in enumerate(got):
-        want = expected[i]
-        assert decision == want
-        assert (decision.factors, decision.rejected, decision.explain(), decision.row) == (
-            want.factors, want.rejected, want.explain(), want.row)  # fmt: skip
-    assert fleet.agents() == loop.agents()
+    """Each request's own exclusions are counted as the pick counts them, though its group's
+    heap and counts are shared."""
+    is_a_dispatch_loop(queue)
