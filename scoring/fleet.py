@@ -589,9 +589,9 @@ class Fleet:
         """Give back names (flat index lists or per-agent lists, as :meth:`_names_at` and
         :meth:`_acquire` give them) and narrow what they widened. The teams' shares are read
         from ``names["team"]``, else ``team`` (an interned team) when not -1."""
-        teams = names.get("team")
-        if teams is not None or team >= 0:
-            per_agent = teams is not None and bool(teams) and isinstance(teams[0], list)
+        teams = names.get("team") or []
+        if teams or team >= 0:
+            per_agent = isinstance(teams[0], list) if teams else False
             owners = [t[0] for t in teams] if per_agent else [teams[0] if teams else team]
             for column, shares in self._shares.items():
                 ids = names.get(column)
