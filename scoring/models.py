@@ -62,6 +62,16 @@ MAX_LOCALITY_WAIT_S = 86_400.0  # a day: longer than any task is worth waiting f
 MAX_TIMESTAMP = datetime.max.replace(tzinfo=UTC).timestamp()
 
 
+def running_count(committed: int, in_flight: int = 0) -> int:
+    """The running-count rule a dispatcher reports to its Fleet: the reservations committed (in
+    the database) plus those in flight (placed, not yet committed), at most ``MAX_SLOTS``.
+
+    >>> running_count(3, 2), running_count(MAX_SLOTS, 1)
+    (5, 65535)
+    """
+    return min(committed + in_flight, MAX_SLOTS)
+
+
 class AgentStatus(StrEnum):
     """Lifecycle state an agent reports; only ``idle`` and ``busy`` agents can take a task."""
 

@@ -152,3 +152,12 @@ def test_copies_are_validated_and_recompute_cached_values():
     request = DispatchRequest(team_id=TEAM)
     assert request.labels_needed == {"comfyui"}
     assert request.model_copy(update={"tool_type": "nerfstudio"}).labels_needed == {"nerfstudio"}
+
+
+def test_running_count_is_committed_plus_in_flight_at_most_max_slots():
+    """The server's one rule for the count it reports to its Fleet (scoring.models)."""
+    from scoring.models import MAX_SLOTS, running_count
+
+    assert running_count(3) == 3 and running_count(3, 2) == 5
+    assert running_count(MAX_SLOTS - 1, 1) == MAX_SLOTS
+    assert running_count(MAX_SLOTS, 7) == MAX_SLOTS
