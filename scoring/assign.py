@@ -104,6 +104,14 @@ def assign(
         return batch.decisions(order)
 
 
+def deferral_ends(submitted_at: float, locality_wait_s: float) -> float:
+    """When a deferral of a request submitted at ``submitted_at`` ends: from then on its age is
+    not below ``locality_wait_s``, so ``assign`` never defers it again (DESIGN section 9). The
+    one place this rule is written: :attr:`Decision.deferred_until` and the simulation's
+    dispatcher read it."""
+    return submitted_at + locality_wait_s
+
+
 def _entries(requests: list[DispatchRequest], now: float) -> tuple[np.ndarray, ...]:
     """The requests' kind ids, tie key hashes, submission times (``now`` for none) and numbers
     of excluded agents, as arrays (views of their :attr:`DispatchRequest.queue_entry` joined)."""
@@ -156,6 +164,7 @@ class _Batch:
         now: float,
     ) -> None:
         self.fleet, self.policy, self.now, self.queue = fleet, policy, now, queue
+        self.submitted = submitted
         # one group per kind id (exclusions apart: each request's own, see _exclusions),
         # numbered in the ids' order; first: a request of each
         _, first, req_group = np.unique(kind_ids, return_index=True, return_inverse=True)
@@ -277,8 +286,10 @@ class _Batch:
         rest = np.flatnonzero(state != A.PLACED)
         if rest.size:
             outcome = version * 4 + state
-            # a request's own exclusions make its outcome its own (negative: no version is)
-            outcome[self.excluding] = -1 - self.excluding
+            # a request's own exclusions, or its own deferral's end, make its outcome its own
+            # (negative: no version is)
+            own = np.union1d(self.excluding, np.flatnonzero(state == A.DEFERRED))
+            outcome[own] = -1 - own
             outcome = outcome[rest]
             _, first, inverse = np.unique(outcome, return_index=True, return_inverse=True)
             made = np.empty(first.size, object)
@@ -317,8 +328,10 @@ class _Batch:
             waiting = self.busy[g] if deferred else ()
             if deferred and self.queue[i].exclude_agents:
                 waiting = [a for a in waiting if a not in self.queue[i].exclude_agents]
+            until = deferral_ends(float(self.submitted[i]), self.policy.locality_wait_s)
             made.append(Decision(None, None, (), e, rejected, considered[g], missing[g],
-                                 deferred=deferred, waiting_for=waiting))  # fmt: skip
+                                 deferred=deferred, waiting_for=waiting,
+                                 deferred_until=until if deferred else None))  # fmt: skip
         return made
 
     def _busy_warm(self, g: int) -> list[str]:

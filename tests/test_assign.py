@@ -276,3 +276,25 @@ def test_retried_requests_without_a_wait_are_a_dispatch_loop(queue):
     """Each request's own exclusions are counted as the pick counts them, though its group's
     heap and counts are shared."""
     is_a_dispatch_loop(queue)
+
+
+def test_a_deferred_decision_says_when_its_deferral_ends():
+    """``deferred_until`` = ``submitted_at + locality_wait_s`` (scoring.assign.deferral_ends),
+    per request; at that time the same request is placed instead of deferred."""
+    from scoring.assign import deferral_ends
+
+    agents = [
+        Agent(agent_id="warm", team_id=TEAM, status="busy", labels={"comfyui"},
+              last_heartbeat=NOW, gpu_capacity=1, running_count=1, cached_models={MODEL}),
+        Agent(agent_id="cold", team_id=TEAM, status="idle", labels={"comfyui"},
+              last_heartbeat=NOW, gpu_capacity=2),
+    ]  # fmt: skip
+    policy = WAIT.model_copy(update={"deferrals_per_slot": 2})
+    runs = [DispatchRequest(team_id=TEAM, required_models={MODEL}, tie_key=f"run-{i}",
+                            submitted_at=NOW - i) for i in range(2)]  # fmt: skip
+    first, second = assign(Fleet.from_agents(agents), runs, policy, now=NOW)
+    assert first.deferred and second.deferred
+    assert first.deferred_until == deferral_ends(NOW, WAIT.locality_wait_s) == NOW + 5.0
+    assert second.deferred_until == NOW - 1 + 5.0
+    late = assign(Fleet.from_agents(agents), runs[1:], policy, now=second.deferred_until)
+    assert late[0].agent_id == "cold" and late[0].deferred_until is None
