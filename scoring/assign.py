@@ -50,7 +50,7 @@ import numpy as np
 
 from scoring import _assign_kernels as A
 from scoring import _kernels as K
-from scoring.decision import Decision, decided
+from scoring.decision import Decision, decided, ending
 from scoring.fleet import Fleet
 from scoring.layout import Query
 from scoring.models import QUEUE_ENTRY, DispatchRequest, ScoringPolicy
@@ -286,15 +286,17 @@ class _Batch:
         rest = np.flatnonzero(state != A.PLACED)
         if rest.size:
             outcome = version * 4 + state
-            # a request's own exclusions, or its own deferral's end, make its outcome its own
-            # (negative: no version is)
-            own = np.union1d(self.excluding, np.flatnonzero(state == A.DEFERRED))
-            outcome[own] = -1 - own
+            # a request's own exclusions make its outcome its own (negative: no version is)
+            outcome[self.excluding] = -1 - self.excluding
             outcome = outcome[rest]
             _, first, inverse = np.unique(outcome, return_index=True, return_inverse=True)
             made = np.empty(first.size, object)
             made[:] = self._waiting(rest[first])
             out[rest] = made[inverse]
+            deferred = rest[state[rest] == A.DEFERRED]
+            ends = deferral_ends(self.submitted[deferred], self.policy.locality_wait_s)
+            for p, end in zip(deferred.tolist(), ends.tolist(), strict=True):
+                out[p] = ending(out[p], end)  # shared but for when each deferral ends
         if order is not None:
             out[order] = out.copy()
         return out.tolist()
@@ -328,10 +330,8 @@ class _Batch:
             waiting = self.busy[g] if deferred else ()
             if deferred and self.queue[i].exclude_agents:
                 waiting = [a for a in waiting if a not in self.queue[i].exclude_agents]
-            until = deferral_ends(float(self.submitted[i]), self.policy.locality_wait_s)
             made.append(Decision(None, None, (), e, rejected, considered[g], missing[g],
-                                 deferred=deferred, waiting_for=waiting,
-                                 deferred_until=until if deferred else None))  # fmt: skip
+                                 deferred=deferred, waiting_for=waiting))  # fmt: skip
         return made
 
     def _busy_warm(self, g: int) -> list[str]:
