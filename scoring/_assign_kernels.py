@@ -49,14 +49,15 @@ NONE, PLACED, DEFERRED, LATER = 0, 1, 2, 3
 
 
 @jit_inline
-def _group_query(g, common, groups, tie_key_hash):
-    """Group ``g``'s Query, for a request with ``tie_key_hash``."""
+def _group_query(g, common, groups, tie_key_hash, excluded):
+    """Group ``g``'s Query, for a request with ``tie_key_hash`` that excludes the sorted rows
+    ``excluded`` (a group holds requests of one kind: their exclusions are their own)."""
     now, timeout, weights, tie_band, shared, fleet_size = common
-    (team, community, labels, labels_unknown, min_vram, ex_off, ex_flat, models, n_models,
-     region_table, gpu_table, rows_off, rows_flat) = groups  # fmt: skip
+    (team, community, labels, labels_unknown, min_vram, models, n_models, region_table,
+     gpu_table, rows_off, rows_flat) = groups  # fmt: skip
     return Query(
         timeout, team[g], community[g], labels[g], labels_unknown[g], min_vram[g],
-        ex_flat[ex_off[g] : ex_off[g + 1]], models[g], n_models[g], region_table[g],
+        excluded, models[g], n_models[g], region_table[g],
         gpu_table[g], weights, tie_band, rows_flat[rows_off[g] : rows_off[g + 1]],
         shared if community[g] else shared[:0], True, fleet_size, now, tie_key_hash,
     )  # fmt: skip
@@ -103,15 +104,25 @@ def _full(c, r):
 
 
 @jit_inline
-def _take(c, q, keys, rows, base, size, tie_rows, tie_scores):
-    """Reserve the heap's best row for the request whose tie key hash is in ``q``.
+def _take(c, q, keys, rows, base, size, tie_rows, tie_scores, aside_rows, aside_keys):
+    """Reserve the heap's best row for the request whose tie key hash and exclusions are in
+    ``q``.
 
     Returns ``(row, score, factors, size)``; ``row`` -1 when the heap holds no row with a free
-    slot. ``score`` and ``factors`` are the row's before its reservation.
+    slot that the request does not exclude. ``score`` and ``factors`` are the row's before its
+    reservation. Rows the request excludes are popped aside (into ``aside_rows`` and
+    ``aside_keys``, as long as ``q.excluded``) and pushed back before returning: the heap is
+    its group's, shared by requests that exclude different agents.
     """
-    while size > 0:  # a valid top: free, and its key its current score
+    n_aside = 0
+    while size > 0:  # a valid top: free, not excluded, and its key its current score
         r = rows[base]
         if _full(c, r):
+            size = _pop(keys, rows, base, size)
+            continue
+        if _is_excluded(q, r):
+            aside_rows[n_aside], aside_keys[n_aside] = r, keys[base]
+            n_aside += 1
             size = _pop(keys, rows, base, size)
             continue
         s = _score(c, q, r)
@@ -121,19 +132,25 @@ def _take(c, q, keys, rows, base, size, tie_rows, tie_scores):
             continue
         break
     if size == 0:
+        for k in range(n_aside):
+            size = _push(keys, rows, base, size, aside_keys[k], aside_rows[k])
         nan = np.nan
         return -1, nan, (nan, nan, nan, nan, nan, nan), size
     best = keys[base]
     cut = best - q.tie_band if q.tie_band > 0.0 else best
     m = 0
     while size > 0 and keys[base] >= cut:  # every row within the band, re-scored
-        r = rows[base]
+        r, keys_popped = rows[base], keys[base]
         size = _pop(keys, rows, base, size)
         if m == 0:  # the top: free, and scored just now
             tie_rows[0], tie_scores[0] = r, best
             m = 1
             continue
         if _full(c, r):
+            continue
+        if _is_excluded(q, r):
+            aside_rows[n_aside], aside_keys[n_aside] = r, keys_popped
+            n_aside += 1
             continue
         s = _score(c, q, r)
         if s >= cut:
@@ -149,6 +166,8 @@ def _take(c, q, keys, rows, base, size, tie_rows, tie_scores):
     for k in range(m):
         if k != j:
             size = _push(keys, rows, base, size, tie_scores[k], tie_rows[k])
+    for k in range(n_aside):
+        size = _push(keys, rows, base, size, aside_keys[k], aside_rows[k])
     r = tie_rows[j]
     factors = _factors(c, q, r)
     c.running_count[r] += 1  # reserve: one more running, an idle agent turns busy
@@ -226,14 +245,14 @@ def _busy_warm(c, q, g, warm, warm_rows):
 
 @jit_inline
 def _passes_but_capacity(c, common, groups, g, r):
-    """Whether row ``r`` is in group ``g``'s pool and passes every filter but ``capacity``.
+    """Whether row ``r`` is in group ``g``'s pool and passes every filter but ``capacity`` (and
+    ``excluded``: a group's requests each exclude their own rows, see ``_own_exclusions``).
 
-    The same rules as ``_filters`` and ``_is_excluded``, read straight from the packed groups:
-    building a whole Query for each group at each placement cost more than the rest of the
-    placement (measured).
+    The same rules as ``_filters``, read straight from the packed groups: building a whole
+    Query for each group at each placement cost more than the rest of the placement (measured).
     """
     now, timeout = common[0], common[1]
-    (team, community, labels, labels_unknown, min_vram, ex_off, ex_flat) = groups[:7]
+    (team, community, labels, labels_unknown, min_vram) = groups[:5]
     if c.team[r] != team[g] and not (community[g] and c.opt_pos[r] >= 0):
         return False, False  # outside the pool
     if now - c.last_heartbeat[r] > timeout or c.status[r] > LAST_ELIGIBLE_STATUS:
@@ -247,9 +266,7 @@ def _passes_but_capacity(c, common, groups, g, r):
         v = c.vram_gb[r]
         if v == VRAM_UNKNOWN or v < min_vram[g]:
             return True, False
-    lo, hi = ex_off[g], ex_off[g + 1]
-    k = lo + np.searchsorted(ex_flat[lo:hi], r)
-    return True, not (k < hi and ex_flat[k] == r)
+    return True, True
 
 
 @jit_inline
@@ -268,9 +285,22 @@ def _account(c, common, groups, r, counts, eligible, versions):
                 eligible[g] -= 1
 
 
+@jit_inline
+def _own_exclusions(c, q, i, out_counts, out_eligible):
+    """Request ``i``'s counts from its group's: each agent of the pool it excludes counts under
+    ``excluded``, and one eligible fewer if it passes every other filter now."""
+    for k in range(q.excluded.shape[0]):
+        mask = _mask(c, q, q.excluded[k], False)
+        if not mask & POOL_BIT:
+            out_counts[i, EXCLUDED] += 1
+            if mask == 0:
+                out_eligible[i] -= 1
+
+
 @jit_row
-def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, warm, warm_rows,
-            deferrals, counts, eligible, versions, tie_rows, tie_scores, out):  # fmt: skip
+def _assign(c, common, groups, req_group, req_hash, req_excluded, req_young, req_later, heap,
+            warm, warm_rows, deferrals, counts, eligible, versions, tie_rows, tie_scores, aside,
+            out):  # fmt: skip
     """Place requests (in the order of ``req_group``) and write what happened to each into
     ``out`` = ``(state, row, score, factors, eligible, counts, version)``: ``version`` is
     ``versions[g]`` of the request's group ``g`` when the request was considered; it changes
@@ -279,29 +309,38 @@ def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, 
 
     A young request (``req_young``) with required models takes a warm row, else is deferred when
     a warm row is merely full and fewer than ``per_slot`` times its busy slots were deferred in
-    its template before it, else is marked LATER (to place in a second call, ``req_later``).
-    ``deferrals`` = ``(per_slot, template of each group, deferred so far per template, busy
-    warm slots per group)``; the last is a cache (-1: not counted yet), dropped whenever a
-    placement fills a row: only then can a group's busy warm slots change within a call.
+    its kind before it, else is marked LATER (to place in a second call, ``req_later``).
+    ``deferrals`` = ``(per_slot, kind of each group, deferred so far per kind, busy warm slots
+    per group)``; the last is a cache (-1: not counted yet), dropped whenever a placement fills
+    a row: only then can a group's busy warm slots change within a call. A request's own
+    exclusions (``req_excluded`` = ``(offsets, sorted rows)``, CSR) are applied to its group's
+    counts and heaps as it is considered; ``aside`` = ``(rows, keys)`` has room for the most
+    exclusions a request can have.
     """
     per_slot, template, deferred, busy = deferrals
+    ex_off, ex_rows = req_excluded
     state, out_row, out_score, out_factors, out_eligible, out_counts, out_version = out
     for i in range(req_group.shape[0]):
         g = req_group[i]
-        q = _group_query(g, common, groups, req_hash[i])
+        q = _group_query(g, common, groups, req_hash[i], ex_rows[ex_off[i] : ex_off[i + 1]])
         out_eligible[i] = eligible[g]
         out_version[i] = versions[g]
         for k in range(N_REASONS):
             out_counts[i, k] = counts[g, k]
+        _own_exclusions(c, q, i, out_counts, out_eligible)
         if req_young[i] and not req_later[i]:
             r, s, f, size = _take(c, q, warm[0], warm[1], warm[2][g], warm[3][g], tie_rows,
-                                  tie_scores)  # fmt: skip
+                                  tie_scores, aside[0], aside[1])  # fmt: skip
             warm[3][g] = size
             if r < 0:
                 t = template[g]
-                if busy[g] < 0:
-                    busy[g] = _busy_warm(c, q, g, warm, warm_rows)
-                if deferred[t] < per_slot * busy[g]:
+                if q.excluded.shape[0]:  # its own busy warm slots: not the group's
+                    slots = _busy_warm(c, q, g, warm, warm_rows)
+                else:
+                    if busy[g] < 0:
+                        busy[g] = _busy_warm(c, q, g, warm, warm_rows)
+                    slots = busy[g]
+                if deferred[t] < per_slot * slots:
                     state[i] = DEFERRED
                     deferred[t] += 1
                 else:
@@ -309,7 +348,7 @@ def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, 
                 continue
         else:
             r, s, f, size = _take(c, q, heap[0], heap[1], heap[2][g], heap[3][g], tie_rows,
-                                  tie_scores)  # fmt: skip
+                                  tie_scores, aside[0], aside[1])  # fmt: skip
             heap[3][g] = size
             if r < 0:
                 state[i] = NONE
@@ -324,8 +363,8 @@ def _assign(c, common, groups, req_group, req_hash, req_young, req_later, heap, 
 
 @jit_row
 def _init_groups(c, common, groups, heap, warm, warm_rows, counts, labels_and, considered,
-                 eligible):  # fmt: skip
+                 eligible, no_rows):  # fmt: skip
     for g in range(eligible.shape[0]):
-        q = _group_query(g, common, groups, _NONE)
+        q = _group_query(g, common, groups, _NONE, no_rows)
         _init_group(c, q, g, heap, warm, warm_rows, counts, labels_and, considered)
         eligible[g] = heap[3][g]

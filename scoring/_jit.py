@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from numba import config, njit, typeof
 from numba.core import types
 from numba.core.extending import intrinsic
@@ -111,6 +112,20 @@ else:
         return word(word), codegen
 
 
+def python_values(value: Any) -> Any:
+    """``value`` with every numpy scalar in it (in tuples, at any depth) made a Python number.
+
+    A compiled kernel returns Python ints and floats; the same kernel run as Python
+    (``NUMBA_DISABLE_JIT=1``) returns numpy scalars, which must not reach a Decision
+    (``json.dumps`` refuses ``numpy.int64``).
+    """
+    if isinstance(value, tuple):
+        return tuple(python_values(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 class NativeEntry:
     """Call a kernel's compiled entry point directly, skipping numba's per-call type dispatch.
 
@@ -151,8 +166,13 @@ class NativeEntry:
 
     def _resolve(self, args: tuple[Any, ...]) -> Callable[..., Any]:
         if config.DISABLE_JIT:  # type: ignore[attr-defined]  # a plain Python function
-            self._entry, self._check = self._dispatcher, False
-            return self._dispatcher
+            dispatcher = self._dispatcher
+
+            def entry(*args: Any) -> Any:
+                return python_values(dispatcher(*args))
+
+            self._entry, self._check = entry, False
+            return entry
         types = tuple(typeof(a) for a in args)
         self._dispatcher.compile(types)  # loads from the on-disk cache when it can
         self._entry, self._types = self._dispatcher.overloads[types].entry_point, types

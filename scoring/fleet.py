@@ -37,7 +37,7 @@ import numpy as np
 from scoring import checks
 from scoring._kernels import _remap_bits, _scratch
 from scoring.hashing import stable_hash64
-from scoring.intern import Interner
+from scoring.intern import Interner, TeamShares
 from scoring.layout import (
     BITSETS,
     COLUMNS,
@@ -47,6 +47,8 @@ from scoring.layout import (
     Columns,
 )
 from scoring.models import (
+    MAX_LABELS,
+    MAX_MODELS,
     STATUS_CODES,
     Agent,
     AgentStatus,
@@ -55,6 +57,16 @@ from scoring.models import (
 
 _STATUSES = tuple(AgentStatus)
 _SMALL_INDEX_LIMIT = int(np.iinfo(np.int16).max)  # live regions and GPU models per fleet
+#: Distinct names one team's agents may use at once, per table (:class:`TeamShares`): four
+#: times what one agent may carry for labels and models (a team's agents need not be alike),
+#: 64 regions and GPU models. So one team widens every row's bitsets by at most 4 + 16 words
+#: (160 bytes; 100 agents of one team took 8,000 before), and filling the region or GPU-model
+#: table takes 512 teams, not one. A bound per team, not per fleet: many teams that each use
+#: their whole share still widen every row (the cost of one bit per name per row).
+TEAM_SHARES = {"region": 64, "gpu_model": 64, "labels": 4 * MAX_LABELS,
+               "cached_models": 4 * MAX_MODELS}  # fmt: skip
+_NAMES = {"region": "regions", "gpu_model": "GPU models", "labels": "labels",
+          "cached_models": "cached models"}  # fmt: skip
 _MIN_ROWS = 16
 _IDLE, _BUSY = STATUS_CODES[AgentStatus.IDLE], STATUS_CODES[AgentStatus.BUSY]
 
@@ -87,6 +99,8 @@ class Fleet:
         self._gpus = Interner(first=1, limit=_SMALL_INDEX_LIMIT)  # 0 = unknown
         self._labels = Interner()
         self._models = Interner()
+        self._shares = {column: TeamShares(limit, _NAMES[column])
+                        for column, limit in TEAM_SHARES.items()}  # fmt: skip
         self._n = 0
         self._data = _allocate({}, 0, _MIN_ROWS, dict.fromkeys(BITSETS, 1))
         self._team_rows: list[np.ndarray] = []  # by interned team: its rows, then free space
@@ -198,16 +212,22 @@ class Fleet:
         with self._lock:
             row = self._row(agent_id)
             old: dict[str, list[int]] = {}
+            team = int(self._data["team"][row])
             if models is not None:
                 self._changed()
                 taken = {"cached_models": self._models.acquire(models)}
+                try:
+                    self._shares["cached_models"].add(self._teams.name(team), list(models))
+                except BaseException:
+                    self._release_names(taken)
+                    raise
                 try:
                     staged = self._prepare(0, taken)
                     width = staged.data["cached_models"].shape[1]
                     bits = _bitset_rows([taken["cached_models"]], width)
                     old = {"cached_models": _bits(self._data["cached_models"][row])}
                 except BaseException:
-                    self._release(taken)
+                    self._release(taken, team)
                     raise
                 # Nothing below can fail.
                 self._commit(staged)
@@ -218,7 +238,7 @@ class Fleet:
                 d["status"][row] = code
             if running_count is not None:
                 d["running_count"][row] = running_count
-            self._release(old)
+            self._release(old, team)
 
     def heartbeat_many(
         self,
@@ -444,14 +464,25 @@ class Fleet:
             ("labels", self._labels, lambda a: a.labels),
             ("cached_models", self._models, lambda a: a.cached_models),
         ]
+        shared: list[tuple[TeamShares, int, list[Any]]] = []  # what the teams' shares took
         try:
             for column, interner, names_of in steps:
                 per_agent = [list(names_of(a)) for a in agents]
                 flat = interner.acquire(n for names in per_agent for n in names)
                 it = iter(flat)
                 taken[column] = [[next(it) for _ in names] for names in per_agent]
+                shares = self._shares.get(column)
+                if shares is not None:
+                    by_team: dict[int, list[Any]] = {}
+                    for agent, names in zip(agents, per_agent, strict=True):
+                        by_team.setdefault(agent.team_id.int, []).extend(names)
+                    for team, names in by_team.items():
+                        shares.add(team, names)
+                        shared.append((shares, team, names))
         except BaseException:
-            self._release({k: [i for ids in v for i in ids] for k, v in taken.items()})
+            for shares, team, names in shared:
+                shares.remove(team, names)
+            self._release_names({k: [i for ids in v for i in ids] for k, v in taken.items()})
             raise
         return taken
 
@@ -561,8 +592,25 @@ class Fleet:
             "cached_models": _bits(d["cached_models"][row]),
         }
 
-    def _release(self, names: dict[str, list[Any]]) -> None:
-        """Give back names (flat index lists or per-agent lists) and narrow what they widened."""
+    def _release(self, names: dict[str, list[Any]], team: int = -1) -> None:
+        """Give back names (flat index lists or per-agent lists, as :meth:`_names_at` and
+        :meth:`_acquire` give them) and narrow what they widened. The teams' shares are read
+        from ``names["team"]``, else ``team`` (an interned team) when not -1."""
+        teams = names.get("team") or []
+        if teams or team >= 0:
+            per_agent = isinstance(teams[0], list) if teams else False
+            owners = [t[0] for t in teams] if per_agent else [teams[0] if teams else team]
+            for column, shares in self._shares.items():
+                ids = names.get(column)
+                if not ids:
+                    continue
+                interner = self._interner(column)
+                for owner, own in zip(owners, ids if per_agent else [ids], strict=True):
+                    shares.remove(self._teams.name(owner), [interner.name(i) for i in own])
+        self._release_names(names)
+
+    def _release_names(self, names: dict[str, list[Any]]) -> None:
+        """:meth:`_release` without the teams' shares (names no share counted yet)."""
         for column, ids in names.items():
             flat = [i for x in ids for i in (x if isinstance(x, list) else [x])]
             self._interner(column).release(flat)

@@ -16,6 +16,10 @@ the next runs may have wanted. Two holds keep such a slot for a moment:
   the same few free slots at once and all but one lose the race (``scoring.server.shares``).
 
 After its hold a slot is anyone's: a hold delays a placement by at most a second, never forever.
+The hold for warm runs starts again at a change of the agent's count only after it has been open
+for as long as it was held (so an agent whose count keeps changing while it has free slots is
+open to every run at least half the time, in windows of at least :data:`HOLD_S`), and a clock
+stepped back ends every hold instead of stretching it until the clock catches up.
 The owner's grace applies only while the queue is longer than the free slots (the races it
 prevents need that); the hold for warm runs always (a cold run then takes a slot that has been
 free a while, when there is one, rather than the one a warm run may be about to want). Holds
@@ -84,6 +88,7 @@ class SlotHolds:
         self._saturated = False
         self._owners: dict[str, bool] = {}  # agent id -> owned by another replica
         self._free_since: dict[str, tuple[int, float]] = {}  # agent -> (count, seen since)
+        self._fresh_from: dict[str, float] = {}  # agent -> start of its hold for warm runs
         self._release: float | None = None
         self._lock = threading.Lock()
 
@@ -106,21 +111,31 @@ class SlotHolds:
         free = {
             fleet.agent_id_at(row): n for row, n in zip(free_rows.tolist(), counts, strict=True)
         }
+        fresh_from, hold_s = self._fresh_from, self.hold_s
         for agent in list(since):
             if agent not in free:
                 del since[agent]
+                fresh_from.pop(agent, None)
         for agent, n in free.items():
-            # A hold runs from the last change of the agent's count seen free: an owner that
-            # keeps the agent busy changes it between syncs, an owner with no use for it not.
+            # The owner's grace runs from the last change of the agent's count seen free: an
+            # owner that keeps the agent busy changes it between syncs, one with no use for it
+            # not. The hold for warm runs starts there too, but not again until it has been
+            # open for as long as it was held: a count that keeps changing on an agent with
+            # free slots would otherwise hold them from cold runs for good.
             if since.get(agent, (None, 0.0))[0] != n:
                 since[agent] = (n, now)
-        fresh = frozenset(a for a in free if now - since[a][1] < self.hold_s)
-        ends = [since[a][1] + self.hold_s for a in fresh]
+                start = fresh_from.get(agent)
+                if start is None or not 0.0 <= now - start < 2 * hold_s:
+                    fresh_from[agent] = now
+        # A time before a hold's start (a clock stepped back) ends the hold: held only while
+        # 0 <= now - start < its length, so no hold outlasts its length whatever the clock does.
+        fresh = frozenset(a for a in free if 0.0 <= now - fresh_from[a] < hold_s)
+        ends = [fresh_from[a] + hold_s for a in fresh]
         foreign: frozenset[str] = frozenset()
         if len(replicas) > 1 and saturated:
             foreign = frozenset(
                 a for a in free
-                if now - since[a][1] < self.grace_s and self._foreign(a, replicas)
+                if 0.0 <= now - since[a][1] < self.grace_s and self._foreign(a, replicas)
             )  # fmt: skip
             ends += [since[a][1] + self.grace_s for a in foreign]
         self._release = min(ends, default=None)

@@ -177,3 +177,61 @@ class Interner:
         self._names, self._counts, self._free = names, counts, []
         self.version += 1
         return old_to_new
+
+
+class TeamShares:
+    """How many distinct names of one table each team uses at once, bounded per team.
+
+    The fleet's name tables are shared by every team: label and model names widen every row's
+    bitsets, and the region and GPU-model tables hold at most 32,767 names. Without a share, one
+    team's agents (each within its own limits) could widen another team's fleet a hundredfold
+    or fill a table so that no other team's new name fits. Names are counted by reference, as
+    in :class:`Interner`; a name several teams use counts once for each of them.
+    """
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self._held: dict[Hashable, dict[Hashable, int]] = {}  # team -> name -> references
+
+    def add(self, team: Hashable, names: Iterable[Hashable]) -> None:
+        """Count one reference of ``team`` to each of ``names``, all or nothing.
+
+        Raises ``ValueError`` (counting nothing) when the team would then use more than
+        ``limit`` distinct names.
+        """
+        names = list(names)
+        if not names:
+            return
+        held = self._held.get(team, {})
+        new = {n for n in names if n not in held}
+        if len(held) + len(new) > self.limit:
+            raise ValueError(f"a team's agents use at most {self.limit} distinct {self.what} "
+                             "at once")  # fmt: skip
+        counts = self._held.setdefault(team, held)
+        done = 0
+        try:
+            for name in names:
+                counts[name] = counts.get(name, 0) + 1
+                done += 1
+        except BaseException:  # memory: give back what was counted
+            self.remove(team, names[:done])
+            raise
+
+    def remove(self, team: Hashable, names: Iterable[Hashable]) -> None:
+        """Drop one reference of ``team`` to each of ``names`` (counted before). Cannot fail."""
+        held = self._held.get(team)
+        if held is None:
+            return
+        for name in names:
+            left = held[name] - 1
+            if left:
+                held[name] = left
+            else:
+                del held[name]
+        if not held:
+            del self._held[team]
+
+    def used(self, team: Hashable) -> int:
+        """The number of distinct names ``team`` uses."""
+        return len(self._held.get(team, ()))

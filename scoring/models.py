@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from scoring.hashing import stable_hash64
+from scoring.layout import FAILURE_STEPS, VRAM_STEPS_PER_GB, VRAM_UNKNOWN
 
 #: Scoring factors, in the order the kernels store them.
 FACTORS: tuple[str, ...] = ("region", "load", "pool", "warm", "gpu", "reliability")
@@ -51,11 +52,24 @@ MAX_LABELS = 64  # labels of an agent, required labels of a request
 MAX_MODELS = 256  # cached models of an agent, required models of a request
 MAX_EXCLUDED = 1024  # agents a request excludes
 MAX_WEIGHT = 1e6  # so that the sum of the weights is finite
-MAX_VRAM_GB = 16_383.75  # quarter GB in a uint16, one code kept for unknown
+#: The largest VRAM the fleet can store: the largest ``vram_gb`` code that is not the unknown
+#: code, in GB. With quarter-GB steps in a uint16 (VRAM_UNKNOWN = 65535): 65534 / 4 = 16383.5.
+#: (16383.75 was accepted before and stored as code 65535, read back as unknown.)
+MAX_VRAM_GB = (VRAM_UNKNOWN - 1) / VRAM_STEPS_PER_GB
 MAX_LOCALITY_WAIT_S = 86_400.0  # a day: longer than any task is worth waiting for a warm agent
 #: Latest accepted time, seconds since the epoch: the end of 9999-12-31 UTC (253402300800.0;
 #: ``datetime.max`` rounds to it as a float), so every UTC ``datetime`` fits.
 MAX_TIMESTAMP = datetime.max.replace(tzinfo=UTC).timestamp()
+
+
+def running_count(committed: int, in_flight: int = 0) -> int:
+    """The running-count rule a dispatcher reports to its Fleet: the reservations committed (in
+    the database) plus those in flight (placed, not yet committed), at most ``MAX_SLOTS``.
+
+    >>> running_count(3, 2), running_count(MAX_SLOTS, 1)
+    (5, 65535)
+    """
+    return min(committed + in_flight, MAX_SLOTS)
 
 
 class AgentStatus(StrEnum):
@@ -302,13 +316,14 @@ def _int_input(value: Any, info: ValidationInfo) -> Any:
 
 
 def _quarter_gb(value: float | None) -> float | None:
-    """VRAM down to the quarter GB, as the fleet stores it (never more than the agent has)."""
-    return None if value is None else math.floor(value * 4) / 4
+    """VRAM down to the fleet's step (a quarter GB), as the fleet stores it (never more than
+    the agent has)."""
+    return None if value is None else math.floor(value * VRAM_STEPS_PER_GB) / VRAM_STEPS_PER_GB
 
 
 def _failure_steps(value: float) -> float:
-    """A failure rate to the nearest 1/32768, as the fleet stores it."""
-    return round(value * 32768) / 32768
+    """A failure rate to the nearest step of the fleet's (1/32768), as the fleet stores it."""
+    return round(value * FAILURE_STEPS) / FAILURE_STEPS
 
 
 def _bool_input(value: Any) -> Any:
@@ -335,6 +350,17 @@ def _agent_ids_input(value: Any, info: ValidationInfo) -> frozenset[str]:
 
 def _text_input(value: Any, info: ValidationInfo) -> str | None:
     return _optional_text(value, _field(info))
+
+
+def _uuid_input(value: Any, info: ValidationInfo) -> Any:
+    """A UUID or its string form (DESIGN section 3), nothing else: pydantic's lax UUID would take
+    any 16 raw bytes (``b"0123456789abcdef"``) or an integer-like value as an id."""
+    if isinstance(value, UUID):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{_field(info)} must be a UUID or its string form, got "
+                         f"{type(value).__name__}")  # fmt: skip
+    return valid_text(value, _field(info))
 
 
 Slots = Annotated[int, Strict(), Field(ge=0, le=MAX_SLOTS), BeforeValidator(_int_input)]
@@ -366,6 +392,8 @@ Labels = Annotated[frozenset[str], BeforeValidator(_labels_input)]
 Names = Annotated[frozenset[str], BeforeValidator(_models_input)]
 AgentIds = Annotated[frozenset[str], BeforeValidator(_agent_ids_input)]
 OptionalText = Annotated[str | None, BeforeValidator(_text_input)]
+#: A UUID, given as one or as its string form (never raw bytes).
+Uuid = Annotated[UUID, BeforeValidator(_uuid_input)]
 
 
 class cached:  # a decorator, named like functools.cached_property
@@ -416,7 +444,7 @@ class Agent(_Record):
     """
 
     agent_id: Annotated[str, BeforeValidator(_agent_id)]
-    team_id: UUID
+    team_id: Uuid
     status: AgentStatus
     labels: Labels = frozenset()
     last_heartbeat: Timestamp
@@ -453,10 +481,13 @@ class Numbering:
 
 
 #: :attr:`DispatchRequest.queue_entry`'s fields, as a numpy dtype and as a ``struct`` format.
-QUEUE_ENTRY = np.dtype([("template_id", "<i8"), ("tie_key_hash", "<u8"), ("submitted_at", "<f8")])
-QUEUE_ENTRY_STRUCT = struct.Struct("<qQd")
+QUEUE_ENTRY = np.dtype(
+    [("kind_id", "<i8"), ("tie_key_hash", "<u8"), ("submitted_at", "<f8"), ("n_excluded", "<i8")]
+)
+QUEUE_ENTRY_STRUCT = struct.Struct("<qQdq")
 assert QUEUE_ENTRY.itemsize == QUEUE_ENTRY_STRUCT.size
 TEMPLATES = Numbering()  # DispatchRequest.template_id
+KINDS = Numbering()  # DispatchRequest.kind_id
 TRANSLATIONS = Numbering()  # DispatchRequest.translation_id
 
 
@@ -467,7 +498,7 @@ class DispatchRequest(_Record):
     in :func:`scoring.assign` and bounds how long a request may wait for a warm agent.
     """
 
-    team_id: UUID
+    team_id: Uuid
     target_pool: Literal["team", "community"] = "team"
     submitter_region: Region = None
     tool_type: Literal["comfyui", "nerfstudio"] = "comfyui"
@@ -483,10 +514,21 @@ class DispatchRequest(_Record):
     def template(self) -> tuple[Any, ...]:
         """Everything but the tie key and the submission time that decides which agents are
         eligible and how they score: requests with equal templates rank a fleet alike."""
+        return (*self.kind, self.exclude_agents)
+
+    @cached
+    def kind(self) -> tuple[Any, ...]:
+        """:attr:`template` without ``exclude_agents``: requests of one kind score every agent
+        alike and differ at most in a few agents they exclude (retried tasks), so
+        :func:`scoring.assign` serves them from one heap and bounds their deferrals together."""
         # the team as its int: a tuple's hash is not kept, and a UUID hashes in Python
         return (self.team_id.int, self.target_pool, self.labels_needed, self.min_vram_gb,
-                self.required_models, self.exclude_agents, self.submitter_region,
-                self.preferred_gpu)  # fmt: skip
+                self.required_models, self.submitter_region, self.preferred_gpu)  # fmt: skip
+
+    @cached
+    def kind_id(self) -> int:
+        """A number for :attr:`kind`, as :attr:`template_id` is for the template."""
+        return KINDS(self.kind)
 
     @cached
     def template_id(self) -> int:
@@ -509,15 +551,17 @@ class DispatchRequest(_Record):
 
     @cached
     def queue_entry(self) -> bytes:
-        """``template_id``, the tie key's hash and ``submitted_at`` (NaN: submitted now) packed as
-        :data:`QUEUE_ENTRY` (int64, uint64, float64): what :func:`scoring.assign` reads of a
+        """``kind_id``, the tie key's hash, ``submitted_at`` (NaN: submitted now) and the number
+        of excluded agents packed as :data:`QUEUE_ENTRY` (int64, uint64, float64, int64): what
+        :func:`scoring.assign` reads of a
         queued request, one object a request that a queue's entries are joined from into one
         array without a conversion per number. A waiting request is offered to every assignment
         until it is placed; reading three attributes and converting them took 1.9 ms a queue of
         10,000, this 0.9 ms (measured, the requests out of cache)."""
         at = self.submitted_at
-        return QUEUE_ENTRY_STRUCT.pack(self.template_id, int(self.tie_key_hash),
-                                       math.nan if at is None else at)  # fmt: skip
+        return QUEUE_ENTRY_STRUCT.pack(self.kind_id, int(self.tie_key_hash),
+                                       math.nan if at is None else at,
+                                       len(self.exclude_agents))  # fmt: skip
 
     @cached
     def tie_key_hash(self) -> np.uint64:
@@ -653,7 +697,8 @@ class ScoringPolicy(_Record):
     the production trace at loads 0.1 to 0.3 (notebooks/WEIGHTS.md): cold loads fall from
     0.33-0.47 to 0.15-0.32 and the e2e p95 by 4-9% where queues are long.
 
-    ``deferrals_per_slot`` bounds how many requests of one template ``assign`` defers in a call:
+    ``deferrals_per_slot`` bounds how many requests of one kind (their template apart from
+    ``exclude_agents``: :attr:`DispatchRequest.kind`) ``assign`` defers in a call:
     at most this many per busy slot of the warm agents they wait for, oldest first (each slot
     frees when its run ends, so a deferral beyond them waits for a second run to end: longer
     than the cold load it avoids). The rest load cold at once. ``MAX_SLOTS`` is no bound in

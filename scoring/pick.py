@@ -15,7 +15,7 @@ import numpy as np
 
 from scoring import _kernels as K
 from scoring import checks
-from scoring._jit import NativeEntry
+from scoring._jit import NativeEntry, python_values
 from scoring.decision import Decision, RankedAgent, decided
 from scoring.fleet import Fleet
 from scoring.layout import PER_CALL, Query
@@ -97,8 +97,8 @@ def decide(
         out = K._pick_parallel(fleet.columns, q, threads * CHUNKS_PER_THREAD)
         row, score, eligible, factors, counts, labels_and = out
         rejected, considered = K._rejected(counts, n, q.fleet_size)
-        return tally(fleet, parts, (row, score, eligible, factors, rejected, considered),
-                     labels_and)  # fmt: skip
+        picked = python_values((row, score, eligible, factors, rejected, considered))
+        return tally(fleet, parts, picked, labels_and)
     counts, labels_and = fleet.scratch()
     return tally(fleet, parts, _pick_entry(*fleet.columns, counts, labels_and, *q),
                  labels_and)  # fmt: skip

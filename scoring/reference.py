@@ -247,10 +247,12 @@ def assign(
     order = sorted(range(len(requests)), key=lambda i: (submitted(requests[i]), i))
     out: list[Assignment | None] = [None] * len(requests)
     cold = []
-    deferred: dict[tuple, int] = {}  # requests deferred so far, by template
+    deferred: dict[tuple, int] = {}  # requests deferred so far, by kind (template but exclusions)
     for i in order:
         r = requests[i]
-        young = now - submitted(r) < policy.locality_wait_s
+        # a request stamped after ``now`` (a skewed clock) is no younger than zero: never
+        # deferred, so a far-future stamp cannot buy an endless wait
+        young = 0.0 <= now - submitted(r) < policy.locality_wait_s
         if not (young and r.required_models):
             out[i] = place(r, list(fleet.values()))
             continue
@@ -260,8 +262,8 @@ def assign(
         busy_slots = sum(a.running_count for a in full)  # each frees when its run ends
         if free:
             out[i] = place(r, free)
-        elif deferred.get(r.template, 0) < policy.deferrals_per_slot * busy_slots:
-            deferred[r.template] = deferred.get(r.template, 0) + 1
+        elif deferred.get(r.kind, 0) < policy.deferrals_per_slot * busy_slots:
+            deferred[r.kind] = deferred.get(r.kind, 0) + 1
             waiting_for = tuple(sorted(a.agent_id for a in full))
             out[i] = Assignment(None, deferred=True, waiting_for=waiting_for)
         else:

@@ -41,9 +41,8 @@ def _outcome(decisions):
     return [(d.agent_id, d.deferred, d.waiting_for) for d in decisions]
 
 
-@settings(max_examples=200)
-@given(queues())
-def test_assign_equals_reference(queue):
+def equals_reference(queue) -> None:
+    """``assign`` places, defers and leaves the queue as the reference does."""
     agents, reqs, policy = queue
     fleet = Fleet.from_agents(agents)
     got = assign(fleet, reqs, policy, now=NOW)
@@ -53,8 +52,20 @@ def test_assign_equals_reference(queue):
     assert sorted(fleet.agents(), key=by_id) == sorted(after, key=by_id)
 
 
+@settings(max_examples=200)
+@given(queues())
+def test_assign_equals_reference(queue):
+    equals_reference(queue)
+
+
 @given(queues())
 def test_without_a_wait_assign_is_a_dispatch_loop(queue):
+    is_a_dispatch_loop(queue)
+
+
+def is_a_dispatch_loop(queue) -> None:
+    """Without a wait, ``assign`` equals a loop of ``Fleet.dispatch``: decisions (counts,
+    eligible, factors, explanations, rows) and the fleet afterwards."""
     agents, reqs, policy = queue
     policy = policy.model_copy(update={"locality_wait_s": 0.0})
     fleet, loop = Fleet.from_agents(agents), Fleet.from_agents(agents)
@@ -247,3 +258,65 @@ def test_the_assign_kernel_compiles_once_for_every_shape_of_queue():
         for d in placed:
             fleet.release(d.agent_id)
     assert len(A._assign.signatures) == 1
+
+
+# --- requests of one kind that exclude different agents (retried tasks) ------------------------
+
+
+@st.composite
+def retried_queues(draw, max_agents: int = 30, max_requests: int = 14):
+    """``(agents, requests, policy)``: a queue of a few kinds, each request excluding its own
+    few agents (a retried task excludes the agents it failed on), with mixed ages."""
+    agents = draw(agent_lists(0, max_agents))
+    ids = [a.agent_id for a in agents] or ["nobody"]
+    kinds = draw(st.lists(requests(ids), min_size=1, max_size=3))
+    queue = []
+    for i in range(draw(st.integers(0, max_requests))):
+        age = draw(ages)
+        excluded = draw(st.sets(st.sampled_from(ids), max_size=4))
+        queue.append(draw(st.sampled_from(kinds)).model_copy(update={
+            "exclude_agents": excluded, "tie_key": f"task-{i}",
+            "submitted_at": None if age is None else NOW - age}))  # fmt: skip
+    policy = draw(policies())
+    per_slot = draw(st.sampled_from([1, 2, models.MAX_SLOTS]))
+    return (
+        agents,
+        queue,
+        policy.model_copy(update={"locality_wait_s": draw(waits), "deferrals_per_slot": per_slot}),
+    )
+
+
+@settings(max_examples=200)
+@given(retried_queues())
+def test_retried_requests_assign_equals_reference(queue):
+    equals_reference(queue)
+
+
+@settings(max_examples=200)
+@given(retried_queues())
+def test_retried_requests_without_a_wait_are_a_dispatch_loop(queue):
+    """Each request's own exclusions are counted as the pick counts them, though its group's
+    heap and counts are shared."""
+    is_a_dispatch_loop(queue)
+
+
+def test_a_deferred_decision_says_when_its_deferral_ends():
+    """``deferred_until`` = ``submitted_at + locality_wait_s`` (scoring.assign.deferral_ends),
+    per request; at that time the same request is placed instead of deferred."""
+    from scoring.assign import deferral_ends
+
+    agents = [
+        Agent(agent_id="warm", team_id=TEAM, status="busy", labels={"comfyui"},
+              last_heartbeat=NOW, gpu_capacity=1, running_count=1, cached_models={MODEL}),
+        Agent(agent_id="cold", team_id=TEAM, status="idle", labels={"comfyui"},
+              last_heartbeat=NOW, gpu_capacity=2),
+    ]  # fmt: skip
+    policy = WAIT.model_copy(update={"deferrals_per_slot": 2})
+    runs = [DispatchRequest(team_id=TEAM, required_models={MODEL}, tie_key=f"run-{i}",
+                            submitted_at=NOW - i) for i in range(2)]  # fmt: skip
+    first, second = assign(Fleet.from_agents(agents), runs, policy, now=NOW)
+    assert first.deferred and second.deferred
+    assert first.deferred_until == deferral_ends(NOW, WAIT.locality_wait_s) == NOW + 5.0
+    assert second.deferred_until == NOW - 1 + 5.0
+    late = assign(Fleet.from_agents(agents), runs[1:], policy, now=second.deferred_until)
+    assert late[0].agent_id == "cold" and late[0].deferred_until is None

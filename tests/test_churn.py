@@ -113,6 +113,11 @@ class _Twin:
         del self.model[agent_id]
 
 
+POOL_LABELS = [f"pool-label-{j}" for j in range(100)]
+POOL_MODELS = [f"pool-model-{j}" for j in range(300)]
+POOL_REGIONS = [f"pool-region-{j}" for j in range(20)]
+
+
 def test_hostile_churn_gives_back_every_byte_and_word():
     rng = random.Random(9)
     base = _base(800)
@@ -141,17 +146,24 @@ def test_hostile_churn_gives_back_every_byte_and_word():
             twin.upsert(agent)
         elif kind == 1:  # an existing agent changes team, opt-in and all of its names
             victim = rng.choice(base)
+            team = rng.choice([*TEAMS, uuid.UUID(int=5000 + step)])
+            # fresh names in a fresh team; in a lasting one, names of a bounded variety (a
+            # team holds at most its share of the names at once: test_engine_defects)
+            new_team = team not in TEAMS
             twin.upsert(
                 victim.model_copy(
                     update={
-                        "team_id": rng.choice([*TEAMS, uuid.UUID(int=5000 + step)]),
+                        "team_id": team,
                         "community_opt_in": not victim.community_opt_in,
-                        "labels": fresh("label", 20) | {"comfyui"},
-                        "cached_models": fresh("model", 30),
-                        "region": fresh("region", 1).pop(),
+                        "labels": (fresh("label", 20) if new_team
+                                   else set(rng.sample(POOL_LABELS, 20))) | {"comfyui"},
+                        "cached_models": fresh("model", 30) if new_team
+                                         else set(rng.sample(POOL_MODELS, 30)),
+                        "region": fresh("region", 1).pop() if new_team
+                                  else rng.choice(POOL_REGIONS),
                     }
                 )
-            )
+            )  # fmt: skip
         elif kind == 2:  # a reconnect reports new cached models (every tenth a fresh one)
             victim = rng.choice(base)
             models = set(victim.cached_models) | (fresh("model", 1) if step % 10 == 2 else set())
@@ -222,13 +234,15 @@ def test_regions_and_gpu_models_churn_past_32767_over_the_fleets_life():
 
 def test_the_live_limit_is_32767_regions_and_a_freed_one_is_reused():
     """At most 32,767 regions alive at once (the column is int16): the next one is refused,
-    changing nothing, and accepted as soon as one is freed."""
+    changing nothing, and accepted as soon as one is freed. (Filling the table takes many
+    teams: one team's agents use at most 64 regions, test_engine_defects.)"""
     agent = _base(1)[0]
     fields = dict(agent)
     agents = [
-        Agent.model_construct(**{**fields, "agent_id": f"a{i}", "region": f"r-{i}"})
+        Agent.model_construct(**{**fields, "agent_id": f"a{i}", "region": f"r-{i}",
+                                 "team_id": uuid.UUID(int=10_000 + i // 64)})
         for i in range(32_767)
-    ]
+    ]  # fmt: skip
     fleet = Fleet.from_agents(agents)
     assert fleet.regions.live == 32_767
     before = fleet_state(fleet)

@@ -496,9 +496,10 @@ def test_defect_2_picks_work_after_a_failed_label_widening():
 
 def test_defect_3_names_are_forgotten_and_memory_comes_back():
     """One agent with 5,000 labels upserted then removed took a fleet from 62 to 686 bytes per
-    agent. Agents now carry at most 64 labels and 256 models, so 100 agents bring 6,400 labels
-    and 25,600 models to a 3,000-agent fleet, then go: the fleet is exactly as large as one that
-    had the same 100 agents come and go without names, its bitsets one word again."""
+    agent. Agents now carry at most 64 labels and 256 models, so 100 agents (of 100 teams: one
+    team's agents hold at most its share of the names, see test_engine_defects) bring 6,400
+    labels and 25,600 models to a 3,000-agent fleet, then go: the fleet is exactly as large as
+    one that had the same 100 agents come and go without names, its bitsets one word again."""
     base = [
         _foreign(f"base-{i}", team_id=TEAMS[i % 2], cached_models={MODELS[i % 5]})
         for i in range(3000)
@@ -508,6 +509,7 @@ def test_defect_3_names_are_forgotten_and_memory_comes_back():
     for i in range(100):
         hostile = _foreign(
             f"hostile-{i}",
+            team_id=uuid.UUID(int=1000 + i),
             labels={f"label-{i}-{j}" for j in range(63)} | {"comfyui"},
             cached_models={f"models/{i}/{j}" for j in range(256)},
             region=f"region-{i}",

@@ -186,3 +186,12 @@ def test_excluding_bad_or_too_many_agents_is_a_validation_error(agents):
     with pytest.raises(ValidationError) as info:
         req.excluding(agents)
     assert _error_fields(info.value) == {"exclude_agents"}
+
+
+def test_running_count_is_committed_plus_in_flight_at_most_max_slots():
+    """The server's one rule for the count it reports to its Fleet (scoring.models)."""
+    from scoring.models import MAX_SLOTS, running_count
+
+    assert running_count(3) == 3 and running_count(3, 2) == 5
+    assert running_count(MAX_SLOTS - 1, 1) == MAX_SLOTS
+    assert running_count(MAX_SLOTS, 7) == MAX_SLOTS

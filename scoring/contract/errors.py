@@ -77,4 +77,6 @@ def short_repr(value: Any, limit: int = 60) -> str:
         text = repr(value)
     except ValueError:
         return "a very large integer"
+    except RecursionError:  # a body nested thousands deep (JSON allows it)
+        return f"a deeply nested {type(value).__name__}"
     return text if len(text) <= limit else text[: limit - 3] + "..."

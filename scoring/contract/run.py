@@ -13,9 +13,10 @@ Choices where DESIGN section 2 is silent (each has a test):
   (it is a ``type_mismatch``): a form that clears a field should omit it;
 - a top-level field the contract does not define is an ``unknown_key`` on that field's name;
 - a body that is not an object, or ``parameters`` that is not an object, is a ``type_mismatch``
-  (with key ``None`` and ``"parameters"`` respectively); so is a non-string ``submitter_region``;
+  (with key ``None`` and ``"parameters"`` respectively); so is a ``submitter_region`` that is
+  not a string or not valid Unicode (a lone surrogate);
 - a region is measured and normalised by :func:`scoring.models.normalize_region`, exactly as an
-  agent's region is; a string it refuses is ``region_too_long``;
+  agent's region is; valid text it refuses is ``region_too_long``;
 - a body with more than 100 parameter keys gets ``too_many_keys`` and its keys are not checked
   one by one, so a hostile body cannot make the server do unbounded work;
 - a ``comfy_cloud`` run of a ``nerfstudio`` workflow is an ``invalid_value`` on
@@ -48,7 +49,7 @@ from scoring.contract.workflow import (
     Workflow,
     request_field_type,
 )
-from scoring.models import DispatchRequest, ScoringPolicy, normalize_region
+from scoring.models import DispatchRequest, ScoringPolicy, normalize_region, valid_text
 
 if TYPE_CHECKING:  # the engine sits below the contract; validating a run never needs it
     from scoring.decision import Decision
@@ -247,8 +248,13 @@ def _check_region(value: Any, errors: list[RunError]) -> str | None:
         errors.append(RunError(ErrorCode.TYPE_MISMATCH, "submitter_region", "must be a string"))
         return None
     try:
+        valid_text(value, "submitter_region")
+    except ValueError as exc:  # a lone surrogate: not text at all, whatever its length
+        errors.append(RunError(ErrorCode.TYPE_MISMATCH, "submitter_region", str(exc)))
+        return None
+    try:
         normalize_region(value)
-    except ValueError as exc:  # for a string, only its length fails; the words are the model's
+    except ValueError as exc:  # for valid text, only its length fails; the words are the model's
         errors.append(RunError(ErrorCode.REGION_TOO_LONG, "submitter_region", str(exc)))
         return None
     return value

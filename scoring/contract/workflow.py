@@ -21,11 +21,19 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from scoring.contract.errors import ErrorCode, short_repr
 from scoring.contract.files import normalize_accept_pattern
-from scoring.models import DispatchRequest
+from scoring.models import DispatchRequest, Uuid
 
 #: Most keys one run's ``parameters`` may carry (and so most parameters one workflow may define).
 MAX_PARAMETER_KEYS = 100
@@ -124,7 +132,7 @@ class ParameterDef(_Validated):
     type: ParameterType
     label: str = ""
     description: str = ""
-    required: bool = False
+    required: Annotated[bool, Strict()] = False  # "yes", 1 or "on" is no answer
     default: Any = None
     min: _Bound = None
     max: _Bound = None
@@ -206,7 +214,7 @@ class Workflow(_Validated):
 
     id: UUID
     slug: Annotated[str, Field(min_length=1, max_length=128)]
-    team_id: UUID
+    team_id: Uuid
     tool_type: ToolType = "comfyui"
     required_labels: RequestLabels = frozenset()
     default_dispatch_target: DispatchTarget | None = None

@@ -31,6 +31,7 @@ from scoring import (
     holds,
     pick_agent,
 )
+from scoring.models import running_count
 from scoring.server import db, tasks
 from scoring.server.heartbeats import PERSIST_EVERY_S
 from scoring.server.replicas import sync_fleet
@@ -362,9 +363,9 @@ class Dispatcher:
         state = self.state
         if agent_id not in state.fleet:
             return
-        count = state.reserved_in_db(agent_id) + state.pending.get(agent_id, 0)
+        count = running_count(state.reserved_in_db(agent_id), state.pending.get(agent_id, 0))
         at = state.fleet.get(agent_id).last_heartbeat
-        state.fleet.heartbeat(agent_id, at, running_count=min(count, 65535))
+        state.fleet.heartbeat(agent_id, at, running_count=count)
 
     def _queued(self, claim: Connection | None, now: float) -> list[str]:
         """The queued tasks this round considers, read by group (DESIGN section 10.2).

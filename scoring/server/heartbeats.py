@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy import update
 
 from scoring import Agent
+from scoring.models import running_count
 from scoring.server import db, tasks
 from scoring.server.auth import Principal
 from scoring.server.errors import ApiError, validation_errors
@@ -81,10 +82,10 @@ def heartbeat(state: ServerState, principal: Principal, body: Any) -> tasks.Agen
     with state.sync:
         # Read under ``sync``: a placement is either still counted in ``pending`` or already in
         # the database, never neither (dispatch.py commits first, then clears ``pending``).
-        reserved = state.reserved_in_db(agent_id) + state.pending.get(agent_id, 0)
+        reserved = running_count(state.reserved_in_db(agent_id), state.pending.get(agent_id, 0))
         running = max(agent.running_count, reserved)
         if running != agent.running_count:
-            agent = agent.model_copy(update={"running_count": min(running, 65535)})
+            agent = agent.model_copy(update={"running_count": running})
         state.fleet.upsert(agent)
     if running < agent.gpu_capacity:
         state.wake.set()

@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from scoring import Agent
 from scoring.holds import SlotHolds
+from scoring.models import running_count
 from scoring.server import db, shares
 from scoring.server.state import ServerState
 
@@ -57,7 +58,7 @@ def sync_fleet(state: ServerState, seen: dict[str, tuple[Any, float]]) -> int:
             if (row.last_heartbeat or 0.0) >= fresh
         )
         for row in rows:
-            count = min(int(row.running_count) + state.pending.get(row.id, 0), 65535)
+            count = running_count(int(row.running_count), state.pending.get(row.id, 0))
             at = row.last_heartbeat or 0.0
             before = seen.get(row.id)
             if before is not None and at > before[1]:

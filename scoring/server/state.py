@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from scoring import Agent, Fleet, ScoringPolicy
 from scoring.holds import SlotHolds
+from scoring.models import running_count
 from scoring.server import db
 from scoring.server.auth import Authenticator
 from scoring.server.metrics import Metrics
@@ -120,9 +121,9 @@ class ServerState:
                 for _ in range(n):
                     self.fleet.release(agent_id)
                 return
-            count = self.reserved_in_db(agent_id) + self.pending.get(agent_id, 0)
+            count = running_count(self.reserved_in_db(agent_id), self.pending.get(agent_id, 0))
             at = self.fleet.get(agent_id).last_heartbeat
-            self.fleet.heartbeat(agent_id, at, running_count=min(count, 65535))
+            self.fleet.heartbeat(agent_id, at, running_count=count)
 
     def reserved_in_db(self, agent_id: str) -> int:
         """The agent's committed reservations."""

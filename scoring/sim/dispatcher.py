@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scoring import DispatchRequest, Fleet
+from scoring.assign import deferral_ends
 from scoring.sim.agents import team_uuid
 from scoring.sim.policies import Policy
 from scoring.sim.workload import Task
@@ -264,7 +265,7 @@ class Dispatcher:
 
     def _defer(self, state: TaskState) -> None:
         self.deferrals += 1
-        at = state.submitted + self.policy.wait_s + _EXPIRY_SLACK_S
+        at = deferral_ends(state.submitted, self.policy.wait_s) + _EXPIRY_SLACK_S
         if state.expiry != at:  # deferred again within the same bound: already on the heap
             state.expiry = at
             heapq.heappush(self.expiries, (at, state.seq, state))
