@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-#: Why a task went back to the queue: its agent stopped sending heartbeats, it was not started
-#: within the start timeout, or its attempt failed (and attempts are left).
+#: Why a task went back to the queue: its agent stopped sending heartbeats, its agent's
+#: heartbeats stopped listing it, it was not started within the start timeout, or its attempt
+#: failed (and attempts are left).
 Cause = Literal["agent_lost", "not_listed", "start_timeout", "failure"]
 CAUSES: tuple[Cause, ...] = ("agent_lost", "not_listed", "start_timeout", "failure")
 #: The dispatcher's counters (``Dispatcher.stats``) exported, with their help text.
