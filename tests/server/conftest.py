@@ -149,6 +149,14 @@ def example_body(file_key: str) -> dict[str, Any]:
     }
 
 
+def task_status(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    """``GET /r/tasks/{task_id}``'s answer (which must be 200)."""
+    r = client.get(f"/r/tasks/{task_id}")
+    assert r.status_code == 200, r.text
+    answer: dict[str, Any] = r.json()
+    return answer
+
+
 def wait_for(predicate: Any, timeout: float = 30.0, every: float = 0.05) -> Any:
     """Poll until ``predicate()`` is truthy; returns its value or fails the test."""
     deadline = time.monotonic() + timeout

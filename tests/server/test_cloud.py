@@ -14,7 +14,15 @@ from sqlalchemy import select
 
 from scoring.server import cloud, db
 from tests.server.comfy_standin import ComfyStandIn
-from tests.server.conftest import ServerProcess, add_team, example_body, free_port, upload, wait_for
+from tests.server.conftest import (
+    ServerProcess,
+    add_team,
+    example_body,
+    free_port,
+    task_status,
+    upload,
+    wait_for,
+)
 
 CLOUD_KEY = "comfy-test-key-1"
 
@@ -74,11 +82,7 @@ def submit(client: httpx.Client, workflow_id: str, body: dict[str, Any]) -> str:
     return str(r.json()["task_id"])
 
 
-def task(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    r = client.get(f"/r/tasks/{task_id}")
-    assert r.status_code == 200, r.text
-    answer: dict[str, Any] = r.json()
-    return answer
+task = task_status
 
 
 def ended(client: httpx.Client, task_id: str, timeout: float = 30.0) -> dict[str, Any]:

@@ -23,7 +23,15 @@ from sqlalchemy import func, select
 from scoring.server import db
 from scoring.server.agent import FakeAgent
 
-from .conftest import ROOT, ServerProcess, example_body, new_database, upload, wait_for
+from .conftest import (
+    ROOT,
+    ServerProcess,
+    example_body,
+    new_database,
+    task_status,
+    upload,
+    wait_for,
+)
 
 HEARTBEAT = {"status": "idle", "gpu_capacity": 1, "labels": ["gpu", "comfyui"]}
 
@@ -56,11 +64,7 @@ def submit(server: ServerProcess, client: httpx.Client, **headers: str) -> str:
     return str(r.json()["task_id"])
 
 
-def status(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    r = client.get(f"/r/tasks/{task_id}")
-    assert r.status_code == 200, r.text
-    found: dict[str, Any] = r.json()
-    return found
+status = task_status
 
 
 def reserved(server: ServerProcess) -> dict[str, int]:
