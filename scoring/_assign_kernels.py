@@ -239,7 +239,7 @@ def _busy_warm(c, q, g, warm, warm_rows):
     for k in range(n):
         r = warm_rows[base + k]
         if _mask(c, q, r, False) == CAPACITY_BIT and not _is_excluded(q, r):
-            slots += c.running_count[r]
+            slots += np.int64(c.running_count[r])  # uint16: no wraparound without the JIT
     return slots
 
 

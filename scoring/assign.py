@@ -303,9 +303,9 @@ class _Batch:
             made[:] = self._waiting(rest[first])
             out[rest] = made[inverse]
             deferred = rest[state[rest] == A.DEFERRED]
-            ends = deferral_ends(self.submitted[deferred], self.policy.locality_wait_s)
-            for p, end in zip(deferred.tolist(), ends.tolist(), strict=True):
-                out[p] = ending(out[p], end)  # shared but for when each deferral ends
+            wait = self.policy.locality_wait_s
+            for p, at in zip(deferred.tolist(), self.submitted[deferred].tolist(), strict=True):
+                out[p] = ending(out[p], deferral_ends(at, wait))  # shared but for when it ends
         if order is not None:
             out[order] = out.copy()
         return out.tolist()
