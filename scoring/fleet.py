@@ -148,7 +148,7 @@ class Fleet:
                 self._insert([agent])
                 self._settle()
                 return
-            names = self._acquire([agent])
+            names = self._acquire([agent], replacing=row)
             try:
                 staged = self._prepare(0, names, [agent], row)
                 old = self._names_at(row)
@@ -216,8 +216,10 @@ class Fleet:
             if models is not None:
                 self._changed()
                 taken = {"cached_models": self._models.acquire(models)}
+                going = self._share_names("cached_models", row)
                 try:
-                    self._shares["cached_models"].add(self._teams.name(team), list(models))
+                    owner = self._teams.name(team)
+                    self._shares["cached_models"].add(owner, list(models), going.get(owner, ()))
                 except BaseException:
                     self._release_names(taken)
                     raise
@@ -454,8 +456,9 @@ class Fleet:
         self._strays += len(agents)
         self._view = None
 
-    def _acquire(self, agents: list[Agent]) -> dict[str, list[Any]]:
-        """Take every name the records use (all or nothing)."""
+    def _acquire(self, agents: list[Agent], replacing: int = -1) -> dict[str, list[Any]]:
+        """Take every name the records use (all or nothing); ``replacing``: the row the one
+        record replaces (its names count as given back for its team's share)."""
         taken: dict[str, list[Any]] = {}
         steps: list[tuple[str, Interner, Callable[[Agent], Iterable[Any]]]] = [
             ("team", self._teams, lambda a: (a.team_id.int,)),
@@ -476,8 +479,9 @@ class Fleet:
                     by_team: dict[int, list[Any]] = {}
                     for agent, names in zip(agents, per_agent, strict=True):
                         by_team.setdefault(agent.team_id.int, []).extend(names)
+                    going = self._share_names(column, replacing)
                     for team, names in by_team.items():
-                        shares.add(team, names)
+                        shares.add(team, names, going.get(team, ()))
                         shared.append((shares, team, names))
         except BaseException:
             for shares, team, names in shared:
@@ -591,6 +595,16 @@ class Fleet:
             "labels": _bits(d["labels"][row]),
             "cached_models": _bits(d["cached_models"][row]),
         }
+
+    def _share_names(self, column: str, row: int) -> dict[Any, list[Any]]:
+        """``{team: names}`` of ``column`` held by ``row`` (none for -1), as the teams' shares
+        count them."""
+        if row < 0:
+            return {}
+        held = self._names_at(row)
+        interner = self._interner(column)
+        team = self._teams.name(held["team"][0])
+        return {team: [interner.name(i) for i in held[column]]}
 
     def _release(self, names: dict[str, list[Any]], team: int = -1) -> None:
         """Give back names (flat index lists or per-agent lists, as :meth:`_names_at` and

@@ -194,8 +194,13 @@ class TeamShares:
         self.what = what
         self._held: dict[Hashable, dict[Hashable, int]] = {}  # team -> name -> references
 
-    def add(self, team: Hashable, names: Iterable[Hashable]) -> None:
+    def add(
+        self, team: Hashable, names: Iterable[Hashable], replacing: Iterable[Hashable] = ()
+    ) -> None:
         """Count one reference of ``team`` to each of ``names``, all or nothing.
+
+        ``replacing``: names of ``team`` the same update gives back just after (an agent's
+        record replaced); the limit applies to what the team uses once they are gone.
 
         Raises ``ValueError`` (counting nothing) when the team would then use more than
         ``limit`` distinct names.
@@ -204,8 +209,12 @@ class TeamShares:
         if not names:
             return
         held = self._held.get(team, {})
-        new = {n for n in names if n not in held}
-        if len(held) + len(new) > self.limit:
+        going: dict[Hashable, int] = {}
+        for name in replacing:
+            going[name] = going.get(name, 0) + 1
+        kept = sum(1 for name, refs in held.items() if refs > going.get(name, 0))
+        new = {n for n in names if held.get(n, 0) <= going.get(n, 0)}
+        if kept + len(new) > self.limit:
             raise ValueError(f"a team's agents use at most {self.limit} distinct {self.what} "
                              "at once")  # fmt: skip
         counts = self._held.setdefault(team, held)

@@ -281,16 +281,19 @@ def test_defect_2_one_team_cannot_fill_the_gpu_name_table():
         fleet.upsert(_agent("b-64", team_id=TEAM_B, gpu_model="GPU model 64"))
     fleet.upsert(_agent("b-64", team_id=TEAM_B, gpu_model="GPU model 0"))  # a name it holds
     fleet.upsert(_agent("a-0", gpu_model="NVIDIA GeForce RTX 4090"))  # team A's new name fits
-    # a heartbeat's models count against the agent's team too, and a refused one changes nothing
+    # a heartbeat's models count against the agent's team too, net of the names it replaces,
+    # and a refused one changes nothing
     team_c = uuid.UUID(int=78)
     for k in range(4):
         fleet.remove(f"b-{k}")
         fleet.upsert(_hostile(k, team=team_c))
+    fleet.upsert(_agent("c-extra", team_id=team_c, labels={"b0-label-0"}))  # at its share
     with pytest.raises(ValueError, match="cached models"):
-        fleet.heartbeat("b-1", NOW, running_count=1, cached_models={f"x{i}" for i in range(256)})
-    assert fleet.get("b-1").running_count == 0 and len(fleet.get("b-1").cached_models) == 256
+        fleet.heartbeat("c-extra", NOW, running_count=1, cached_models={"x0"})
+    assert fleet.get("c-extra").running_count == 0 and fleet.get("c-extra").cached_models == set()
+    fleet.heartbeat("b-1", NOW, cached_models={f"x{i}" for i in range(256)})  # replaces its 256
     fleet.heartbeat("b-1", NOW, cached_models={"b0/model-0"})  # frees b-1's 256 names
-    fleet.heartbeat("b-1", NOW, cached_models={f"x{i}" for i in range(255)})
+    fleet.heartbeat("c-extra", NOW, cached_models={f"x{i}" for i in range(255)})
 
 
 # --- the largest VRAM: derived from the layout, never stored as unknown -------------------------
@@ -326,3 +329,27 @@ def test_vram_above_the_largest_code_is_refused():
         _agent("big", vram_gb=16_383.75)
     with pytest.raises(ValidationError, match="min_vram_gb"):
         DispatchRequest(team_id=TEAM, min_vram_gb=16_383.75)
+
+
+def test_an_agent_at_its_teams_share_may_replace_its_names():
+    """The share counts what the team uses once a record is replaced (the replaced names are
+    given back): an agent of a team at its limit may report other models instead of its own,
+    by upsert or by heartbeat; a net increase is still refused."""
+    from scoring.fleet import TEAM_SHARES
+
+    per = 256
+    n = TEAM_SHARES["cached_models"] // per
+    team = uuid.UUID(int=7)
+
+    def agent(i: int, models: list[str]) -> Agent:
+        return Agent(agent_id=f"a{i}", team_id=team, status="idle", labels={"comfyui"},
+                     last_heartbeat=0.0, gpu_capacity=1, cached_models=set(models))  # fmt: skip
+
+    fleet = Fleet.from_agents([agent(i, [f"m{i}-{j}" for j in range(per)]) for i in range(n)])
+    fleet.upsert(agent(0, [f"new-{j}" for j in range(per)]))
+    assert fleet.get("a0").cached_models == {f"new-{j}" for j in range(per)}
+    fleet.heartbeat("a1", 1.0, cached_models=[f"other-{j}" for j in range(per)])
+    assert fleet.get("a1").cached_models == {f"other-{j}" for j in range(per)}
+    with pytest.raises(ValueError, match="at most"):
+        fleet.upsert(agent(n, ["one-more"]))
+    assert len(fleet) == n

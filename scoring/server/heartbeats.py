@@ -64,6 +64,16 @@ def heartbeat(state: ServerState, principal: Principal, body: Any) -> tasks.Agen
         raise ApiError.many(400, unknown)
     record = agent.model_dump(mode="json", exclude={"agent_id", "team_id", "last_heartbeat"})
     with state.sync:
+        # Read under ``sync``: a placement is either still counted in ``pending`` or already in
+        # the database, never neither (dispatch.py commits first, then clears ``pending``).
+        reserved = running_count(state.reserved_in_db(agent_id), state.pending.get(agent_id, 0))
+        running = max(agent.running_count, reserved)
+        if running != agent.running_count:
+            agent = agent.model_copy(update={"running_count": running})
+        try:  # first, so that a report the Fleet refuses is never stored
+            state.fleet.upsert(agent)
+        except ValueError as exc:  # e.g. over its team's share of names (scoring.fleet)
+            raise ApiError(400, "invalid_value", str(exc)[:200]) from None
         state.heard[agent_id] = now
         last = state.persisted.get(agent_id)
         changed = last is None or last[0] != record
@@ -79,14 +89,6 @@ def heartbeat(state: ServerState, principal: Principal, body: Any) -> tasks.Agen
                 .where(db.agents.c.id == agent_id)
                 .values(record=record, gpu_capacity=agent.gpu_capacity, last_heartbeat=now)
             )
-    with state.sync:
-        # Read under ``sync``: a placement is either still counted in ``pending`` or already in
-        # the database, never neither (dispatch.py commits first, then clears ``pending``).
-        reserved = running_count(state.reserved_in_db(agent_id), state.pending.get(agent_id, 0))
-        running = max(agent.running_count, reserved)
-        if running != agent.running_count:
-            agent = agent.model_copy(update={"running_count": running})
-        state.fleet.upsert(agent)
     if running < agent.gpu_capacity:
         state.wake.set()
     return tasks.reconcile(state, agent_id, held)

@@ -7,6 +7,7 @@ the last word on every reservation (see :mod:`scoring.server.tasks`).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,8 @@ from scoring.server.auth import Authenticator
 from scoring.server.metrics import Metrics
 from scoring.server.storage import UploadStore
 from scoring.server.workflows import WorkflowRepository
+
+log = logging.getLogger("scoring.server.state")
 
 
 @dataclass
@@ -101,7 +104,10 @@ class ServerState:
                 last_heartbeat=row.last_heartbeat or 0.0,
                 **record,
             )
-            self.fleet.upsert(agent)
+            try:
+                self.fleet.upsert(agent)
+            except ValueError as exc:  # stored by an older server with other limits
+                log.warning("agent %s not restored: %s", row.id, exc)
         return len(rows)
 
     def released(self, agent_id: str, n: int = 1) -> None:

@@ -90,3 +90,38 @@ def test_explanation_reveals_nothing_about_other_teams(server: ServerProcess) ->
         )
     # One own agent, unhealthy; the other team's three agents are not mentioned at all.
     assert explain == "0/1 agents eligible: 1 status"
+
+
+def test_a_report_over_its_teams_share_of_names_is_a_400_and_not_stored(tmp_path: Any) -> None:
+    """One team's agents may use at most ``TEAM_SHARES["cached_models"]`` distinct model names
+    at once (scoring.fleet): the report that would pass it is refused with the reason, never a
+    500, and the server restarts with what it stored."""
+    from scoring.fleet import TEAM_SHARES
+
+    per_agent = 256
+    n = TEAM_SHARES["cached_models"] // per_agent + 1
+    server = ServerProcess(tmp_path, demo_agents=n)
+    server.start()
+    try:
+        answers = []
+        for i in range(n):
+            models = [f"model-{i}-{j}" for j in range(per_agent)]
+            key = server.demo["agent_keys"][f"gpu-node-{i + 1:02d}"]
+            answers.append(httpx.post(f"{server.url}/agents/heartbeat",
+                                      json={**HEARTBEAT, "cached_models": models},
+                                      headers={"Authorization": f"Bearer {key}"}))  # fmt: skip
+        assert [r.status_code for r in answers] == [200] * (n - 1) + [400]
+        error = answers[-1].json()["errors"][0]
+        assert error["code"] == "invalid_value" and "cached models" in error["message"]
+        database = db.Database(server.database)
+        with database.read() as conn:
+            stored = conn.execute(
+                select(db.agents.c.id).where(db.agents.c.record.is_not(None))
+            ).scalars().all()  # fmt: skip
+        database.dispose()
+        assert len(stored) == n - 1
+        server.stop()
+        server.start()  # the stored reports are restored
+        assert beat(server, "gpu-node-01", {**HEARTBEAT, "cached_models": ["m"]}) == []
+    finally:
+        server.stop()
