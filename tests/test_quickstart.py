@@ -40,7 +40,10 @@ def test_the_quick_start_begins_with_the_demo_and_the_tests():
 def test_make_demo_from_a_clean_clone(tmp_path):
     clone = tmp_path / "scoring"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
-    unset = ("PYTHONPATH", "NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT", "VIRTUAL_ENV")
+    # A reader's shell: not this run's make (its level and flags make a nested make print
+    # "make[1]: Entering directory" lines into the output read below), nor its environment.
+    unset = ("PYTHONPATH", "NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT", "VIRTUAL_ENV", "MAKELEVEL",
+             "MAKEFLAGS", "MFLAGS")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env["DEMO_ARGS"] = SHORT
     demo = quick_start()[0]
