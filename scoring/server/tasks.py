@@ -49,6 +49,8 @@ from scoring.server.state import ServerState
 ACTIVE = ("dispatched", "running")
 #: How long an ``Idempotency-Key`` answers with its first run (DESIGN section 10.3).
 IDEMPOTENCY_SECONDS = 24 * 3600.0
+#: Most listed task ids looked up at once (a heartbeat lists at most heartbeats.MAX_HELD).
+MAX_LISTED = 4096
 #: Heartbeats a running task may be missing from its agent's list before it is queued again (the
 #: first may have been written before the agent's start was answered).
 UNLISTED_GRACE = 1
@@ -320,7 +322,8 @@ def reconcile(state: ServerState, agent_id: str, listed: Iterable[str] | None) -
     agent that does not list them, reconciled by the timeouts only). A running task missing
     from the list for more than :data:`UNLISTED_GRACE` heartbeats is queued again
     (``not_listed``); a listed task that is not this agent's current attempt, and a running
-    task whose cancel was asked, are answered in ``cancel``. Returns the dispatched tasks not
+    task whose cancel was asked, are answered in ``cancel`` (not a task this agent completed: it
+    reports that until it reads the answer). Returns the dispatched tasks not
     yet started (with their attempt numbers), oldest first.
     """
     t = db.tasks
@@ -329,7 +332,8 @@ def reconcile(state: ServerState, agent_id: str, listed: Iterable[str] | None) -
             select(t).where(t.c.agent_id == agent_id, t.c.status.in_(ACTIVE)).order_by(t.c.id)
         ).all()
     held = None if listed is None else set(listed)
-    cancel = sorted(held - {r.id for r in rows}) if held is not None else []
+    stray = set() if held is None else held - {r.id for r in rows}
+    cancel = sorted(stray - _completed(state, agent_id, stray))
     ending: list[tuple[Any, Outcome]] = []
     marks: dict[str, int] = {}
     for r in rows:
@@ -367,6 +371,21 @@ def reconcile(state: ServerState, agent_id: str, listed: Iterable[str] | None) -
         for r in rows if r.status == "dispatched" and r.id not in ended
     ]  # fmt: skip
     return AgentView(to_start, cancel)
+
+
+def _completed(state: ServerState, agent_id: str, ids: set[str]) -> set[str]:
+    """Those of ``ids`` whose last attempt ``agent_id`` completed: an agent still lists a task
+    whose completion it reported until it reads the answer, and must then hear it again (a
+    repeated ``complete`` answers 200), not be told to drop it."""
+    if not ids:
+        return set()
+    t = db.tasks
+    with state.database.read() as conn:
+        found = conn.execute(
+            select(t.c.id).where(t.c.id.in_(sorted(ids)[:MAX_LISTED]), t.c.agent_id == agent_id,
+                                 t.c.status == "completed")
+        ).scalars()  # fmt: skip
+        return set(found)
 
 
 def dispatched_to(state: ServerState, agent_id: str) -> list[dict[str, Any]]:

@@ -460,3 +460,21 @@ def test_a_clock_stepped_back_keeps_no_silent_agent_fresh(stepped_clock_server: 
         got = wait_for(lambda: beat(server, "gpu-node-02", **more)["tasks"][1:])
         assert [t["task_id"] for t in got] == [fresh]
         assert status(client, fresh)["attempts"][0]["agent_id"] == "gpu-node-02"
+
+
+def test_an_agent_that_lost_its_completions_answer_is_not_told_to_drop_it(
+    lifecycle_server: ServerProcess,
+) -> None:
+    """The completion was committed but its answer lost (a replica killed mid-request): the agent
+    still lists the task and reports it again, answered 200, never ``cancel``."""
+    server = lifecycle_server
+    with server.client() as client:
+        beat(server, "gpu-node-01", running=[])
+        task_id = submit(server, client)
+        wait_for(lambda: beat(server, "gpu-node-01", running=[])["tasks"])
+        done = {"status": "completed", "attempt": 1, "outputs": {"images": []}}
+        assert agent_call(server, "gpu-node-01", task_id, "complete", done).status_code == 200
+        assert beat(server, "gpu-node-01", running=[task_id])["cancel"] == []
+        assert agent_call(server, "gpu-node-01", task_id, "complete", done).status_code == 200
+        # Another agent listing it is told to drop it.
+        assert beat(server, "gpu-node-02", running=[task_id])["cancel"] == [task_id]
