@@ -18,14 +18,12 @@ from scoring.models import running_count
 from scoring.server import db, tasks
 from scoring.server.auth import Principal
 from scoring.server.errors import ApiError, validation_errors
-from scoring.server.schemas import HeartbeatBody
+from scoring.server.schemas import MAX_HELD, HeartbeatBody
 from scoring.server.state import ServerState
 
 #: The task ids the agent holds (DESIGN section 10.1): not part of its Agent record.
 HELD = "running"
 REPORTED = frozenset(HeartbeatBody.model_fields) - {HELD}
-#: Most task ids one heartbeat may list as held.
-MAX_HELD = 4096
 #: An unchanged report is written to the database at most this often (the Fleet gets every
 #: one). The database's heartbeat time only decides when a silent agent's tasks are queued
 #: again, which waits for a whole heartbeat timeout anyway.

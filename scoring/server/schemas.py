@@ -11,6 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: Most task ids one heartbeat may list as held (``HeartbeatBody.running``).
+MAX_HELD = 4096
+
 TaskStatusName = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled"]
 
 
@@ -105,7 +108,7 @@ class HeartbeatBody(BaseModel):
     failure_rate: float = Field(0.0, ge=0, le=1)
     #: The task ids the agent holds (started or being started, or finished and not yet
     #: acknowledged). Omitted: not reconciled by list (older agents).
-    running: list[str] | None = Field(None, max_length=4096)
+    running: list[str] | None = Field(None, max_length=MAX_HELD)
 
 
 class AgentTask(BaseModel):

@@ -49,8 +49,6 @@ from scoring.server.state import ServerState
 ACTIVE = ("dispatched", "running")
 #: How long an ``Idempotency-Key`` answers with its first run (DESIGN section 10.3).
 IDEMPOTENCY_SECONDS = 24 * 3600.0
-#: Most listed task ids looked up at once (a heartbeat lists at most heartbeats.MAX_HELD).
-MAX_LISTED = 4096
 #: Heartbeats a running task may be missing from its agent's list before it is queued again (the
 #: first may have been written before the agent's start was answered).
 UNLISTED_GRACE = 1
@@ -382,15 +380,10 @@ def _completed(state: ServerState, agent_id: str, ids: set[str]) -> set[str]:
     t = db.tasks
     with state.database.read() as conn:
         found = conn.execute(
-            select(t.c.id).where(t.c.id.in_(sorted(ids)[:MAX_LISTED]), t.c.agent_id == agent_id,
+            select(t.c.id).where(t.c.id.in_(sorted(ids)), t.c.agent_id == agent_id,
                                  t.c.status == "completed")
         ).scalars()  # fmt: skip
         return set(found)
-
-
-def dispatched_to(state: ServerState, agent_id: str) -> list[dict[str, Any]]:
-    """The tasks dispatched to an agent and not yet started, oldest first."""
-    return reconcile(state, agent_id, None).tasks
 
 
 def _agent_task(conn: db.Connection, principal: Principal, task_id: str) -> Any:
