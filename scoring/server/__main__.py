@@ -160,12 +160,22 @@ def main(argv: list[str] | None = None) -> int:
         line = str(exc.orig if isinstance(exc, DatabaseError) else exc).splitlines()[0]
         print(f"scoring.server: cannot use database {settings.database}: {line}", file=sys.stderr)
         return 2
-    uvicorn.run(
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         access_log=False, http=protocol_class(settings.header_timeout_s, MAX_HEADER_BYTES),
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES, loop="uvloop",
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
     )  # fmt: skip
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, ending the long-polled heartbeats as soon as it is asked to stop
+        (it waits for the requests in flight before the application's shutdown runs)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.server.waiters.close()
+            super().handle_exit(sig, frame)
+
+    Server(config).run()
     return 0
 
 

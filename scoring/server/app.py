@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -51,6 +51,7 @@ from scoring.server.schemas import (
     WorkflowOut,
 )
 from scoring.server.state import ServerState
+from scoring.server.waiting import MAX_WAIT_S
 from scoring.server.workflows import to_json
 
 log = logging.getLogger("scoring.server")
@@ -144,6 +145,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         # writer: anyio's default of 40 served fewer runs per second in the load test than 8.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
         await anyio.to_thread.run_sync(startup.compile_kernels, state.policy)
+        state.commits.start()
         if sync is not None:
             sync.start()
         dispatcher.start()
@@ -152,8 +154,10 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         try:
             yield
         finally:
+            state.waiters.close()
             cloud.stop()
             dispatcher.stop()
+            state.commits.stop()
             if sync is not None:
                 sync.stop()
             state.database.dispose()
@@ -240,8 +244,14 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         """Validate a run against the workflow and queue it; 202 with its task id."""
         key = _idempotency_key(idempotency_key)
         body = limits.decode(await request.body(), empty_ok=True)
-        task_id = await run_in_threadpool(tasks.submit, state, who, workflow_id, body, key)
-        return {"task_id": task_id}
+        if key is not None:  # its own transaction: the key's earlier run is looked up first
+            task_id = await run_in_threadpool(tasks.submit, state, who, workflow_id, body, key)
+            return {"task_id": task_id}
+        try:  # on the loop when every file it names is known (no database read)
+            run = tasks.prepare(state, who, workflow_id, body, state.known_files.cached())
+        except storage.NotCached:
+            run = await run_in_threadpool(tasks.prepare, state, who, workflow_id, body)
+        return {"task_id": await state.commits.run(tasks.queue(state, run))}
 
     @router.get(
         "/r/workflows/slug/{slug}",
@@ -369,11 +379,26 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         openapi_extra=_body_doc(HeartbeatBody),
         tags=["agents"],
     )
-    async def heartbeat(request: Request, who: AgentKey) -> Any:
+    async def heartbeat(
+        request: Request,
+        who: AgentKey,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description=(
+            "Seconds to wait for work when there is none yet (long poll): answered as soon as "
+            "a task is dispatched to the agent or a cancel is asked of one it runs. At most "
+            "half the heartbeat timeout is waited, so a waiting agent never looks lost."
+        ))] = 0.0,
+    ) -> Any:  # fmt: skip
         """Report the agent's state and the tasks it holds (``running``); answers the tasks
         dispatched to it and not yet started, and the held ones to drop (``cancel``)."""
         body = limits.decode(await request.body())
+        agent = who.agent_id
+        assert agent is not None
+        since = state.waiters.mark(agent)
         view = await run_in_threadpool(heartbeats.heartbeat, state, who, body)
+        if wait > 0 and not view.tasks and not view.cancel:
+            seconds = min(wait, state.policy.heartbeat_timeout_s / 2)
+            if await state.waiters.wait(agent, seconds, since):
+                view = await run_in_threadpool(tasks.reconcile, state, agent, None)
         return {"tasks": view.tasks, "cancel": view.cancel}
 
     @router.post(
@@ -382,11 +407,11 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         responses=errors.responses(*common, *auth_errors, 404, 409),
         tags=["agents"],
     )
-    def start_task(task_id: TaskId, who: AgentKey, body: StartBody | None = None) -> Any:
+    async def start_task(task_id: TaskId, who: AgentKey, body: StartBody | None = None) -> Any:
         """The agent started its attempt of a task; 409 ``stale_attempt`` when that attempt is
         no longer current."""
         attempt = None if body is None else body.attempt
-        return tasks.start(state, who, task_id, attempt)
+        return await state.commits.run(tasks.starting(state, who, task_id, attempt))
 
     @router.post(
         "/agents/tasks/{taskId}/complete",
@@ -401,8 +426,8 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         body = _parsed(CompleteBody, limits.decode(await request.body(), constants=True))
         limits.check_outputs(body.outputs)  # before anything is stored: 400 invalid_outputs
         ok = body.status == "completed"
-        return await run_in_threadpool(
-            tasks.complete, state, who, task_id, ok, body.outputs, body.attempt
+        return await state.commits.run(
+            tasks.completing(state, who, task_id, ok, body.outputs, body.attempt)
         )
 
     return router

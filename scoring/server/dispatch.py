@@ -96,7 +96,7 @@ class Dispatcher:
         self,
         state: ServerState,
         interval: float = 1.0,
-        min_gap: float = 0.02,
+        min_gap: float = 0.002,
         claim: int = CLAIM,
         stats_path: str | None = None,
         refresh: bool = False,
@@ -180,6 +180,7 @@ class Dispatcher:
                 self._give_back(accepted)  # rolled back
                 raise
             self._give_back(accepted, resync=False)  # committed
+            state.waiters.wake(accepted)  # their long-polling heartbeats answer now
             self.stats["placements"] += len(accepted)
             total += len(accepted)
             if not retry:

@@ -24,10 +24,14 @@ from scoring.models import running_count
 from scoring.server import db
 from scoring.server.auth import Authenticator
 from scoring.server.metrics import Metrics
-from scoring.server.storage import UploadStore
+from scoring.server.commits import GroupCommit
+from scoring.server.storage import KnownFiles, UploadStore
+from scoring.server.waiting import Waiters
 from scoring.server.workflows import WorkflowRepository
 
 log = logging.getLogger("scoring.server.state")
+#: A team's Cloud key is looked up at most this often (a new key is seen within this).
+CLOUD_KEY_SECONDS = 1.0
 
 
 @dataclass
@@ -74,17 +78,34 @@ class ServerState:
     persisted: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
     #: The Prometheus metrics of this process (GET /metrics).
     metrics: Metrics = field(default_factory=Metrics)
+    #: The writer that commits submissions and agents' calls in groups (started by the app).
+    commits: GroupCommit = field(init=False)
+    #: Heartbeats waiting for work (``?wait=S``), woken by the dispatcher.
+    waiters: Waiters = field(default_factory=Waiters)
+    #: The upload store's answers for files that exist (validating a run reads no database).
+    known_files: KnownFiles = field(init=False)
+    _cloud_keys: dict[str, tuple[bool, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workflows = WorkflowRepository(self.database)
+        self.commits = GroupCommit(self.database)
+        self.known_files = KnownFiles(self.files)
         self.started_at = self.started_at or self.clock()
 
     def cloud_configured(self, team_id: str) -> bool:
-        """Whether the team has a ComfyUI Cloud API key (``admin set-cloud-key``)."""
+        """Whether the team has a ComfyUI Cloud API key (``admin set-cloud-key``; read at most
+        once a second per team, like the keys of :mod:`scoring.server.auth`)."""
+        now = time.monotonic()
+        kept = self._cloud_keys.get(team_id)
+        if kept is not None and kept[1] > now:
+            return kept[0]
         with self.database.read() as conn:
             found = conn.execute(
                 select(db.cloud_keys.c.team_id).where(db.cloud_keys.c.team_id == team_id)
             ).first()
+        if len(self._cloud_keys) > 10_000:
+            self._cloud_keys.clear()
+        self._cloud_keys[team_id] = (found is not None, now + CLOUD_KEY_SECONDS)
         return found is not None
 
     def restore_fleet(self) -> int:

@@ -88,6 +88,52 @@ class LocalFileStore:
                         size=row.size)  # fmt: skip
 
 
+class NotCached(Exception):
+    """:meth:`KnownFiles.cached` was asked of a key it has not seen: look it up in the store."""
+
+
+class KnownFiles:
+    """The upload store's answers for files that exist, kept in memory.
+
+    An uploaded file never changes owner, type or size (an upload URL stores its bytes once), so
+    a found file's :class:`FileInfo` can be kept; a missing one is asked again each time (it may
+    be uploaded next). :meth:`cached` answers without touching the store, so validating a run
+    that names known files needs neither a database read nor a worker thread.
+    """
+
+    MAX_KEPT = 100_000
+
+    def __init__(self, store: UploadStore) -> None:
+        self.store = store
+        self._kept: dict[str, FileInfo] = {}
+
+    def stat(self, key: str) -> FileInfo | None:
+        """The store's answer (kept when the file exists)."""
+        info = self._kept.get(key) if isinstance(key, str) else None
+        if info is None:
+            info = self.store.stat(key)
+            if info is not None:
+                if len(self._kept) >= self.MAX_KEPT:
+                    self._kept.clear()
+                self._kept[key] = info
+        return info
+
+    def cached(self) -> _CachedOnly:
+        """A ``FileStore`` that answers kept files and raises :class:`NotCached` for others."""
+        return _CachedOnly(self._kept)
+
+
+class _CachedOnly:
+    def __init__(self, kept: dict[str, FileInfo]) -> None:
+        self._kept = kept
+
+    def stat(self, key: str) -> FileInfo | None:
+        info = self._kept.get(key) if isinstance(key, str) else None
+        if info is None:
+            raise NotCached(key)
+        return info
+
+
 def check_file_name(name: str) -> str:
     """A file name usable as the last part of a key and of a path: no separators, no ``..``, at
     most :data:`~scoring.server.limits.MAX_FILE_NAME_BYTES` bytes of UTF-8.

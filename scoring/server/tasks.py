@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -38,9 +38,10 @@ from sqlalchemy import bindparam, case, select, update
 from sqlalchemy import text as sql
 from sqlalchemy.exc import IntegrityError
 
-from scoring import Decision, RunValidationError, validate_run
+from scoring import Decision, FileStore, RunValidationError, validate_run
 from scoring.server import db
 from scoring.server.auth import Principal
+from scoring.server.commits import Done, Work
 from scoring.server.errors import ApiError, not_found
 from scoring.server.ids import uuid7
 from scoring.server.metrics import Cause
@@ -99,6 +100,70 @@ def _event(conn: db.Connection, task_id: str, status: str, agent: str | None, at
 # --- clients -----------------------------------------------------------------------------------
 
 
+class Prepared(NamedTuple):
+    """A validated run, ready to be queued (:func:`prepare`)."""
+
+    task_id: str
+    team: str
+    workflow_id: str
+    version: int
+    dispatch_target: str
+    tool_type: str
+    parameters: dict[str, Any]
+    #: The dispatch request as JSON; ``None`` for a ``comfy_cloud`` run.
+    request: dict[str, Any] | None
+
+
+def prepare(
+    state: ServerState,
+    principal: Principal,
+    workflow_id: str,
+    body: Any,
+    files: FileStore | None = None,
+) -> Prepared:
+    """Validate a run against its workflow (the file store: ``files``, default the server's,
+    with the files it knows kept in memory).
+
+    Raises
+    ------
+    ApiError
+        404 for a missing or foreign workflow; 400 with every validation error of the body;
+        400 ``comfy_cloud_not_configured`` for a Cloud run of a team without a Cloud key.
+    scoring.server.storage.NotCached
+        From a ``files`` that answers only what it knows (the caller asks the store then).
+    """
+    found = state.workflows.by_id(principal.team_id, workflow_id)
+    if found is None:
+        raise not_found("workflow")
+    workflow, version = found
+    team = str(principal.team_id)
+    task_id = str(uuid7())
+    try:
+        run = validate_run(workflow, body, principal.team_id, files or state.known_files,
+                           task_id=task_id)  # fmt: skip
+    except RunValidationError as exc:
+        errors = [{"code": str(e.code), "key": e.key, "message": e.message} for e in exc.errors]
+        raise ApiError.many(400, errors) from None
+    request = None if run.dispatch_request is None else run.dispatch_request.model_dump(mode="json")
+    if request is None and not state.cloud_configured(team):
+        raise ApiError(400, "comfy_cloud_not_configured",
+                       "this team has no ComfyUI Cloud API key configured",
+                       "dispatch_target")  # fmt: skip
+    return Prepared(task_id, team, str(workflow.id), version, run.dispatch_target, run.tool_type,
+                    run.parameters, request)  # fmt: skip
+
+
+def queue(state: ServerState, run: Prepared) -> Work[str]:
+    """The group-commit work (:mod:`scoring.server.commits`) that queues a prepared run; its
+    answer is the task id, once committed."""
+
+    def work(conn: db.Connection) -> Done[str]:
+        _insert(conn, state, run, state.clock())
+        return Done(run.task_id, after=_waker(state, run))
+
+    return work
+
+
 def submit(
     state: ServerState,
     principal: Principal,
@@ -106,20 +171,16 @@ def submit(
     body: Any,
     idempotency_key: str | None = None,
 ) -> str:
-    """Validate a run and queue it; returns the new task id (or, for a repeated
-    ``Idempotency-Key`` with the same body, the first run's).
+    """Validate a run and queue it in its own transaction; returns the new task id (or, for a
+    repeated ``Idempotency-Key`` with the same body, the first run's).
 
     Raises
     ------
     ApiError
-        404 for a missing or foreign workflow; 400 with every validation error of the body;
-        400 ``comfy_cloud_not_configured`` for a Cloud run of a team without a Cloud key;
-        422 ``idempotency_key_reused`` for a known key with another body.
+        As :func:`prepare`; 422 ``idempotency_key_reused`` for a known key with another body.
     """
-    found = state.workflows.by_id(principal.team_id, workflow_id)
-    if found is None:
+    if state.workflows.by_id(principal.team_id, workflow_id) is None:
         raise not_found("workflow")
-    workflow, version = found
     team = str(principal.team_id)
     digest = None
     if idempotency_key is not None:
@@ -127,38 +188,13 @@ def submit(
         earlier = _idempotent(state, team, idempotency_key, digest)
         if earlier is not None:
             return earlier
-    task_id = str(uuid7())
-    try:
-        run = validate_run(workflow, body, principal.team_id, state.files, task_id=task_id)
-    except RunValidationError as exc:
-        errors = [{"code": str(e.code), "key": e.key, "message": e.message} for e in exc.errors]
-        raise ApiError.many(400, errors) from None
+    run = prepare(state, principal, workflow_id, body)
     now = state.clock()
-    request = None if run.dispatch_request is None else run.dispatch_request.model_dump(mode="json")
-    if request is None:
-        if not state.cloud_configured(team):
-            raise ApiError(400, "comfy_cloud_not_configured",
-                           "this team has no ComfyUI Cloud API key configured",
-                           "dispatch_target")  # fmt: skip
-        explain = "queued for ComfyUI Cloud"
-    else:
-        explain = "queued; waiting for the dispatcher"
     try:
         with state.database.begin() as conn:
             if idempotency_key is not None:
                 _expire_key(conn, team, idempotency_key, now)
-            conn.execute(
-                db.tasks.insert().values(
-                    id=task_id, team_id=team, workflow_id=str(workflow.id),
-                    workflow_version=version, dispatch_target=run.dispatch_target,
-                    tool_type=run.tool_type, status="queued", agent_id=None,
-                    parameters=run.parameters, request=request, attempts=0, excluded=[],
-                    explain=explain, outputs=None, created_at=now, updated_at=now, attempt=0,
-                    lost=0, unlisted=0, cancel_requested=0, history=[],
-                    idempotency_key=idempotency_key, request_hash=digest,
-                )
-            )  # fmt: skip
-            _event(conn, task_id, "queued", None, now, "submitted")
+            _insert(conn, state, run, now, idempotency_key, digest)
     except IntegrityError:
         # The same key from a concurrent request committed first: answer as it does.
         assert idempotency_key is not None and digest is not None
@@ -166,8 +202,32 @@ def submit(
         if earlier is None:
             raise
         return earlier
-    (state.cloud_wake if request is None else state.wake).set()
-    return task_id
+    _waker(state, run)()
+    return run.task_id
+
+
+def _insert(conn: db.Connection, state: ServerState, run: Prepared, now: float,
+            key: str | None = None, digest: str | None = None) -> None:  # fmt: skip
+    explain = (
+        "queued for ComfyUI Cloud" if run.request is None else "queued; waiting for the dispatcher"
+    )
+    conn.execute(
+        db.tasks.insert().values(
+            id=run.task_id, team_id=run.team, workflow_id=run.workflow_id,
+            workflow_version=run.version, dispatch_target=run.dispatch_target,
+            tool_type=run.tool_type, status="queued", agent_id=None,
+            parameters=run.parameters, request=run.request, attempts=0, excluded=[],
+            explain=explain, outputs=None, created_at=now, updated_at=now, attempt=0,
+            lost=0, unlisted=0, cancel_requested=0, history=[],
+            idempotency_key=key, request_hash=digest,
+        )
+    )  # fmt: skip
+    _event(conn, run.task_id, "queued", None, now, "submitted")
+
+
+def _waker(state: ServerState, run: Prepared) -> Callable[[], None]:
+    """Wake the loop that takes the run (the dispatcher, or the Cloud runner)."""
+    return (state.cloud_wake if run.request is None else state.wake).set
 
 
 def _body_digest(workflow_id: str, body: Any) -> str:
@@ -300,6 +360,8 @@ def cancel(state: ServerState, principal: Principal, task_id: str) -> dict[str, 
     if freed is not None:
         state.released(freed)
         state.wake.set()
+    if row.agent_id is not None:  # a long-polling agent hears of it now (waiting.py)
+        state.waiters.wake([row.agent_id])
     return {"task_id": row.id, "task_status": current}
 
 
@@ -416,7 +478,15 @@ def _stale(row: Any, attempt: int | None) -> ApiError:
 def start(
     state: ServerState, principal: Principal, task_id: str, attempt: int | None = None
 ) -> dict[str, Any]:
-    """The agent started its attempt; repeating the call is harmless.
+    """The agent started its attempt; repeating the call is harmless (:func:`starting`, in
+    its own transaction)."""
+    return state.commits.run_sync(starting(state, principal, task_id, attempt))
+
+
+def starting(
+    state: ServerState, principal: Principal, task_id: str, attempt: int | None = None
+) -> Work[dict[str, Any]]:
+    """The group-commit work of an agent's start of its attempt.
 
     Raises
     ------
@@ -424,8 +494,9 @@ def start(
         404 for a task never dispatched to this agent; 409 ``stale_attempt`` for an attempt
         that is not current.
     """
-    now = state.clock()
-    with state.database.begin() as conn:
+
+    def work(conn: db.Connection) -> Done[dict[str, Any]]:
+        now = state.clock()
         row = _agent_task(conn, principal, task_id)
         if not _current(row, principal.agent_id, attempt):
             raise _stale(row, attempt)
@@ -437,7 +508,9 @@ def start(
                 .values(status="running", updated_at=now, unlisted=0)
             )  # fmt: skip
             _event(conn, row.id, "running", principal.agent_id, now, f"attempt {row.attempt}")
-    return {"task_id": row.id, "task_status": "running"}
+        return Done({"task_id": row.id, "task_status": "running"})
+
+    return work
 
 
 def complete(
@@ -448,7 +521,20 @@ def complete(
     outputs: dict[str, Any] | None,
     attempt: int | None = None,
 ) -> dict[str, Any]:
-    """The agent finished its attempt: completed, or failed (retried elsewhere up to the limit).
+    """:func:`completing` in its own transaction."""
+    return state.commits.run_sync(completing(state, principal, task_id, ok, outputs, attempt))
+
+
+def completing(
+    state: ServerState,
+    principal: Principal,
+    task_id: str,
+    ok: bool,
+    outputs: dict[str, Any] | None,
+    attempt: int | None = None,
+) -> Work[dict[str, Any]]:
+    """The group-commit work of an agent's end of its attempt: completed, or failed (retried
+    elsewhere up to the limit); the slot is given back to the Fleet once committed.
 
     A repeated ``completed`` of the attempt that completed the task answers as the first did;
     nothing is counted twice.
@@ -459,24 +545,29 @@ def complete(
         404 for a task never dispatched to this agent; 409 ``stale_attempt`` for an attempt
         that is not current.
     """
-    now = state.clock()
     agent = principal.agent_id
     assert agent is not None
-    with state.database.begin() as conn:
+
+    def freed() -> None:
+        state.released(agent)
+        state.wake.set()
+
+    def work(conn: db.Connection) -> Done[dict[str, Any]]:
+        now = state.clock()
         row = _agent_task(conn, principal, task_id)
         if not _current(row, agent, attempt):
             repeat = (ok and row.status == "completed" and row.agent_id == agent
                       and attempt in (None, row.attempt))  # fmt: skip
             if repeat:
-                return {"task_id": row.id, "task_status": "completed"}
+                return Done({"task_id": row.id, "task_status": "completed"})
             raise _stale(row, attempt)
         outcome = Outcome.COMPLETED if ok else Outcome.FAILED
         new = _end_attempt(conn, state, row, outcome, now, outputs)
-        if new is None:
+        if new is None:  # nothing written: another path ended the attempt first
             raise _stale(row, attempt)
-    state.released(agent)
-    state.wake.set()
-    return {"task_id": row.id, "task_status": new}
+        return Done({"task_id": row.id, "task_status": new}, after=freed)
+
+    return work
 
 
 def _end_attempt(
