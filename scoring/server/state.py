@@ -23,8 +23,8 @@ from scoring.holds import SlotHolds
 from scoring.models import running_count
 from scoring.server import db
 from scoring.server.auth import Authenticator
-from scoring.server.metrics import Metrics
 from scoring.server.commits import GroupCommit
+from scoring.server.metrics import Metrics
 from scoring.server.storage import KnownFiles, UploadStore
 from scoring.server.waiting import Waiters
 from scoring.server.workflows import WorkflowRepository
