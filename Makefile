@@ -9,7 +9,7 @@ OUT    ?= out/demo
 # Extra arguments of the demo's simulation, e.g. DEMO_ARGS="--tasks 2000" for a shorter run.
 DEMO_ARGS ?=
 
-.PHONY: demo serve test test-jit test-nojit test-all fuzz bench lint clean
+.PHONY: demo serve test test-jit test-nojit test-all fuzz bench bench-server lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench: $(VENV)/.installed-bench
 	mkdir -p out/bench
 	$(PY) -m pytest benchmarks --benchmark-json=out/bench/benchmark.json
 	$(PY) -m benchmarks.report out/bench/benchmark.json --out out/bench
+
+# The API server under load (DESIGN section 12): wrk for submissions (installed when missing),
+# simulated agents end to end; writes benchmarks/SERVER.md and benchmarks/server.png (~10 min).
+bench-server: $(VENV)/.installed-bench $(VENV)/.installed-server
+	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
+	$(PY) -m benchmarks.server $(BENCH_SERVER_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

@@ -69,9 +69,15 @@ class FakeAgent:
         """Close the HTTP client."""
         self.client.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response | None:
+    def _post(self, path: str, body: dict[str, Any], wait: float = 0.0) -> httpx.Response | None:
         try:
-            response = self.client.post(path, json=body)
+            if wait > 0:  # a long poll: the answer may take ``wait`` seconds
+                response = self.client.post(
+                    path, json=body, params={"wait": f"{wait:.3f}"},
+                    timeout=self.timeout + wait,
+                )  # fmt: skip
+            else:
+                response = self.client.post(path, json=body)
         except httpx.TransportError:
             self.errors += 1
             if self.fallback_urls:
@@ -84,8 +90,13 @@ class FakeAgent:
             return None
         return response
 
-    def step(self, now: float | None = None) -> None:
-        """Report finished tasks, heartbeat, start what was handed out."""
+    def step(self, now: float | None = None, wait: float = 0.0) -> bool:
+        """Report finished tasks, heartbeat, start what was handed out; returns whether the
+        heartbeat was answered.
+
+        With ``wait`` the heartbeat is a long poll (``?wait=``): it returns as soon as the
+        server hands this agent a task, or after ``wait`` seconds.
+        """
         now = time.time() if now is None else now
         for task_id, finish in list(self.running.items()):
             if finish <= now:
@@ -114,9 +125,9 @@ class FakeAgent:
             "gpu_model": "NVIDIA GeForce RTX 4090",
             "running": sorted(self.held()),
         }
-        response = self._post("/agents/heartbeat", heartbeat)
+        response = self._post("/agents/heartbeat", heartbeat, wait)
         if response is None or response.status_code != 200:
-            return
+            return False
         answer = response.json()
         for task_id in answer.get("cancel", ()):
             self._drop(task_id)
@@ -146,6 +157,7 @@ class FakeAgent:
                 self.running[task_id] = time.time() + self.task_seconds
             else:
                 self.attempt.pop(task_id, None)
+        return True
 
     def held(self) -> set[str]:
         """The tasks this agent holds: being started, running, or finished and not yet
@@ -168,12 +180,18 @@ class FakeAgent:
         """
         return len(self.running) + len(self.to_start)
 
-    def run(self, stop: threading.Event, interval: float = 1.0) -> None:
-        """Step until ``stop`` is set, waking early when a task is due to finish."""
+    def run(self, stop: threading.Event, interval: float = 1.0, long_poll: bool = True) -> None:
+        """Step until ``stop`` is set, at least every ``interval`` and when a task is due to
+        finish. With ``long_poll`` each heartbeat waits in the server for work until then
+        (``?wait=``), so a task reaches the agent as soon as it is dispatched; without, the
+        agent sleeps between heartbeats (it learns of a task at its next one)."""
         while not stop.is_set():
-            self.step()
             due = min(self.running.values(), default=time.time() + interval)
-            stop.wait(max(0.0, min(interval, due - time.time())))
+            wait = max(0.0, min(interval, due - time.time()))
+            answered = self.step(wait=wait if long_poll else 0.0)
+            if not answered or not long_poll:
+                due = min(self.running.values(), default=time.time() + interval)
+                stop.wait(max(0.0, min(interval, due - time.time())))
 
 
 def main(argv: list[str] | None = None) -> int:

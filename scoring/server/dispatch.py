@@ -136,16 +136,26 @@ class Dispatcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.state.wake.wait(self.interval)
+            woken = self.state.wake.wait(self.interval)
             self.state.wake.clear()
             if self._stop.is_set():
                 break
             try:
+                if woken and self._full():
+                    # Nothing can be placed: a submission only joins the queue. The timed
+                    # round (every ``interval``) still reads it, for deferrals and explanations.
+                    self._sweep(self.state.clock())
+                    continue
                 with self.state.metrics.round_seconds.time():
                     self.run_once()
             except Exception:  # the loop must outlive a failed round (e.g. a busy database)
                 log.exception("dispatch round failed")
             self._stop.wait(self.min_gap)
+
+    def _full(self) -> bool:
+        """Whether no agent of the Fleet has a free slot."""
+        with self.state.sync:
+            return holds.free_slots(self.state.fleet) == 0
 
     def run_once(self, now: float | None = None) -> int:
         """One round: end the attempts of lost agents and of tasks never started, then place

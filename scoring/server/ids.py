@@ -7,11 +7,16 @@ order for the dispatcher's queue, and an index on the id is also an index on tim
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from uuid import UUID
 
 _lock = threading.Lock()
+#: The ids' random bits: seeded from the OS once, then drawn without a system call each (they
+#: make ids of different processes distinct; they are not secrets: a task is found by its id
+#: only by its own team).
+_random = random.Random(os.urandom(32))
 _last_ms = 0
 _counter = 0
 
@@ -36,6 +41,6 @@ def uuid7() -> UUID:
             _counter = 0
         _last_ms = ms
         counter = _counter
-    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+        rand = _random.getrandbits(62)
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand
     return UUID(int=value)

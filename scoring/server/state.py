@@ -30,8 +30,6 @@ from scoring.server.waiting import Waiters
 from scoring.server.workflows import WorkflowRepository
 
 log = logging.getLogger("scoring.server.state")
-#: A team's Cloud key is looked up at most this often (a new key is seen within this).
-CLOUD_KEY_SECONDS = 1.0
 
 
 @dataclass
@@ -84,7 +82,7 @@ class ServerState:
     waiters: Waiters = field(default_factory=Waiters)
     #: The upload store's answers for files that exist (validating a run reads no database).
     known_files: KnownFiles = field(init=False)
-    _cloud_keys: dict[str, tuple[bool, float]] = field(default_factory=dict)
+    _cloud_teams: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.workflows = WorkflowRepository(self.database)
@@ -93,19 +91,17 @@ class ServerState:
         self.started_at = self.started_at or self.clock()
 
     def cloud_configured(self, team_id: str) -> bool:
-        """Whether the team has a ComfyUI Cloud API key (``admin set-cloud-key``; read at most
-        once a second per team, like the keys of :mod:`scoring.server.auth`)."""
-        now = time.monotonic()
-        kept = self._cloud_keys.get(team_id)
-        if kept is not None and kept[1] > now:
-            return kept[0]
+        """Whether the team has a ComfyUI Cloud API key (``admin set-cloud-key``). A key once
+        found is remembered (keys are replaced, never removed); a team without one is looked
+        up each time, so a key just set is seen at once."""
+        if team_id in self._cloud_teams:
+            return True
         with self.database.read() as conn:
             found = conn.execute(
                 select(db.cloud_keys.c.team_id).where(db.cloud_keys.c.team_id == team_id)
             ).first()
-        if len(self._cloud_keys) > 10_000:
-            self._cloud_keys.clear()
-        self._cloud_keys[team_id] = (found is not None, now + CLOUD_KEY_SECONDS)
+        if found is not None:
+            self._cloud_teams.add(team_id)
         return found is not None
 
     def restore_fleet(self) -> int:

@@ -88,13 +88,15 @@ class Lost(NamedTuple):
     agent_full: bool
 
 
+#: Statements built once: SQLAlchemy then reuses their compiled form.
+_INSERT_TASK = db.tasks.insert()
+_INSERT_EVENT = db.task_events.insert()
+
+
 def _event(conn: db.Connection, task_id: str, status: str, agent: str | None, at: float,
            detail: str = "") -> None:  # fmt: skip
-    conn.execute(
-        db.task_events.insert().values(
-            task_id=task_id, status=status, agent_id=agent, at=at, detail=detail
-        )
-    )
+    conn.execute(_INSERT_EVENT, {"task_id": task_id, "status": status, "agent_id": agent,
+                                 "at": at, "detail": detail})  # fmt: skip
 
 
 # --- clients -----------------------------------------------------------------------------------
@@ -212,15 +214,16 @@ def _insert(conn: db.Connection, state: ServerState, run: Prepared, now: float,
         "queued for ComfyUI Cloud" if run.request is None else "queued; waiting for the dispatcher"
     )
     conn.execute(
-        db.tasks.insert().values(
-            id=run.task_id, team_id=run.team, workflow_id=run.workflow_id,
-            workflow_version=run.version, dispatch_target=run.dispatch_target,
-            tool_type=run.tool_type, status="queued", agent_id=None,
-            parameters=run.parameters, request=run.request, attempts=0, excluded=[],
-            explain=explain, outputs=None, created_at=now, updated_at=now, attempt=0,
-            lost=0, unlisted=0, cancel_requested=0, history=[],
-            idempotency_key=key, request_hash=digest,
-        )
+        _INSERT_TASK,
+        {
+            "id": run.task_id, "team_id": run.team, "workflow_id": run.workflow_id,
+            "workflow_version": run.version, "dispatch_target": run.dispatch_target,
+            "tool_type": run.tool_type, "status": "queued", "agent_id": None,
+            "parameters": run.parameters, "request": run.request, "attempts": 0,
+            "excluded": [], "explain": explain, "outputs": None, "created_at": now,
+            "updated_at": now, "attempt": 0, "lost": 0, "unlisted": 0, "cancel_requested": 0,
+            "history": [], "idempotency_key": key, "request_hash": digest,
+        },
     )  # fmt: skip
     _event(conn, run.task_id, "queued", None, now, "submitted")
 
