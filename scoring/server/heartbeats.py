@@ -17,6 +17,7 @@ from scoring import Agent
 from scoring.models import running_count
 from scoring.server import db, tasks
 from scoring.server.auth import Principal
+from scoring.server.commits import Done
 from scoring.server.errors import ApiError, validation_errors
 from scoring.server.schemas import MAX_HELD, HeartbeatBody
 from scoring.server.state import ServerState
@@ -80,13 +81,17 @@ def heartbeat(state: ServerState, principal: Principal, body: Any) -> tasks.Agen
         due = last is None or changed or now - last[1] >= PERSIST_EVERY_S
         if due:
             state.persisted[agent_id] = (record, now)
-    if due:
-        with state.database.begin() as conn:
+    if due:  # in the next group commit, with the other agents' reports and calls
+
+        def persist(conn: db.Connection) -> Done[None]:
             conn.execute(
                 update(db.agents)
                 .where(db.agents.c.id == agent_id)
                 .values(record=record, gpu_capacity=agent.gpu_capacity, last_heartbeat=now)
             )
+            return Done(None)
+
+        state.commits.run_sync(persist)
     if running < agent.gpu_capacity:
         state.wake.set()
     return tasks.reconcile(state, agent_id, held)

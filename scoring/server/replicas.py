@@ -42,6 +42,7 @@ def sync_fleet(state: ServerState, seen: dict[str, tuple[Any, float]]) -> int:
     """
     a = db.agents
     changed = 0
+    handed: list[str] = []
     with state.sync:
         with state.database.read() as conn:
             rows = conn.execute(
@@ -79,11 +80,15 @@ def sync_fleet(state: ServerState, seen: dict[str, tuple[Any, float]]) -> int:
                 seen[row.id] = (row.record, at)
                 changed += 1
             elif at > current.last_heartbeat or count != current.running_count:
+                if count > current.running_count:  # another replica handed it a task
+                    handed.append(row.id)
                 fleet.heartbeat(row.id, max(at, current.last_heartbeat), running_count=count)
                 seen[row.id] = (row.record, at)
                 changed += 1
         if changed:
             state.capacity_epoch += 1
+    # Its heartbeat may be waiting here (long poll): it hears of the task within a poll.
+    state.waiters.wake(handed)
     return changed
 
 

@@ -16,8 +16,8 @@ from .conftest import ServerProcess
 from .load import LoadResult, check, run_load
 from .test_load import CAPACITY
 
-ROUNDS = 6
-RUNS = 300
+ROUNDS = 5
+RUNS = 200
 
 
 def test_runs_acknowledged_before_a_kill_at_any_moment_survive_and_complete_once(
