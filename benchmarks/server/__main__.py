@@ -1,4 +1,4 @@
-"""``make bench-server``: the API server under load, beside this stack's ceiling (DESIGN section 12).
+"""``make bench-server``: the API server under load, beside its stack's ceiling (DESIGN section 12).
 
 ``python -m benchmarks.server [--seconds 5] [--connections 4,8,16,32] [--skip-postgres]
 [--out benchmarks]`` measures, in one run on this machine:
@@ -94,8 +94,9 @@ class Process:
 
 
 @contextmanager
-def scoring_servers(tmp: Path, database: str, replicas: int = 1,
-                    agents: int = 2) -> Iterator[tuple[list[str], dict[str, Any]]]:  # fmt: skip
+def scoring_servers(
+    tmp: Path, database: str, replicas: int = 1, agents: int = 2
+) -> Iterator[tuple[list[str], dict[str, Any]]]:
     """Replicas of the scoring server on ``database`` with the demo; yields their API URLs and
     the demo (keys, workflow) with an uploaded image as the example body's file."""
     procs = []
@@ -103,17 +104,36 @@ def scoring_servers(tmp: Path, database: str, replicas: int = 1,
     try:
         for n in range(replicas):
             port = _port()
-            args = [sys.executable, "-m", "scoring.server", "--host", "127.0.0.1",
-                    "--port", str(port), "--database", database, "--files", str(tmp / "files"),
-                    "--demo", str(demo_path), "--demo-agents", str(agents),
-                    "--heartbeat-timeout", "60", "--log-level", "warning"]  # fmt: skip
+            args = [
+                sys.executable,
+                "-m",
+                "scoring.server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                database,
+                "--files",
+                str(tmp / "files"),
+                "--demo",
+                str(demo_path),
+                "--demo-agents",
+                str(agents),
+                "--heartbeat-timeout",
+                "60",
+                "--log-level",
+                "warning",
+            ]
             p = Process(args, port, tmp / f"server-{n}.log")
             p.start("/api/v1/health")
             procs.append(p)
         urls = [f"http://127.0.0.1:{p.port}/api/v1" for p in procs]
         demo = json.loads(demo_path.read_text())
-        demo["body"] = {**BODY, "parameters": {**BODY["parameters"],
-                                               "input_image": _upload(urls[0], demo["api_key"])}}  # fmt: skip
+        demo["body"] = {
+            **BODY,
+            "parameters": {**BODY["parameters"], "input_image": _upload(urls[0], demo["api_key"])},
+        }
         yield urls, demo
     finally:
         for p in procs:
@@ -122,8 +142,11 @@ def scoring_servers(tmp: Path, database: str, replicas: int = 1,
 
 def _upload(url: str, key: str) -> str:
     auth = {"Authorization": f"Bearer {key}"}
-    r = httpx.post(f"{url}/r/files/presign", headers=auth,
-                   json={"file_name": "in.png", "file_size": len(PNG), "content_type": "image/png"})  # fmt: skip
+    r = httpx.post(
+        f"{url}/r/files/presign",
+        headers=auth,
+        json={"file_name": "in.png", "file_size": len(PNG), "content_type": "image/png"},
+    )
     r.raise_for_status()
     httpx.put(r.json()["upload_url"], content=PNG).raise_for_status()
     return str(r.json()["file_key"])
@@ -138,19 +161,42 @@ class WrkResult:
     errors: int
 
 
-def wrk(urls: list[str], body: dict[str, Any], key: str | None, connections: int,
-        seconds: float, tmp: Path) -> WrkResult:  # fmt: skip
+def wrk(
+    urls: list[str],
+    body: dict[str, Any],
+    key: str | None,
+    connections: int,
+    seconds: float,
+    tmp: Path,
+) -> WrkResult:
     """POST ``body`` to each of ``urls`` at once (one wrk each, the connections split)."""
     lua = tmp / "post.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"\n' if key else ""
-    lua.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
-                   f'wrk.headers["Content-Type"] = "application/json"\n{auth}')  # fmt: skip
+    lua.write_text(
+        f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
+        f'wrk.headers["Content-Type"] = "application/json"\n{auth}'
+    )
     each = max(1, connections // len(urls))
     procs = [
-        subprocess.Popen(["wrk", "-t", str(min(2, each)), "-c", str(each), "-d", f"{max(1, round(seconds))}s",
-                          "--latency", "-s", str(lua), url], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                "wrk",
+                "-t",
+                str(min(2, each)),
+                "-c",
+                str(each),
+                "-d",
+                f"{max(1, round(seconds))}s",
+                "--latency",
+                "-s",
+                str(lua),
+                url,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for url in urls
-    ]  # fmt: skip
+    ]
     outs = [p.communicate()[0] for p in procs]
     total = ok = errors = 0.0
     p50 = p99 = 0.0
@@ -179,8 +225,9 @@ def _seconds(text: str) -> float:
     return _ms(text) / 1000.0
 
 
-def submissions(name: str, database: str, replicas: int, conns: list[int], seconds: float,
-                tmp: Path) -> list[WrkResult]:  # fmt: skip
+def submissions(
+    name: str, database: str, replicas: int, conns: list[int], seconds: float, tmp: Path
+) -> list[WrkResult]:
     print(f"submissions: {name}", flush=True)
     results = []
     for c in conns:
@@ -193,8 +240,11 @@ def submissions(name: str, database: str, replicas: int, conns: list[int], secon
             route = [f"{u}/r/workflows/{demo['workflow_id']}/run" for u in urls]
             wrk(route, demo["body"], demo["api_key"], c, 1.0, here)  # warm-up
             r = wrk(route, demo["body"], demo["api_key"], c, seconds, here)
-        print(f"  {c:>3} connections: {r.accepted_per_s:7.0f} accepted/s, p50 {r.p50_ms:.1f} ms, "
-              f"p99 {r.p99_ms:.1f} ms, errors {r.errors}", flush=True)  # fmt: skip
+        print(
+            f"  {c:>3} connections: {r.accepted_per_s:7.0f} accepted/s, p50 {r.p50_ms:.1f} ms, "
+            f"p99 {r.p99_ms:.1f} ms, errors {r.errors}",
+            flush=True,
+        )
         results.append(r)
     return results
 
@@ -208,8 +258,21 @@ def baseline(database: str, conns: list[int], seconds: float, tmp: Path) -> list
         if db.startswith("postgresql"):
             _create_pg(db)
         port = _port()
-        p = Process([sys.executable, "-m", "benchmarks.server.baseline", "--port", str(port),
-                     "--database", db, "--loop", "uvloop"], port, here / "baseline.log")  # fmt: skip
+        p = Process(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.server.baseline",
+                "--port",
+                str(port),
+                "--database",
+                db,
+                "--loop",
+                "uvloop",
+            ],
+            port,
+            here / "baseline.log",
+        )
         p.start("/health")
         try:
             url = [f"http://127.0.0.1:{port}/run"]
@@ -217,8 +280,10 @@ def baseline(database: str, conns: list[int], seconds: float, tmp: Path) -> list
             r = wrk(url, BODY, None, c, seconds, here)
         finally:
             p.stop()
-        print(f"  {c:>3} connections: {r.accepted_per_s:7.0f} accepted/s, p99 {r.p99_ms:.1f} ms",
-              flush=True)  # fmt: skip
+        print(
+            f"  {c:>3} connections: {r.accepted_per_s:7.0f} accepted/s, p99 {r.p99_ms:.1f} ms",
+            flush=True,
+        )
         results.append(r)
     return results
 
@@ -236,8 +301,11 @@ def _create_pg(url: str) -> None:
 def postgres(tmp: Path) -> Iterator[str]:
     """A throwaway PostgreSQL cluster (fsync on: commits are as durable as in production);
     yields a URL template with ``{db}``."""
-    bindir = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
-                                 check=True).stdout.strip())  # fmt: skip
+    bindir = Path(
+        subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
     data = Path(tempfile.mkdtemp(prefix="bench-pg-"))
     as_user: list[str] = []
     if os.geteuid() == 0:
@@ -250,8 +318,17 @@ def postgres(tmp: Path) -> Iterator[str]:
 
     pg(str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres")
     options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=200"
-    pg(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-o", options, "-l", str(data / "log"),
-       "-w", "start")  # fmt: skip
+    pg(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data / "db"),
+        "-o",
+        options,
+        "-l",
+        str(data / "log"),
+        "-w",
+        "start",
+    )
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/{{db}}"
     finally:
@@ -267,16 +344,22 @@ def end_to_end(seconds: float, tmp: Path) -> dict[str, Any]:
     for label, rate in (("throughput", None), ("latency", 500.0)):
         here = Path(tempfile.mkdtemp(dir=tmp))
         with scoring_servers(here, f"sqlite:///{here / 'db.sqlite'}", agents=200) as (urls, demo):
-            print(f"end to end: {label} (200 agents, 0.05 s tasks"
-                  f"{'' if rate is None else f', {rate:.0f} runs/s'})", flush=True)  # fmt: skip
+            print(
+                f"end to end: {label} (200 agents, 0.05 s tasks"
+                f"{'' if rate is None else f', {rate:.0f} runs/s'})",
+                flush=True,
+            )
             out[label] = asyncio.run(simulate(urls[0], demo, seconds, rate))
         print("  " + ", ".join(f"{k} {v:.1f}" for k, v in out[label].items()), flush=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     p.add_argument("--connections", default="4,8,16,32")
     p.add_argument("--skip-postgres", action="store_true")
@@ -295,10 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         if not a.skip_postgres:
             with postgres(tmp) as url:
                 results["baseline-postgres"] = baseline(url, conns, a.seconds, tmp)
-                results["postgres-1"] = submissions("PostgreSQL, one replica", url, 1, conns,
-                                                    a.seconds, tmp)  # fmt: skip
-                results["postgres-2"] = submissions("PostgreSQL, two replicas", url, 2, conns,
-                                                    a.seconds, tmp)  # fmt: skip
+                results["postgres-1"] = submissions(
+                    "PostgreSQL, one replica", url, 1, conns, a.seconds, tmp
+                )
+                results["postgres-2"] = submissions(
+                    "PostgreSQL, two replicas", url, 2, conns, a.seconds, tmp
+                )
         results["end_to_end"] = end_to_end(max(a.seconds, 5.0), tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

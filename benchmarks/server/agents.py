@@ -22,8 +22,9 @@ import aiohttp
 SUBMITTERS = 16
 
 
-async def simulate(url: str, demo: dict[str, Any], seconds: float, rate: float | None,
-                   task_seconds: float = 0.05) -> dict[str, float]:  # fmt: skip
+async def simulate(
+    url: str, demo: dict[str, Any], seconds: float, rate: float | None, task_seconds: float = 0.05
+) -> dict[str, float]:
     """Run the agents and the submitters for ``seconds`` (after one second of warm-up);
     returns accepted and completed runs per second and dispatch latency percentiles."""
     submitted_at: dict[str, float] = {}
@@ -35,8 +36,9 @@ async def simulate(url: str, demo: dict[str, Any], seconds: float, rate: float |
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(url + "/", connector=connector, timeout=timeout) as client:
 
-        async def post(path: str, body: Any, headers: dict[str, str],
-                       params: dict[str, str] | None = None) -> tuple[int, Any]:  # fmt: skip
+        async def post(
+            path: str, body: Any, headers: dict[str, str], params: dict[str, str] | None = None
+        ) -> tuple[int, Any]:
             async with client.post(path, json=body, headers=headers, params=params) as r:
                 return r.status, await r.json()
 
@@ -44,9 +46,15 @@ async def simulate(url: str, demo: dict[str, Any], seconds: float, rate: float |
             auth = {"Authorization": f"Bearer {key}"}
             held: list[str] = []
             while not stop.is_set():
-                report = {"status": "busy" if held else "idle", "gpu_capacity": 1,
-                          "running_count": len(held), "labels": ["gpu", "comfyui"],
-                          "region": "us-east", "vram_gb": 24, "running": held}  # fmt: skip
+                report = {
+                    "status": "busy" if held else "idle",
+                    "gpu_capacity": 1,
+                    "running_count": len(held),
+                    "labels": ["gpu", "comfyui"],
+                    "region": "us-east",
+                    "vram_gb": 24,
+                    "running": held,
+                }
                 try:
                     status, answer = await post("agents/heartbeat", report, auth, {"wait": "1"})
                 except aiohttp.ClientError:
@@ -60,12 +68,16 @@ async def simulate(url: str, demo: dict[str, Any], seconds: float, rate: float |
                     task_id, attempt = task["task_id"], task["attempt"]
                     handed_at.setdefault(task_id, now)
                     held = [task_id]
-                    started, _ = await post(f"agents/tasks/{task_id}/start",
-                                            {"attempt": attempt}, auth)  # fmt: skip
+                    started, _ = await post(
+                        f"agents/tasks/{task_id}/start", {"attempt": attempt}, auth
+                    )
                     if started == 200:
                         await asyncio.sleep(task_seconds)
-                        body = {"status": "completed", "outputs": {"images": ["o.png"]},
-                                "attempt": attempt}  # fmt: skip
+                        body = {
+                            "status": "completed",
+                            "outputs": {"images": ["o.png"]},
+                            "attempt": attempt,
+                        }
                         done, _ = await post(f"agents/tasks/{task_id}/complete", body, auth)
                         if done == 200:
                             completed.append(time.perf_counter())
@@ -101,22 +113,30 @@ async def simulate(url: str, demo: dict[str, Any], seconds: float, rate: float |
         agents = [asyncio.create_task(agent(a, k)) for a, k in demo["agent_keys"].items()]
         await asyncio.sleep(1.5)  # every agent heartbeating
         begin = time.perf_counter()
-        feeders = ([asyncio.create_task(paced())] if rate is not None
-                   else [asyncio.create_task(submitter()) for _ in range(SUBMITTERS)])  # fmt: skip
+        feeders = (
+            [asyncio.create_task(paced())]
+            if rate is not None
+            else [asyncio.create_task(submitter()) for _ in range(SUBMITTERS)]
+        )
         await asyncio.sleep(1.0 + seconds)
         stop.set()
         end = time.perf_counter()
         await asyncio.gather(*feeders, *agents, return_exceptions=True)
     window = (begin + 1.0, end)
     latencies = sorted(
-        (handed_at[t] - s) * 1000 for t, s in submitted_at.items()
+        (handed_at[t] - s) * 1000
+        for t, s in submitted_at.items()
         if t in handed_at and window[0] <= s <= window[1]
-    )  # fmt: skip
+    )
 
     def pct(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0.0
 
     inside = lambda times: sum(window[0] <= t <= window[1] for t in times) / seconds  # noqa: E731
-    return {"accepted_per_s": inside(accepted), "completed_per_s": inside(completed),
-            "dispatch_p50_ms": pct(0.50), "dispatch_p99_ms": pct(0.99),
-            "handed": float(len(latencies))}  # fmt: skip
+    return {
+        "accepted_per_s": inside(accepted),
+        "completed_per_s": inside(completed),
+        "dispatch_p50_ms": pct(0.50),
+        "dispatch_p99_ms": pct(0.99),
+        "handed": float(len(latencies)),
+    }

@@ -78,7 +78,8 @@ def test_a_wait_over_the_limit_is_refused(polled: ServerProcess) -> None:
     key = polled.demo["agent_keys"]["gpu-node-01"]
     for bad in ("31", "-1", "soon", "nan"):
         r = httpx.post(f"{polled.url}/agents/heartbeat", params={"wait": bad},
-                       json=_report("gpu-node-01"), headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+                       json=_report("gpu-node-01"),
+                       headers={"Authorization": f"Bearer {key}"})  # fmt: skip
         assert r.status_code == 400, (bad, r.text)
 
 
