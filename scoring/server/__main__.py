@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     Exit status 2, with one line on stderr, when the database cannot be used (not a database,
     another application's, an unknown schema version, locked).
 
-    uvicorn's own limits: the request head is bounded in size (``h11_max_incomplete_event_size``)
-    and, by :mod:`scoring.server.protocol`, in time; idle connections by ``timeout_keep_alive``;
+    uvicorn's own limits: the request head is bounded in size and time by
+    :mod:`scoring.server.protocol`; idle connections by ``timeout_keep_alive``;
     bodies by the application (:mod:`scoring.server.limits`). What it does not bound is the
     number of connections (``limit_concurrency`` would answer its 503 in plain text): behind a
     proxy, cap them there (nginx ``limit_conn``), which also sets the proxy's own timeouts
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         access_log=False, http=protocol_class(settings.header_timeout_s, MAX_HEADER_BYTES),
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES, loop="uvloop",
+        loop="uvloop",
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
     )  # fmt: skip
 

@@ -1,15 +1,21 @@
-"""uvicorn's HTTP/1.1 protocol (h11) with the three things it lacks for a server on the internet.
+"""uvicorn's HTTP/1.1 protocol on httptools (llhttp, in C) with the three things it lacks for a
+server on the internet.
 
 - A deadline for the request head: uvicorn times out only an idle connection between requests,
   so a client that opens a connection and sends nothing, or sends its header lines one slow byte
   at a time, holds it for ever. Here the head must be complete within ``header_timeout_s`` of its
   first byte (or of the connection), else 408 and the connection is closed. (The body's deadline
   is the application's: :class:`scoring.server.limits.Limits`.)
-- JSON for its own refusals: a header block over the limit is 431 ``headers_too_large`` and a
-  malformed request 400 ``bad_request``, in the server's error format instead of plain text.
+- A bound on the head's size while it arrives (llhttp has none): a head still incomplete after
+  more than ``MAX_HEADER_BYTES`` is 431 ``headers_too_large`` (one that arrives whole is refused
+  the same way by the application); a malformed request is 400 ``bad_request``, both in the
+  server's error format instead of plain text.
 - A lingering close after such a refusal: the rest of what the client is sending is read and
   discarded for up to :data:`LINGER_SECONDS` (and :data:`LINGER_BYTES`), so the client reads the
   answer instead of a connection reset.
+
+httptools rather than h11: parsing in C leaves the event loop's one core to the application
+(``benchmarks/SERVER.md``).
 """
 
 from __future__ import annotations
@@ -18,8 +24,7 @@ import asyncio
 import http
 from typing import Any
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from scoring.server.errors import ServerCode, error_body
 
@@ -27,7 +32,7 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
 
 
-def protocol_class(header_timeout_s: float, max_header_bytes: int) -> type[H11Protocol]:
+def protocol_class(header_timeout_s: float, max_header_bytes: int) -> type[HttpToolsProtocol]:
     """The protocol class for ``uvicorn.run(http=...)`` with these limits."""
 
     class Protocol(ScoringProtocol):
@@ -37,7 +42,7 @@ def protocol_class(header_timeout_s: float, max_header_bytes: int) -> type[H11Pr
     return Protocol
 
 
-class ScoringProtocol(H11Protocol):
+class ScoringProtocol(HttpToolsProtocol):
     """See the module's docstring; configured through :func:`protocol_class`."""
 
     HEADER_TIMEOUT_S = 10.0
@@ -47,6 +52,8 @@ class ScoringProtocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._lingering = -1  # bytes discarded since a refusal; -1: no refusal
+        self._in_head = True  # waiting for (the rest of) a request head
+        self._head_bytes = 0  # bytes received since the head began
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -58,11 +65,26 @@ class ScoringProtocol(H11Protocol):
             if self._lingering > LINGER_BYTES:
                 self.transport.close()
             return
+        was_in_head = self._in_head
+        if was_in_head:
+            self._head_bytes += len(data)
         super().data_received(data)
-        if self._lingering < 0 and self.conn.their_state is h11.IDLE:
-            self._arm()  # a request head is on its way (or the next one is)
-        else:
-            self._disarm()
+        if self._in_head and not was_in_head:  # the next request's head began in this chunk
+            self._head_bytes = len(data)
+        if self._lingering < 0 and self._in_head and self._head_bytes > self.MAX_HEADER_BYTES:
+            limit = f"the header block is over {self.MAX_HEADER_BYTES} bytes"
+            self._refuse(431, ServerCode.HEADERS_TOO_LARGE, limit)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._disarm()
+        super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -73,13 +95,8 @@ class ScoringProtocol(H11Protocol):
         self._disarm()  # the keep-alive timeout watches the idle connection now
 
     def send_400_response(self, msg: str) -> None:
-        """h11 refused the request: 431 when its head outgrew the buffer, else 400."""
-        buffered = len(self.conn.trailing_data[0])
-        if buffered > self.MAX_HEADER_BYTES:
-            limit = f"the header block is over {self.MAX_HEADER_BYTES} bytes"
-            self._refuse(431, ServerCode.HEADERS_TOO_LARGE, limit)
-        else:
-            self._refuse(400, ServerCode.BAD_REQUEST, "not a valid HTTP/1.1 request")
+        """llhttp refused the request."""
+        self._refuse(400, ServerCode.BAD_REQUEST, "not a valid HTTP/1.1 request")
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -92,18 +109,18 @@ class ScoringProtocol(H11Protocol):
 
     def _head_timeout(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or not self._in_head:
             return
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a request is being answered (pipelined): its own deadlines apply
-        if self.conn.trailing_data[0]:
+        if self._head_bytes:
             late = "the request head was not received in time"
             self._refuse(408, ServerCode.REQUEST_TIMEOUT, late)
         else:
             self.transport.close()  # nothing sent at all: nothing to answer
 
     def _refuse(self, status: int, code: ServerCode, message: str) -> None:
-        """Answer (written raw: h11 may be in its error state) and close, lingering."""
+        """Answer (written raw: the parser may be in its error state) and close, lingering."""
         self._disarm()
         body = error_body(code, message)
         head = (
