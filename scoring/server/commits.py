@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Executable
 
 from scoring.server.db import Database
 from scoring.server.errors import ApiError
@@ -44,10 +44,16 @@ MAX_BATCH = 512
 @dataclass
 class Done(Generic[T]):
     """A work's answer and what to do once its transaction committed (in the writer thread,
-    before the request is answered)."""
+    before the request is answered).
+
+    ``inserts`` are rows the work's transaction must insert, as (statement, parameters): the
+    writer inserts a batch's rows of one statement in one ``executemany``, after its works ran
+    (for rows nothing else in the batch reads, such as a new run's).
+    """
 
     answer: T
     after: Callable[[], None] | None = None
+    inserts: tuple[tuple[Executable, dict[str, Any]], ...] = ()
 
 
 Work = Callable[[Connection], "Done[T]"]
@@ -111,6 +117,7 @@ class GroupCommit:
     def _alone(self, work: Work[T]) -> T:
         with self.database.begin() as conn:
             done = work(conn)
+            _insert(conn, [done])
         if done.after is not None:
             done.after()
         return done.answer
@@ -137,6 +144,7 @@ class GroupCommit:
 
     def _commit(self, batch: list[_Item]) -> None:
         afters: list[Callable[[], None]] = []
+        dones: list[Done[Any]] = []
         try:
             with self.database.begin() as conn:
                 for item in batch:
@@ -146,8 +154,10 @@ class GroupCommit:
                         item.outcome = (False, exc)
                         continue
                     item.outcome = (True, done.answer)
+                    dones.append(done)
                     if done.after is not None:
                         afters.append(done.after)
+                _insert(conn, dones)
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].outcome = (False, exc)
@@ -197,3 +207,13 @@ def _settle(items: list[_Item]) -> None:
             future.set_result(value)
         else:
             future.set_exception(value)
+
+
+def _insert(conn: Connection, dones: list[Done[Any]]) -> None:
+    """The works' ``inserts``: one ``executemany`` per statement, in the works' order."""
+    rows: dict[Executable, list[dict[str, Any]]] = {}
+    for done in dones:
+        for statement, params in done.inserts:
+            rows.setdefault(statement, []).append(params)
+    for statement, params_list in rows.items():
+        conn.execute(statement, params_list)

@@ -160,8 +160,8 @@ def queue(state: ServerState, run: Prepared) -> Work[str]:
     answer is the task id, once committed."""
 
     def work(conn: db.Connection) -> Done[str]:
-        _insert(conn, state, run, state.clock())
-        return Done(run.task_id, after=_waker(state, run))
+        # the rows are inserted with the batch's other runs, in one executemany each
+        return Done(run.task_id, after=_waker(state, run), inserts=_rows(run, state.clock()))
 
     return work
 
@@ -196,7 +196,7 @@ def submit(
         with state.database.begin() as conn:
             if idempotency_key is not None:
                 _expire_key(conn, team, idempotency_key, now)
-            _insert(conn, state, run, now, idempotency_key, digest)
+            _insert(conn, run, now, idempotency_key, digest)
     except IntegrityError:
         # The same key from a concurrent request committed first: answer as it does.
         assert idempotency_key is not None and digest is not None
@@ -208,24 +208,30 @@ def submit(
     return run.task_id
 
 
-def _insert(conn: db.Connection, state: ServerState, run: Prepared, now: float,
+def _insert(conn: db.Connection, run: Prepared, now: float,
             key: str | None = None, digest: str | None = None) -> None:  # fmt: skip
+    for statement, params in _rows(run, now, key, digest):
+        conn.execute(statement, params)
+
+
+def _rows(run: Prepared, now: float, key: str | None = None,
+          digest: str | None = None) -> tuple[tuple[Any, dict[str, Any]], ...]:  # fmt: skip
+    """The rows that queue ``run``: the task and its first event."""
     explain = (
         "queued for ComfyUI Cloud" if run.request is None else "queued; waiting for the dispatcher"
     )
-    conn.execute(
-        _INSERT_TASK,
-        {
-            "id": run.task_id, "team_id": run.team, "workflow_id": run.workflow_id,
-            "workflow_version": run.version, "dispatch_target": run.dispatch_target,
-            "tool_type": run.tool_type, "status": "queued", "agent_id": None,
-            "parameters": run.parameters, "request": run.request, "attempts": 0,
-            "excluded": [], "explain": explain, "outputs": None, "created_at": now,
-            "updated_at": now, "attempt": 0, "lost": 0, "unlisted": 0, "cancel_requested": 0,
-            "history": [], "idempotency_key": key, "request_hash": digest,
-        },
-    )  # fmt: skip
-    _event(conn, run.task_id, "queued", None, now, "submitted")
+    task = {
+        "id": run.task_id, "team_id": run.team, "workflow_id": run.workflow_id,
+        "workflow_version": run.version, "dispatch_target": run.dispatch_target,
+        "tool_type": run.tool_type, "status": "queued", "agent_id": None,
+        "parameters": run.parameters, "request": run.request, "attempts": 0,
+        "excluded": [], "explain": explain, "outputs": None, "created_at": now,
+        "updated_at": now, "attempt": 0, "lost": 0, "unlisted": 0, "cancel_requested": 0,
+        "history": [], "idempotency_key": key, "request_hash": digest,
+    }  # fmt: skip
+    event = {"task_id": run.task_id, "status": "queued", "agent_id": None, "at": now,
+             "detail": "submitted"}  # fmt: skip
+    return ((_INSERT_TASK, task), (_INSERT_EVENT, event))
 
 
 def _waker(state: ServerState, run: Prepared) -> Callable[[], None]:
