@@ -394,11 +394,12 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         agent = who.agent_id
         assert agent is not None
         since = state.waiters.mark(agent)
-        view = await run_in_threadpool(heartbeats.heartbeat, state, who, body)
+        work = await run_in_threadpool(heartbeats.receive, state, who, body)
+        view = await state.commits.run(work)  # stored and reconciled in the next group commit
         if wait > 0 and not view.tasks and not view.cancel:
             seconds = min(wait, state.policy.heartbeat_timeout_s / 2)
             if await state.waiters.wait(agent, seconds, since):
-                view = await run_in_threadpool(tasks.reconcile, state, agent, None)
+                view = await state.commits.run(tasks.reconciling(state, agent, None))
         return {"tasks": view.tasks, "cancel": view.cancel}
 
     @router.post(

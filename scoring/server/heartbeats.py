@@ -8,6 +8,7 @@ dispatched to it, and trusting it would let the dispatcher over-fill the agent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,7 +18,7 @@ from scoring import Agent
 from scoring.models import running_count
 from scoring.server import db, tasks
 from scoring.server.auth import Principal
-from scoring.server.commits import Done
+from scoring.server.commits import Done, Work
 from scoring.server.errors import ApiError, validation_errors
 from scoring.server.schemas import MAX_HELD, HeartbeatBody
 from scoring.server.state import ServerState
@@ -33,8 +34,14 @@ _SERVER_SET = ("agent_id", "team_id", "last_heartbeat")
 
 
 def heartbeat(state: ServerState, principal: Principal, body: Any) -> tasks.AgentView:
-    """Record a heartbeat; returns the tasks dispatched to the agent and not yet started, and
-    those of its listed tasks it must drop (:func:`scoring.server.tasks.reconcile`).
+    """:func:`receive` and its work in one transaction: the tasks dispatched to the agent and
+    not yet started, and those of its listed tasks it must drop."""
+    return state.commits.run_sync(receive(state, principal, body))
+
+
+def receive(state: ServerState, principal: Principal, body: Any) -> Work[tasks.AgentView]:
+    """Take a heartbeat into the Fleet; returns the group-commit work that stores it (when
+    due) and reconciles the agent's tasks (:func:`scoring.server.tasks.reconciling`).
 
     Raises
     ------
@@ -81,20 +88,30 @@ def heartbeat(state: ServerState, principal: Principal, body: Any) -> tasks.Agen
         due = last is None or changed or now - last[1] >= PERSIST_EVERY_S
         if due:
             state.persisted[agent_id] = (record, now)
-    if due:  # in the next group commit, with the other agents' reports and calls
+    reconcile = tasks.reconciling(state, agent_id, held)
+    values = {"record": record, "gpu_capacity": agent.gpu_capacity, "last_heartbeat": now}
+    free = running < agent.gpu_capacity
 
-        def persist(conn: db.Connection) -> Done[None]:
-            conn.execute(
-                update(db.agents)
-                .where(db.agents.c.id == agent_id)
-                .values(record=record, gpu_capacity=agent.gpu_capacity, last_heartbeat=now)
-            )
-            return Done(None)
+    def work(conn: db.Connection) -> Done[tasks.AgentView]:
+        if due:
+            conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(**values))
+        done = reconcile(conn)
+        if free:  # once the report is stored: a reservation reads its capacity
+            done.after = _both(done.after, state.wake.set)
+        return done
 
-        state.commits.run_sync(persist)
-    if running < agent.gpu_capacity:
-        state.wake.set()
-    return tasks.reconcile(state, agent_id, held)
+    return work
+
+
+def _both(first: Callable[[], None] | None, then: Callable[[], None]) -> Callable[[], None]:
+    if first is None:
+        return then
+
+    def both() -> None:
+        first()
+        then()
+
+    return both
 
 
 def _held(value: Any, problems: list[dict[str, Any]]) -> list[str] | None:

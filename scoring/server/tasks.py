@@ -385,76 +385,84 @@ class AgentView(NamedTuple):
 
 
 def reconcile(state: ServerState, agent_id: str, listed: Iterable[str] | None) -> AgentView:
-    """An agent's heartbeat against its tasks in the database (DESIGN section 10.1).
+    """:func:`reconciling` in its own transaction."""
+    return state.commits.run_sync(reconciling(state, agent_id, listed))
+
+
+def reconciling(state: ServerState, agent_id: str, listed: Iterable[str] | None) -> Work[AgentView]:
+    """The group-commit work of an agent's heartbeat against its tasks in the database (DESIGN
+    section 10.1).
 
     ``listed`` is the heartbeat's ``running``: the task ids the agent holds (``None``: an older
     agent that does not list them, reconciled by the timeouts only). A running task missing
     from the list for more than :data:`UNLISTED_GRACE` heartbeats is queued again
     (``not_listed``); a listed task that is not this agent's current attempt, and a running
     task whose cancel was asked, are answered in ``cancel`` (not a task this agent completed: it
-    reports that until it reads the answer). Returns the dispatched tasks not
-    yet started (with their attempt numbers), oldest first.
+    reports that until it reads the answer). Answers the dispatched tasks not yet started (with
+    their attempt numbers), oldest first.
     """
-    t = db.tasks
-    with state.database.read() as conn:
+    held = None if listed is None else set(listed)
+
+    def work(conn: db.Connection) -> Done[AgentView]:
+        t = db.tasks
         rows = conn.execute(
             select(t).where(t.c.agent_id == agent_id, t.c.status.in_(ACTIVE)).order_by(t.c.id)
         ).all()
-    held = None if listed is None else set(listed)
-    stray = set() if held is None else held - {r.id for r in rows}
-    cancel = sorted(stray - _completed(state, agent_id, stray))
-    ending: list[tuple[Any, Outcome]] = []
-    marks: dict[str, int] = {}
-    for r in rows:
-        if r.cancel_requested:
-            ending.append((r, Outcome.CANCELLED))
-            cancel.append(r.id)
-        elif held is None or r.status != "running":
-            continue
-        elif r.id in held:
-            if r.unlisted:
-                marks[r.id] = 0
-        elif r.unlisted >= UNLISTED_GRACE:
-            ending.append((r, Outcome.NOT_LISTED))
-        else:
-            marks[r.id] = r.unlisted + 1
-    ended = {r.id for r, _ in ending}
-    if ending or marks:
+        stray = set() if held is None else held - {r.id for r in rows}
+        cancel = sorted(stray - _completed(conn, agent_id, stray))
+        ending: list[tuple[Any, Outcome]] = []
+        for r in rows:
+            if r.cancel_requested:
+                ending.append((r, Outcome.CANCELLED))
+                cancel.append(r.id)
+            elif held is None or r.status != "running":
+                continue
+            elif r.id in held:
+                if r.unlisted:
+                    _mark_unlisted(conn, agent_id, r.id, 0)
+            elif r.unlisted >= UNLISTED_GRACE:
+                ending.append((r, Outcome.NOT_LISTED))
+            else:
+                _mark_unlisted(conn, agent_id, r.id, r.unlisted + 1)
         now = state.clock()
-        freed = 0
-        with state.database.begin() as conn:
-            for r, outcome in ending:
-                if _end_attempt(conn, state, r, outcome, now) is not None:
-                    freed += 1
-            for task_id, n in marks.items():
-                conn.execute(
-                    update(t).where(t.c.id == task_id, t.c.agent_id == agent_id,
-                                    t.c.status == "running").values(unlisted=n)
-                )  # fmt: skip
-        if freed:
+        freed = sum(_end_attempt(conn, state, r, outcome, now) is not None for r, outcome in ending)
+        ended = {r.id for r, _ in ending}
+        to_start = [
+            {"task_id": r.id, "workflow_id": r.workflow_id, "parameters": r.parameters,
+             "tool_type": r.tool_type, "attempt": r.attempt}
+            for r in rows if r.status == "dispatched" and r.id not in ended
+        ]  # fmt: skip
+
+        def released() -> None:
             state.released(agent_id, freed)
             state.wake.set()
-    to_start = [
-        {"task_id": r.id, "workflow_id": r.workflow_id, "parameters": r.parameters,
-         "tool_type": r.tool_type, "attempt": r.attempt}
-        for r in rows if r.status == "dispatched" and r.id not in ended
-    ]  # fmt: skip
-    return AgentView(to_start, cancel)
+
+        return Done(AgentView(to_start, cancel), after=released if freed else None)
+
+    return work
 
 
-def _completed(state: ServerState, agent_id: str, ids: set[str]) -> set[str]:
+def _mark_unlisted(conn: db.Connection, agent_id: str, task_id: str, n: int) -> None:
+    """Count the heartbeats a running task was missing from (0: listed again)."""
+    t = db.tasks
+    conn.execute(
+        update(t).where(t.c.id == task_id, t.c.agent_id == agent_id, t.c.status == "running")
+        .values(unlisted=n)
+    )  # fmt: skip
+
+
+def _completed(conn: db.Connection, agent_id: str, ids: set[str]) -> set[str]:
     """Those of ``ids`` whose last attempt ``agent_id`` completed: an agent still lists a task
     whose completion it reported until it reads the answer, and must then hear it again (a
     repeated ``complete`` answers 200), not be told to drop it."""
     if not ids:
         return set()
     t = db.tasks
-    with state.database.read() as conn:
-        found = conn.execute(
-            select(t.c.id).where(t.c.id.in_(sorted(ids)), t.c.agent_id == agent_id,
-                                 t.c.status == "completed")
-        ).scalars()  # fmt: skip
-        return set(found)
+    found = conn.execute(
+        select(t.c.id).where(t.c.id.in_(sorted(ids)), t.c.agent_id == agent_id,
+                             t.c.status == "completed")
+    ).scalars()  # fmt: skip
+    return set(found)
 
 
 def _agent_task(conn: db.Connection, principal: Principal, task_id: str) -> Any:
