@@ -88,7 +88,10 @@ async def simulate(
 
         async def submit_one() -> None:
             t0 = time.perf_counter()
-            status, answer = await post(path, demo["body"], auth)
+            try:
+                status, answer = await post(path, demo["body"], auth)
+            except aiohttp.ClientError:
+                return
             if status == 202:
                 submitted_at[answer["task_id"]] = t0
                 accepted.append(time.perf_counter())
@@ -109,6 +112,7 @@ async def simulate(
                 task = asyncio.create_task(submit_one())
                 pending.add(task)
                 task.add_done_callback(pending.discard)
+            await asyncio.gather(*pending)
 
         agents = [asyncio.create_task(agent(a, k)) for a, k in demo["agent_keys"].items()]
         await asyncio.sleep(1.5)  # every agent heartbeating

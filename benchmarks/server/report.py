@@ -26,14 +26,7 @@ def _row(r: Any) -> dict[str, Any]:
 
 def write(results: dict[str, Any], out: Path) -> None:
     """Write ``SERVER.md``, ``server.png`` and ``server.json`` into ``out``."""
-    data = {
-        k: (
-            [_row(r) for r in v]
-            if isinstance(v, list) and v and not isinstance(v[0], (int, float, list))
-            else v
-        )
-        for k, v in results.items()
-    }
+    data = {k: [_row(r) for r in v] if k in NAMES else v for k, v in results.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "server.json").write_text(json.dumps(data, indent=1))
     lines = [
