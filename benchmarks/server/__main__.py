@@ -231,11 +231,7 @@ def submissions(
     print(f"submissions: {name}", flush=True)
     results = []
     for c in conns:
-        # A fresh server and database for each count: the queue does not grow across counts.
-        here = Path(tempfile.mkdtemp(dir=tmp))
-        db = database.format(path=here / "db.sqlite", db=f"b{os.urandom(4).hex()}")
-        if db.startswith("postgresql"):
-            _create_pg(db)
+        here, db = _fresh(database, tmp)
         with scoring_servers(here, db, replicas) as (urls, demo):
             route = [f"{u}/r/workflows/{demo['workflow_id']}/run" for u in urls]
             wrk(route, demo["body"], demo["api_key"], c, 1.0, here)  # warm-up
@@ -253,10 +249,7 @@ def baseline(database: str, conns: list[int], seconds: float, tmp: Path) -> list
     print("submissions: baseline (plain FastAPI, one insert)", flush=True)
     results = []
     for c in conns:
-        here = Path(tempfile.mkdtemp(dir=tmp))
-        db = database.format(path=here / "db.sqlite", db=f"b{os.urandom(4).hex()}")
-        if db.startswith("postgresql"):
-            _create_pg(db)
+        here, db = _fresh(database, tmp)
         port = _port()
         p = Process(
             [
@@ -286,6 +279,16 @@ def baseline(database: str, conns: list[int], seconds: float, tmp: Path) -> list
         )
         results.append(r)
     return results
+
+
+def _fresh(database: str, tmp: Path) -> tuple[Path, str]:
+    """A new directory and an empty database for one measurement (the queue of one
+    measurement does not slow the next): a file in it, or a new PostgreSQL database."""
+    here = Path(tempfile.mkdtemp(dir=tmp))
+    url = database.format(path=here / "db.sqlite", db=f"b{os.urandom(4).hex()}")
+    if url.startswith("postgresql"):
+        _create_pg(url)
+    return here, url
 
 
 def _create_pg(url: str) -> None:
