@@ -39,7 +39,10 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("fuzz"))
+    # A 2 s heartbeat timeout caps a long-polled heartbeat's wait at 1 s (the generated
+    # ``wait`` goes up to 30 s, longer than the client's read timeout; tests/server/
+    # test_longpoll.py covers long waits).
+    proc = ServerProcess(tmp_path_factory.mktemp("fuzz"), "--heartbeat-timeout", "2")
     proc.start()
     try:
         yield proc
