@@ -186,7 +186,10 @@ def check(server: ServerProcess, result: LoadResult, capacity: int) -> dict[str,
     assert not missing, f"{len(missing)} accepted tasks lost"
     not_done = [t for t in result.accepted if statuses[t] != "completed"]
     stuck = Counter(statuses[t] for t in not_done)
-    assert not not_done, f"{len(not_done)} accepted tasks not completed: {dict(stuck)}"
+    assert not not_done, (
+        f"{len(not_done)} accepted tasks not completed: {dict(stuck)}; "
+        f"by the agents: {_agents_view(result, not_done[:5])}"
+    )
     completions = Counter(e.task_id for e in events if e.status == "completed")
     assert all(completions[t] == 1 for t in statuses), "a task completed twice"
     by_agents = Counter(t for a in result.agents for t in a.completed)
@@ -206,3 +209,18 @@ def check(server: ServerProcess, result: LoadResult, capacity: int) -> dict[str,
     assert all(a.max_running <= capacity and a.over_capacity == 0 for a in result.agents)
     assert all(v == 0 for v in reserved.values()), reserved  # every slot given back
     return {"max_reserved_per_agent": max(peak.values()), "tasks": len(statuses)}
+
+
+def _agents_view(result: LoadResult, task_ids: list[str]) -> dict[str, list[str]]:
+    """Where the agents hold these tasks (for a failure's message)."""
+    view: dict[str, list[str]] = {t: [] for t in task_ids}
+    for a in result.agents:
+        for t in task_ids:
+            for name in ("running", "to_report", "to_start", "attempt"):
+                if t in getattr(a, name):
+                    view[t].append(f"{a.agent_id}.{name}")
+            if t in a.completed:
+                view[t].append(f"{a.agent_id}.completed")
+            if t in a.cancelled:
+                view[t].append(f"{a.agent_id}.cancelled")
+    return view
