@@ -141,6 +141,10 @@ class Dispatcher:
         self.expiries: list[tuple[float, int, TaskState]] = []  # deferrals, earliest first
         self.rechecks: list[float] = []  # when slots the policy held open to every run
         self.next_wake = math.inf
+        # Times with a wake asked for and not yet come: asking twice for one time only made
+        # the second wake find nothing due and ask again, a chain that grew with every
+        # deferral (36,573 empty wakes for 3,000 tasks).
+        self.wakes: set[float] = set()
         self.picks = 0  # requests handed to the policy
         self.batches = 0  # assign calls
         self.deferrals = 0
@@ -182,10 +186,16 @@ class Dispatcher:
         self.blocked -= keys
         self._offer_classes(keys)
 
-    def expire(self) -> None:
-        """Deferrals due by now: offer their classes again (past the bound, they are placed)."""
+    def expire(self, at: float | None = None) -> None:
+        """Deferrals due by now: offer their classes again (past the bound, they are placed).
+
+        ``at``: the time of the wake that calls it (``None``: every wake due by now)."""
         now = self.clock()
         self.next_wake = math.inf
+        if at is not None:
+            self.wakes.discard(at)
+        else:
+            self.wakes = {t for t in self.wakes if t > now}
         keys = set()
         while self.expiries and self.expiries[0][0] <= now:
             _, _, state = heapq.heappop(self.expiries)
@@ -283,7 +293,9 @@ class Dispatcher:
                     self.rechecks[0] if self.rechecks else math.inf)  # fmt: skip
         if first < self.next_wake:
             self.next_wake = first
-            self.wake(self.next_wake)
+            if first not in self.wakes:
+                self.wakes.add(first)
+                self.wake(first)
 
     def _dequeue(self, state: TaskState) -> None:
         key = state.key

@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable, Sequence
 import numpy as np
 
 from scoring import DispatchRequest, Fleet, ScoringPolicy, assign
-from scoring.holds import HOLD_S, SlotHolds, free_slots, restrict
+from scoring.holds import HOLD_S, SlotHolds, restrict
 from scoring.pick import eligible_agents, evaluate
 from scoring.sim.view import LOAD_ESTIMATE_S, AgentView, FleetView
 
@@ -113,7 +113,9 @@ class Scorer(Policy):
         now: float,
     ) -> list[Outcome]:
         if self.holds is not None:
-            self.holds.update((), saturated=len(requests) > free_slots(fleet))
+            # One dispatcher, no other replica: whether the queue outnumbers the free slots
+            # only matters to the owner's grace among replicas (scoring.holds), so it is not
+            # counted (a scan of the fleet per call).
             requests = restrict(fleet, requests, self.holds.held(fleet, now))
         decisions = assign(fleet, list(requests), self.policy, now=now)
         # Held back while no agent at all is free for it: to the dispatcher that is "no room"

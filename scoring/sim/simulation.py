@@ -249,7 +249,7 @@ class _Run:
     def _wake(self, at: float) -> None:
         """Call the dispatcher's ``expire`` at ``at`` (seconds since the epoch)."""
         delay = max(at - self.clock(), 0.0)
-        self.env.timeout(delay).callbacks.append(lambda _: self.dispatcher.expire())
+        self.env.timeout(delay).callbacks.append(lambda _: self.dispatcher.expire(at))
 
     # --- the run ------------------------------------------------------------------------------
 
