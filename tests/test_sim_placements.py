@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from scoring.sim import SimConfig, compare
-
 from tests.test_sim_core import EVERY, SMALL
 
 DIGESTS = Path(__file__).parent / "data" / "sim_placements.json"
