@@ -101,3 +101,34 @@ def test_goal_command_writes_tables(tmp_path, capsys):
         goals([*argv[:-2], "--policies", "scorer", "--out", str(again)])
     with pytest.raises(SystemExit):  # the earlier run has no load 0.5
         goals([*argv[:-2], *reuse, "--loads", "0.5"])
+
+
+def test_the_simulator_never_imports_research():
+    """Imports go one way: research uses the simulator; the simulator and its command line run
+    without loading any of it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sim = Path(__file__).parents[1] / "scoring" / "sim"
+    imports = re.compile(r"^\s*(from|import)\s+scoring\.research", re.MULTILINE)
+    assert not [p.name for p in sim.glob("*.py") if imports.search(p.read_text())]
+    code = (
+        "import sys, scoring.sim, scoring.sim.cli, scoring.sim.plots; "
+        "print([m for m in sys.modules if m.startswith('scoring.research')])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_emulation_entry_point_runs_the_simulator_with_the_cold_rules(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "scoring.research.emulate", "--agents", "8", "--tasks", "40",
+         "--teams", "2", "--policies", "cold:lru", "--out", str(tmp_path), "--no-plots"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    assert "cold:lru" in done.stdout

@@ -348,9 +348,9 @@ class _Deferring:
         out = []
         for request, at in zip(requests, submitted, strict=True):
             if now - at < self.wait_s:
-                out.append((None, True))
+                out.append((None, at + self.wait_s))
             else:
-                out.append((fleet.dispatch(request, now=now).agent_id, False))
+                out.append((fleet.dispatch(request, now=now).agent_id, None))
         return out
 
 

@@ -34,6 +34,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 from scoring import DispatchRequest, Fleet, ScoringPolicy, rank_agents
+from scoring.assign import deferral_ends
 from scoring.decision import RankedAgent
 from scoring.pick import evaluate
 from scoring.sim.catalog import register_family
@@ -67,7 +68,11 @@ class ColdRule(Policy):
         now: float,
     ) -> list[Outcome]:
         # As the scorer reports it: deferred with no free eligible agent at all is "no room".
-        return [(a, d and n > 0) for a, d, n in self.decide(fleet, requests, submitted, now)]
+        raw = self.decide(fleet, requests, submitted, now)
+        return [
+            (a, deferral_ends(at, self.wait_s) if d and n > 0 else None)
+            for (a, d, n), at in zip(raw, submitted, strict=True)
+        ]
 
     def decide(
         self,

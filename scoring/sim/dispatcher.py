@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from scoring import DispatchRequest, Fleet
-from scoring.assign import deferral_ends
 from scoring.sim.agents import team_uuid
-from scoring.sim.policies import Policy
+from scoring.sim.policies import Outcome, Policy
 from scoring.sim.workload import Task
 
 #: A deferral expires this long after its bound, so that the policy, reading the clock as
@@ -242,12 +241,12 @@ class Dispatcher:
         now = self.clock()
         outcomes = self._assign(batch, [s.request for s in batch], now)
         retry = []
-        for state, (agent_id, deferred) in zip(batch, outcomes, strict=True):
+        for state, (agent_id, until) in zip(batch, outcomes, strict=True):
             if agent_id is not None:
                 self._dequeue(state)
                 self.start(state, agent_id)
-            elif deferred:
-                self._defer(state)
+            elif until is not None:
+                self._defer(state, until)
             elif state.exclude:
                 retry.append(state)
             else:
@@ -266,16 +265,17 @@ class Dispatcher:
 
     def _assign(
         self, batch: list[TaskState], requests: list[DispatchRequest], now: float
-    ) -> list[tuple[str | None, bool]]:
+    ) -> list[Outcome]:
         self.batches += 1
         self.picks += len(batch)
         keys: list[Hashable] = [s.key for s in batch]
         submitted = [s.submitted for s in batch]
         return self.policy.assign(self.fleet, requests, keys, submitted, now)
 
-    def _defer(self, state: TaskState) -> None:
+    def _defer(self, state: TaskState, until: float) -> None:
+        """``state`` is held back until ``until`` (the policy's word): offer it again then."""
         self.deferrals += 1
-        at = deferral_ends(state.submitted, self.policy.wait_s) + _EXPIRY_SLACK_S
+        at = until + _EXPIRY_SLACK_S
         if state.expiry != at:  # deferred again within the same bound: already on the heap
             state.expiry = at
             heapq.heappush(self.expiries, (at, state.seq, state))
