@@ -432,3 +432,20 @@ def test_compression_reaches_the_offered_load():
     capacity = sum(a.capacity * a.speed for a in agents)
     assert workload.work_s / workload.span_s / capacity == pytest.approx(0.4)
     assert workload.tasks[0].arrival == config.warmup_s
+
+
+def test_the_views_free_slots_are_kept_as_agents_change(monkeypatch):
+    """The count kept at each change equals the sum over the agents, at every offer of a busy
+    run (connects, spells, disconnects, retries)."""
+    seen = []
+    kept = FleetView.free_slots
+
+    def checked(view):
+        got = kept(view)
+        assert got == sum(a.free for a in view.agents.values())
+        seen.append(got)
+        return got
+
+    monkeypatch.setattr(FleetView, "free_slots", checked)
+    simulate(SMALL, "scorer")
+    assert len(seen) > 100 and max(seen) > 0
