@@ -47,8 +47,11 @@ BUSY_LIFE = Lifecycle(
 SMALL = SimConfig(
     n_agents=24, n_tasks=300, n_teams=6, load=0.3, lifecycle=BUSY_LIFE, locality_wait_s=10.0
 )
-#: The anchors and baselines, plus the cold-placement experiments.
-EVERY = (*POLICY_NAMES, "cold:score", "cold:spare")
+#: The anchors and baselines (the cold-placement experiments of scoring.research run these
+#: checks too: tests/test_research_emulate.py).
+EVERY = POLICY_NAMES
+#: scoring.research's cold-placement experiments, which wait and weigh the pool as the scorer does.
+COLD_RULES = ("cold:score", "cold:spare")
 #: Metrics that measure the machine rather than the simulation.
 WALL_CLOCK = {"wall_s", "tasks_per_wall_s"}
 
@@ -89,7 +92,7 @@ def test_every_task_completes_exactly_once_or_is_reported(small_runs, policy):
     # Every attempt is accounted for: one placement each, and each retry follows a failure.
     assert len(log.placements) == log.attempts.sum()
     assert log.attempts.sum() == m["completed"] + log.lost_attempts + log.failed_attempts
-    if policy in ("scorer", "delay", "cold:score", "cold:spare"):  # the waiting path ran
+    if policy in ("scorer", "delay", *COLD_RULES):  # the waiting path ran
         assert m["deferrals"] > 0
 
 
@@ -114,7 +117,7 @@ def test_no_policy_runs_a_task_outside_its_pool(small_runs, policy):
         else:
             assert agent.team == task.team or agent.community_opt_in, (task, agent)
             foreign += agent.team != task.team
-    if policy not in ("scorer", "cold:score", "cold:spare"):  # others ignore the pool factor
+    if policy not in ("scorer", *COLD_RULES):  # others ignore the pool factor
         assert foreign > 0
 
 
@@ -345,9 +348,9 @@ class _Deferring:
         out = []
         for request, at in zip(requests, submitted, strict=True):
             if now - at < self.wait_s:
-                out.append((None, True))
+                out.append((None, at + self.wait_s))
             else:
-                out.append((fleet.dispatch(request, now=now).agent_id, False))
+                out.append((fleet.dispatch(request, now=now).agent_id, None))
         return out
 
 
@@ -429,3 +432,20 @@ def test_compression_reaches_the_offered_load():
     capacity = sum(a.capacity * a.speed for a in agents)
     assert workload.work_s / workload.span_s / capacity == pytest.approx(0.4)
     assert workload.tasks[0].arrival == config.warmup_s
+
+
+def test_the_views_free_slots_are_kept_as_agents_change(monkeypatch):
+    """The count kept at each change equals the sum over the agents, at every offer of a busy
+    run (connects, spells, disconnects, retries)."""
+    seen = []
+    kept = FleetView.free_slots
+
+    def checked(view):
+        got = kept(view)
+        assert got == sum(a.free for a in view.agents.values())
+        seen.append(got)
+        return got
+
+    monkeypatch.setattr(FleetView, "free_slots", checked)
+    simulate(SMALL, "scorer")
+    assert len(seen) > 100 and max(seen) > 0

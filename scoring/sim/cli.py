@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from scoring.models import FACTORS
-from scoring.sim.catalog import VARIANTS
-from scoring.sim.emulate import COLD_RULES
+from scoring.sim.catalog import policy_names
 from scoring.sim.metrics import format_table
 from scoring.sim.policies import POLICY_NAMES
 from scoring.sim.simulation import SimConfig, compare
@@ -48,14 +47,11 @@ def parse_weights(text: str) -> dict[str, float]:
 
 def parse_policies(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [
-        n
-        for n in names
-        if n not in POLICY_NAMES and n not in VARIANTS and n.removeprefix("cold:") not in COLD_RULES
-    ]
+    known = policy_names()
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown policies {unknown}: choose from {', '.join(POLICY_NAMES + VARIANTS)}"
+            f"unknown policies {unknown}: choose from {', '.join(known)}"
         )
     return names
 

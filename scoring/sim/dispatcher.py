@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from scoring import DispatchRequest, Fleet
-from scoring.assign import deferral_ends
 from scoring.sim.agents import team_uuid
-from scoring.sim.policies import Policy
+from scoring.sim.policies import Outcome, Policy
 from scoring.sim.workload import Task
 
 #: A deferral expires this long after its bound, so that the policy, reading the clock as
@@ -141,6 +140,10 @@ class Dispatcher:
         self.expiries: list[tuple[float, int, TaskState]] = []  # deferrals, earliest first
         self.rechecks: list[float] = []  # when slots the policy held open to every run
         self.next_wake = math.inf
+        # Times with a wake asked for and not yet come: asking twice for one time only made
+        # the second wake find nothing due and ask again, a chain that grew with every
+        # deferral (36,573 empty wakes for 3,000 tasks).
+        self.wakes: set[float] = set()
         self.picks = 0  # requests handed to the policy
         self.batches = 0  # assign calls
         self.deferrals = 0
@@ -182,10 +185,16 @@ class Dispatcher:
         self.blocked -= keys
         self._offer_classes(keys)
 
-    def expire(self) -> None:
-        """Deferrals due by now: offer their classes again (past the bound, they are placed)."""
+    def expire(self, at: float | None = None) -> None:
+        """Deferrals due by now: offer their classes again (past the bound, they are placed).
+
+        ``at``: the time of the wake that calls it (``None``: every wake due by now)."""
         now = self.clock()
         self.next_wake = math.inf
+        if at is not None:
+            self.wakes.discard(at)
+        else:
+            self.wakes = {t for t in self.wakes if t > now}
         keys = set()
         while self.expiries and self.expiries[0][0] <= now:
             _, _, state = heapq.heappop(self.expiries)
@@ -232,12 +241,12 @@ class Dispatcher:
         now = self.clock()
         outcomes = self._assign(batch, [s.request for s in batch], now)
         retry = []
-        for state, (agent_id, deferred) in zip(batch, outcomes, strict=True):
+        for state, (agent_id, until) in zip(batch, outcomes, strict=True):
             if agent_id is not None:
                 self._dequeue(state)
                 self.start(state, agent_id)
-            elif deferred:
-                self._defer(state)
+            elif until is not None:
+                self._defer(state, until)
             elif state.exclude:
                 retry.append(state)
             else:
@@ -256,16 +265,17 @@ class Dispatcher:
 
     def _assign(
         self, batch: list[TaskState], requests: list[DispatchRequest], now: float
-    ) -> list[tuple[str | None, bool]]:
+    ) -> list[Outcome]:
         self.batches += 1
         self.picks += len(batch)
         keys: list[Hashable] = [s.key for s in batch]
         submitted = [s.submitted for s in batch]
         return self.policy.assign(self.fleet, requests, keys, submitted, now)
 
-    def _defer(self, state: TaskState) -> None:
+    def _defer(self, state: TaskState, until: float) -> None:
+        """``state`` is held back until ``until`` (the policy's word): offer it again then."""
         self.deferrals += 1
-        at = deferral_ends(state.submitted, self.policy.wait_s) + _EXPIRY_SLACK_S
+        at = until + _EXPIRY_SLACK_S
         if state.expiry != at:  # deferred again within the same bound: already on the heap
             state.expiry = at
             heapq.heappush(self.expiries, (at, state.seq, state))
@@ -283,7 +293,9 @@ class Dispatcher:
                     self.rechecks[0] if self.rechecks else math.inf)  # fmt: skip
         if first < self.next_wake:
             self.next_wake = first
-            self.wake(self.next_wake)
+            if first not in self.wakes:
+                self.wakes.add(first)
+                self.wake(first)
 
     def _dequeue(self, state: TaskState) -> None:
         key = state.key

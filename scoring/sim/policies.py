@@ -22,7 +22,8 @@ from collections.abc import Callable, Hashable, Sequence
 import numpy as np
 
 from scoring import DispatchRequest, Fleet, ScoringPolicy, assign
-from scoring.holds import HOLD_S, SlotHolds, free_slots, restrict
+from scoring.assign import deferral_ends
+from scoring.holds import HOLD_S, SlotHolds, restrict
 from scoring.pick import eligible_agents, evaluate
 from scoring.sim.view import LOAD_ESTIMATE_S, AgentView, FleetView
 
@@ -34,10 +35,12 @@ POLICY_NAMES = (
 #: The anchors: what a platform team would otherwise adopt (DESIGN section 9).
 ANCHORS = ("multiplex", "gie", "startup", "delay")
 
-#: One request's outcome: (agent id or None, deferred).
-Outcome = tuple[str | None, bool]
-_NONE: Outcome = (None, False)
-_DEFERRED: Outcome = (None, True)
+#: One request's outcome: (agent id or None, when its deferral ends or None). A placed request
+#: has an agent; a deferred one the time (seconds since the epoch) from which it is no longer
+#: held back, as the library states it (``Decision.deferred_until``, ``scoring.deferral_ends``);
+#: one with neither found no free eligible agent.
+Outcome = tuple[str | None, float | None]
+_NONE: Outcome = (None, None)
 
 
 class Policy(ABC):
@@ -70,8 +73,8 @@ class Policy(ABC):
         submitted: Sequence[float],
         now: float,
     ) -> list[Outcome]:
-        """One outcome per request, in order: placed on an agent (slot reserved), deferred, or
-        neither (no free eligible agent).
+        """One :data:`Outcome` per request, in order: placed on an agent (slot reserved), deferred
+        (until when), or neither (no free eligible agent).
 
         ``keys[i]`` is request i's eligibility class: requests of one class have the same
         eligible agents, so once one of them finds none, the later ones need not look.
@@ -113,12 +116,14 @@ class Scorer(Policy):
         now: float,
     ) -> list[Outcome]:
         if self.holds is not None:
-            self.holds.update((), saturated=len(requests) > free_slots(fleet))
+            # One dispatcher, no other replica: whether the queue outnumbers the free slots
+            # only matters to the owner's grace among replicas (scoring.holds), so it is not
+            # counted (a scan of the fleet per call).
             requests = restrict(fleet, requests, self.holds.held(fleet, now))
         decisions = assign(fleet, list(requests), self.policy, now=now)
         # Held back while no agent at all is free for it: to the dispatcher that is "no room"
         # (its class waits for capacity instead of being offered on every event).
-        out = [(d.agent_id, d.deferred and d.eligible > 0) for d in decisions]
+        out = [(d.agent_id, d.deferred_until if d.eligible > 0 else None) for d in decisions]
         for request, (agent_id, _) in zip(requests, out, strict=True):
             if agent_id is not None:
                 self.view.reserve(agent_id, request.required_models, now)
@@ -155,7 +160,7 @@ class Chooser(Policy):
             eligible.sort()
             agent_id = self.pick(eligible, request, now)
             self._reserve(fleet, agent_id, request, now)
-            out.append((agent_id, False))
+            out.append((agent_id, None))
         return out
 
     @abstractmethod
@@ -372,12 +377,12 @@ class Delay(Chooser):
             if warm:
                 agent_id = self._least_loaded(warm)
             elif now - at < self.wait_s and self._warm_elsewhere(fleet, request, key, capable, now):
-                out.append(_DEFERRED)
+                out.append((None, deferral_ends(at, self.wait_s)))
                 continue
             else:
                 agent_id = self._least_loaded(eligible)
             self._reserve(fleet, agent_id, request, now)
-            out.append((agent_id, False))
+            out.append((agent_id, None))
         return out
 
     def _warm_elsewhere(

@@ -249,7 +249,7 @@ class _Run:
     def _wake(self, at: float) -> None:
         """Call the dispatcher's ``expire`` at ``at`` (seconds since the epoch)."""
         delay = max(at - self.clock(), 0.0)
-        self.env.timeout(delay).callbacks.append(lambda _: self.dispatcher.expire())
+        self.env.timeout(delay).callbacks.append(lambda _: self.dispatcher.expire(at))
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -293,7 +293,9 @@ class _Run:
         for agent in self.agents:
             if agent.connected:
                 agent.connected_slot_s += (now - agent.connected_since) * agent.spec.capacity
-            for attempt in agent.attempts:  # still running: count their time so far
+            # still running: count their time so far, in a fixed order (a set of attempts
+            # iterates by address, and the sum's last bit moved between identical runs)
+            for attempt in sorted(agent.attempts, key=_by_task):
                 if attempt.alive:
                     agent.busy_slot_s += now - attempt.dispatched
             log.busy_slot_s += agent.busy_slot_s
@@ -330,7 +332,7 @@ class _Run:
         agent.connected_slot_s += (env.now - agent.connected_since) * agent.spec.capacity
         agent.loading.clear()
         del self.live[agent.agent_id]
-        for attempt in agent.attempts:
+        for attempt in sorted(agent.attempts, key=_by_task):  # a fixed order of the sum
             attempt.alive = False  # it will never finish
             agent.busy_slot_s += env.now - attempt.dispatched
         last = self.fleet.get(agent.agent_id).last_heartbeat - EPOCH
@@ -345,7 +347,7 @@ class _Run:
             self._lose_attempts(agent)
 
     def _lose_attempts(self, agent: SimAgent) -> None:
-        lost = sorted(agent.attempts, key=lambda a: a.state.seq)
+        lost = sorted(agent.attempts, key=_by_task)
         agent.attempts.clear()
         for attempt in lost:
             attempt.alive = False
@@ -440,3 +442,7 @@ class _Attempt:
     alive: bool = True
     cold: bool = False
     failed: bool = False
+
+
+def _by_task(attempt: _Attempt) -> int:
+    return attempt.state.seq

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
+from scoring.research.cluster import Job, connect, run_jobs
 from scoring.sim import SimConfig, simulate
-from scoring.sim.cluster import Job, connect, run_jobs
 
 # A Dask LocalCluster of two worker processes: `make test-all`, not CI (sweeps are not the demo).
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def test_jobs_on_the_cluster_equal_jobs_run_here(client):
 
 
 def test_sweep_command_runs_on_a_local_cluster(capsys):
-    from scoring.sim.sweep import main
+    from scoring.research.sweep import main
 
     argv = ["--trace", "none", "--agents", "12", "--tasks", "60", "--teams", "3", "--seeds", "0",
             "--grid", "none", "--extra", "warm=3", "--search", "both", "--trials", "1",

@@ -1,7 +1,7 @@
 """Search the scorer's weights (and waiting budget) on a workload, on Dask.
 
-``python -m scoring.sim.sweep --trace auto --load 0.2`` replays the Stable Diffusion trace under
-many weightings, several seeds each (fleets, regions and lifecycle events differ between
+``python -m scoring.research.sweep --trace auto --load 0.2`` replays the Stable Diffusion trace
+under many weightings, several seeds each (fleets, regions and lifecycle events differ between
 seeds), every simulation one task on a Dask cluster (a LocalCluster by default, ``--scheduler
 ADDRESS`` for a running one), and prints a Markdown table, best first, with other policies
 below for scale. This is the evidence behind the defaults of ``ScoringPolicy`` (see
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from scoring.sim.cluster import Job, connect, run_jobs
+from scoring.research.cluster import Job, connect, run_jobs
 from scoring.sim.simulation import SimConfig
 from scoring.sim.trace import find_trace
 
@@ -251,7 +251,7 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m scoring.sim.sweep", description=__doc__,
+        prog="python -m scoring.research.sweep", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     add_scenario_arguments(p)

@@ -1,8 +1,8 @@
 """The issue's goal table: the engine's default policy against the best anchor, per load and seed.
 
-``python -m scoring.sim.goals --trace auto`` replays the full trace at loads 0.1, 0.2 and 0.3
+``python -m scoring.research.goals --trace auto`` replays the full trace at loads 0.1, 0.2 and 0.3
 with seeds 0 and 1 under every policy (each simulation one Dask task, see
-:mod:`scoring.sim.cluster`) and checks, for each load and seed:
+:mod:`scoring.research.cluster`) and checks, for each load and seed:
 
 - cold-load rate at most 0.7 x the best anchor's (the lowest of ``multiplex``, ``gie``,
   ``startup``, ``delay``);
@@ -26,10 +26,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from scoring.research.cluster import Job, connect, run_jobs
+from scoring.research.sweep import add_scenario_arguments, scenario
 from scoring.sim.cli import _jsonable
-from scoring.sim.cluster import Job, connect, run_jobs
 from scoring.sim.policies import ANCHORS, POLICY_NAMES
-from scoring.sim.sweep import add_scenario_arguments, scenario
 
 #: (metric, the scorer's value may be at most this times the best anchor's).
 RATIO_GOALS = (("cold_load_rate", 0.7), ("overhead_p95_s", 0.8), ("latency_p95_s", 0.9))
@@ -103,7 +103,7 @@ def markdown(title: str, rows: Sequence[Mapping[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m scoring.sim.goals",
+        prog="python -m scoring.research.goals",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
