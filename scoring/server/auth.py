@@ -24,8 +24,8 @@ from scoring.server.errors import ApiError, ServerCode
 
 #: How long a resolved membership is trusted without asking the database again.
 CACHE_SECONDS = 30.0
-#: How long a resolved key is trusted: a key revoked by the admin CLI (another process) stops
-#: working on every replica within this; it still saves all but one query a second per key.
+#: How often the keys in use are checked against the database: a key revoked by the admin CLI
+#: (another process) stops working on every replica within this (one query for all keys).
 KEY_CACHE_SECONDS = 1.0
 #: Characters of a key kept in clear (``sk-`` and 9 random ones, 54 bits): how an administrator
 #: names a key to revoke (``python -m scoring.server.admin revoke-key PREFIX``).
@@ -82,6 +82,9 @@ class Authenticator:
         self._db = database
         self._secret = secret
         self._cache: dict[tuple[str, ...], tuple[float, object]] = {}
+        #: The keys in use (by SHA-256), checked for revocation together (``_recheck_keys``).
+        self._keys: dict[str, Principal] = {}
+        self._keys_checked = -float("inf")
         self._lock = threading.Lock()
 
     def issue_session(self, user_id: str, ttl: float = SESSION_SECONDS) -> str:
@@ -159,9 +162,14 @@ class Authenticator:
 
     def _key(self, token: str) -> Principal | None:
         digest = hash_key(token)
-        hit, value = self._cached(("key", digest))
+        self._recheck_keys()
+        with self._lock:
+            known = self._keys.get(digest)
+        if known is not None:
+            return known
+        hit, _ = self._cached(("unknown key", digest))
         if hit:
-            return value  # type: ignore[return-value]
+            return None
         with self._db.read() as conn:
             row = conn.execute(
                 select(db.api_keys.c.kind, db.api_keys.c.team_id, db.api_keys.c.agent_id).where(
@@ -172,8 +180,35 @@ class Authenticator:
         if row is not None and row.kind == token[:2]:
             kind: Kind = "agent" if row.kind == "dk" else "team_key"
             principal = Principal(kind, UUID(row.team_id), agent_id=row.agent_id)
-        self._remember(("key", digest), principal, KEY_CACHE_SECONDS)
+        if principal is None:
+            self._remember(("unknown key", digest), None, KEY_CACHE_SECONDS)
+        else:
+            with self._lock:
+                if len(self._keys) > 100_000:
+                    self._keys.clear()  # bounded: every key is looked up again once
+                self._keys[digest] = principal
         return principal
+
+    def _recheck_keys(self) -> None:
+        """At most once per :data:`KEY_CACHE_SECONDS`, drop the known keys that were revoked
+        (deleted by the admin CLI, maybe in another process): one query for all the keys in
+        use, not one per key and second."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._keys_checked < KEY_CACHE_SECONDS:
+                return
+            self._keys_checked = now
+            digests = list(self._keys)
+        kept: set[str] = set()
+        with self._db.read() as conn:
+            for i in range(0, len(digests), 500):
+                chunk = digests[i : i + 500]
+                query = select(db.api_keys.c.key_hash).where(db.api_keys.c.key_hash.in_(chunk))
+                kept.update(conn.execute(query).scalars())
+        with self._lock:
+            for digest in digests:
+                if digest not in kept:
+                    self._keys.pop(digest, None)
 
     def _is_member(self, user_id: str, team_id: str) -> bool:
         hit, value = self._cached(("member", user_id, team_id))
