@@ -215,6 +215,7 @@ class _Batch:
             np.stack([q.labels for q in qs]),
             np.array([q.labels_unknown for q in qs], bool),
             np.array([q.min_vram for q in qs], np.int64),
+            np.array([q.max_failures for q in qs], np.int64),
             np.stack([q.models for q in qs]),
             np.array([q.n_models for q in qs], np.int64),
             np.stack([q.region_table for q in qs]),
