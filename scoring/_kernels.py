@@ -68,7 +68,7 @@ SLACK = 1.0 - 2.0**-49  # see _floor
 _TINY = 1e-290
 BOUND_SLACK, BOUND_ABS = 1.0 + 2.0**-40, 1e-300  # see _reaches
 MOST_FAILURES = int(np.iinfo(column_dtypes()["failure_rate"]).max)  # the largest code
-CHUNK = 64  # rows filtered together (a word's bits), before the rows that passed are ranked
+CHUNK = rules.CHUNK  # rows filtered together, before the rows that passed are ranked
 #: The least rows left in a part for which the bound's failure limits are worked out when the
 #: floor rises: the search (two binary searches of 16 steps) costs about as much as scoring
 #: some thirty rows, more than it can save near a part's end.
@@ -86,7 +86,6 @@ _BYTE = np.uint64(0xFF)
 assert CHUNK <= 64, "_chunk marks a chunk's passing rows in one word"
 assert FLUSH * CHUNK < 1 << 16, "_scan_part sums lane counts of FLUSH chunks in 16 bits"
 _NO_LANES = (_NONE,) * N_LANE_WORDS
-_NO_WORDS = (_NONE,) * N_ROW_FILTERS
 _NO_FACTORS = (np.nan,) * N_FACTORS
 _MAX_HASH = _ALL
 #: What a part of the candidate rows is (:func:`_part_mask`): any rows, each tested for the pool
@@ -274,12 +273,7 @@ def _chunk_words(c, q, first, part, limit):
             if limit >= 0:
                 fit |= at_most(c.failure_rate, start, limit) << at
     # the team's rows in the community index count as skipped and nothing else
-    words = _NO_WORDS
-    for b in range(CHUNK // LANES):
-        start, at = np.uint64(first) + np.uint64(b * LANES), np.uint64(b * LANES)
-        found = G.lane_words(c, q, start)
-        for k in range(N_ROW_FILTERS):
-            words = set_item(words, k, words[k] | (found[k] << at))
+    words = G.chunk_words(c, q, first)
     failed, lanes = own, _tally(_NO_LANES, SKIPPED, own)
     for k in range(N_ROW_FILTERS):
         word = words[k] & ~own

@@ -21,16 +21,24 @@ def row_mask(c, q, i, wide):
 
 
 @jit_inline
-def lane_words(c, q, start):
-    """Bit ``k`` for row ``start + k`` failing each of ``rules.ROW_FILTERS``."""
-    return (
-        np.uint64(rules.stale_lanes(c, q, start)),
-        np.uint64(rules.status_lanes(c, q, start)),
-        np.uint64(rules.labels_lanes(c, q, start)),
-        np.uint64(rules.capacity_lanes(c, q, start)),
-        np.uint64(rules.vram_lanes(c, q, start)),
-        np.uint64(rules.failures_lanes(c, q, start)),
-    )
+def chunk_words(c, q, first):
+    """Bit ``k`` for row ``first + k`` failing each of ``rules.ROW_FILTERS`` (CHUNK rows)."""
+    stale_rows = np.uint64(0)
+    status_rows = np.uint64(0)
+    labels_rows = np.uint64(0)
+    capacity_rows = np.uint64(0)
+    vram_rows = np.uint64(0)
+    failures_rows = np.uint64(0)
+    for b in range(8):
+        at = np.uint64(b * 8)
+        start = np.uint64(first) + at
+        stale_rows |= np.uint64(rules.stale_lanes(c, q, start)) << at
+        status_rows |= np.uint64(rules.status_lanes(c, q, start)) << at
+        labels_rows |= np.uint64(rules.labels_lanes(c, q, start)) << at
+        capacity_rows |= np.uint64(rules.capacity_lanes(c, q, start)) << at
+        vram_rows |= np.uint64(rules.vram_lanes(c, q, start)) << at
+        failures_rows |= np.uint64(rules.failures_lanes(c, q, start)) << at
+    return (stale_rows, status_rows, labels_rows, capacity_rows, vram_rows, failures_rows)
 
 
 @jit_inline

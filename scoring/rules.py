@@ -25,10 +25,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from scoring._jit import bit_count, jit_inline
-from scoring._simd import above, below, equal, lacking, not_below, older
+from scoring._simd import LANES, above, below, equal, lacking, not_below, older
 from scoring.layout import FAILURE_STEPS, VRAM_UNKNOWN
 
 _NONE, _BYTE = np.uint64(0), np.uint64(0xFF)
+#: Rows the scan filters together (a word's bits), before the rows that passed are ranked.
+CHUNK = 64
 
 #: The statuses that can take a task, first in ``AgentStatus`` (``scoring.models`` checks): a
 #: status code at most :data:`LAST_ELIGIBLE_STATUS` passes the ``status`` filter.
@@ -345,6 +347,9 @@ def generated_source() -> str:
         assert globals()[found] is kernel, f"{found} is not this module's {found}"
         return f"rules.{found}({args})"
 
+    def word(k: int) -> str:
+        return f"{ROW_FILTERS[k].reason}_rows"
+
     def function(signature: str, doc: str, body: list[str]) -> list[str]:
         return ["", "", "@jit_inline", f"def {signature}:", f'    """{doc}"""', *body]
 
@@ -366,11 +371,15 @@ def generated_source() -> str:
             + ["    return mask"],
         ),
         *function(
-            "lane_words(c, q, start)",
-            "Bit ``k`` for row ``start + k`` failing each of ``rules.ROW_FILTERS``.",
-            ["    return ("]
-            + [f"        np.uint64({call(f.lanes, 'c, q, start')})," for f in ROW_FILTERS]
-            + ["    )"],
+            "chunk_words(c, q, first)",
+            "Bit ``k`` for row ``first + k`` failing each of ``rules.ROW_FILTERS`` (CHUNK rows).",
+            [f"    {word(k)} = np.uint64(0)" for k in range(len(ROW_FILTERS))]
+            + [f"    for b in range({CHUNK // LANES}):",
+               f"        at = np.uint64(b * {LANES})",
+               "        start = np.uint64(first) + at"]
+            + [f"        {word(k)} |= np.uint64({call(f.lanes, 'c, q, start')}) << at"
+               for k, f in enumerate(ROW_FILTERS)]
+            + [f"    return ({', '.join(word(k) for k in range(len(ROW_FILTERS)))})"],
         ),
         *function(
             "passes_but_capacity(c, q, i)",
