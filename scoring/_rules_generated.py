@@ -36,8 +36,14 @@ def chunk_words(c, q, first):
         status_rows |= np.uint64(rules.status_lanes(c, q, start)) << at
         labels_rows |= np.uint64(rules.labels_lanes(c, q, start)) << at
         capacity_rows |= np.uint64(rules.capacity_lanes(c, q, start)) << at
-        vram_rows |= np.uint64(rules.vram_lanes(c, q, start)) << at
-        failures_rows |= np.uint64(rules.failures_lanes(c, q, start)) << at
+    if rules.vram_used(q):  # one branch a chunk
+        for b in range(8):
+            at = np.uint64(b * 8)
+            vram_rows |= np.uint64(rules.vram_lanes(c, q, np.uint64(first) + at)) << at
+    if rules.failures_used(q):  # one branch a chunk
+        for b in range(8):
+            at = np.uint64(b * 8)
+            failures_rows |= np.uint64(rules.failures_lanes(c, q, np.uint64(first) + at)) << at
     return (stale_rows, status_rows, labels_rows, capacity_rows, vram_rows, failures_rows)
 
 

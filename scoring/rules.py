@@ -47,6 +47,9 @@ class Filter(NamedTuple):
     #: ``pool`` decides which rows are candidates at all, ``excluded`` names a few rows
     lanes: Any
     doc: str
+    #: ``(q) -> bool``: whether the request uses the filter at all (None: every request does);
+    #: a chunk skips the eight-row predicates of a filter its request does not use
+    used: Any = None
 
 
 # --- filters -------------------------------------------------------------------------------------
@@ -115,6 +118,11 @@ def vram(c, q, i, wide):
 
 
 @jit_inline
+def vram_used(q):
+    return q.min_vram >= 0
+
+
+@jit_inline
 def vram_lanes(c, q, start):
     if q.min_vram < 0:
         return _NONE
@@ -134,6 +142,11 @@ def failure_ceiling(max_failure_rate: float | None) -> int:
 def failures(c, q, i, wide):
     """No maximum (-1) fails nobody (see :func:`failure_ceiling`)."""
     return (q.max_failures >= 0) & (c.failure_rate[i] > q.max_failures)
+
+
+@jit_inline
+def failures_used(q):
+    return q.max_failures >= 0
 
 
 @jit_inline
@@ -172,9 +185,15 @@ FILTERS: tuple[Filter, ...] = (
     Filter("pool", outside, None, "another team's agent, not opted in to a community request"),
     Filter("labels", labels, labels_lanes, "lacks a required label (the tool type is one)"),
     Filter("capacity", capacity, capacity_lanes, "running_count >= gpu_capacity"),
-    Filter("vram", vram, vram_lanes, "min_vram_gb set and vram_gb below it or unknown"),
+    Filter("vram", vram, vram_lanes, "min_vram_gb set and vram_gb below it or unknown", vram_used),
     Filter("excluded", excluded, None, "named in exclude_agents"),
-    Filter("failures", failures, failures_lanes, "max_failure_rate set and failure_rate above it"),
+    Filter(
+        "failures",
+        failures,
+        failures_lanes,
+        "max_failure_rate set and failure_rate above it",
+        failures_used,
+    ),
 )
 REASONS: tuple[str, ...] = tuple(f.reason for f in FILTERS)
 N_REASONS = len(REASONS)
@@ -378,7 +397,13 @@ def generated_source() -> str:
                f"        at = np.uint64(b * {LANES})",
                "        start = np.uint64(first) + at"]
             + [f"        {word(k)} |= np.uint64({call(f.lanes, 'c, q, start')}) << at"
-               for k, f in enumerate(ROW_FILTERS)]
+               for k, f in enumerate(ROW_FILTERS) if f.used is None]
+            + [line for k, f in enumerate(ROW_FILTERS) if f.used is not None
+               for line in (f"    if {call(f.used, 'q')}:  # one branch a chunk",
+                            f"        for b in range({CHUNK // LANES}):",
+                            f"            at = np.uint64(b * {LANES})",
+                            f"            {word(k)} |= np.uint64("
+                            f"{call(f.lanes, 'c, q, np.uint64(first) + at')}) << at")]
             + [f"    return ({', '.join(word(k) for k in range(len(ROW_FILTERS)))})"],
         ),
         *function(
