@@ -31,19 +31,25 @@ serve: $(VENV)/.installed-server
 
 # CI runs `make test` (.ci/run): every test but the slow ones with the kernels compiled, then the
 # kernels' tests again with numba off. `make test-all` adds the slow suites.
+# Each run uses $(WORKERS) pytest-xdist workers: the server tests mostly wait on their server
+# processes, the Hypothesis suites use a core each; `worksteal` keeps a module's tests together
+# (its module-scoped server starts once) and rebalances at the end. WORKERS=0 runs in one process.
+# Under -n, tests/conftest.py compiles the kernels once before the workers start.
+WORKERS ?= 2
+XDIST   := -n $(WORKERS) --dist worksteal
 test: test-jit test-nojit
 
 test-jit: $(VENV)/.installed-dev
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 # The tests that exercise the kernels (marked `kernels`) with numba off, so every kernel body also
 # runs (and is covered) as plain Python; the server and simulation suites run once, above.
 test-nojit: $(VENV)/.installed-dev
-	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -m "kernels and not slow"
+	NUMBA_DISABLE_JIT=1 $(PY) -m pytest $(XDIST) -m "kernels and not slow"
 
 test-all: $(VENV)/.installed-dev
-	$(PY) -m pytest
-	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -m kernels
+	$(PY) -m pytest $(XDIST)
+	NUMBA_DISABLE_JIT=1 $(PY) -m pytest $(XDIST) -m kernels
 
 # Schemathesis at depth (nightly): 300 generated requests per operation and 300 stateful scenarios
 # against a real server; CI runs the same tests with 30.

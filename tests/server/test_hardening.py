@@ -78,9 +78,10 @@ def dispatched_task(server: ServerProcess, team: dict[str, Any], **heartbeat_fie
     return task_id
 
 
-def raw_request(port: int, data: bytes, *, wait: float) -> bytes:
+def raw_request(port: int, data: bytes, *, wait: float, until_answered: bool = False) -> bytes:
     """Send ``data`` on a new connection; everything answered until the server closes it or
-    ``wait`` seconds pass."""
+    ``wait`` seconds pass (or, with ``until_answered``, until one whole response with a
+    Content-Length has arrived: the server may keep the connection open for seconds after)."""
     with socket.create_connection(("127.0.0.1", port)) as conn:
         conn.sendall(data)
         conn.settimeout(wait)
@@ -88,11 +89,22 @@ def raw_request(port: int, data: bytes, *, wait: float) -> bytes:
         try:
             while chunk := conn.recv(65536):
                 answer += chunk
+                if until_answered and _whole_response(answer):
+                    break
         except TimeoutError:
             pass
         except ConnectionResetError:
             answer += b"<reset>"
     return answer
+
+
+def _whole_response(answer: bytes) -> bool:
+    head, blank, body = answer.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:] if blank else []:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
 
 
 # --- 1. a version in other digits than ASCII ----------------------------------------------------
@@ -168,7 +180,9 @@ def test_3_outputs_are_checked_on_complete(server: ServerProcess, outputs: Any) 
 
 
 @pytest.mark.parametrize(
-    "path", ["/r/files/presign", f"/agents/tasks/{uuid.uuid4()}/complete", "/agents/heartbeat"]
+    "path",
+    ["/r/files/presign", f"/agents/tasks/{uuid.uuid4()}/complete", "/agents/heartbeat"],
+    ids=["presign", "complete", "heartbeat"],  # the same in every pytest-xdist worker
 )
 def test_4_large_unauthenticated_bodies_are_refused_before_they_are_read(
     server: ServerProcess, path: str
@@ -177,7 +191,7 @@ def test_4_large_unauthenticated_bodies_are_refused_before_they_are_read(
     head = (f"POST /api/v1{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
             f"\r\nContent-Length: {size}\r\n\r\n").encode()  # fmt: skip
     # Only the head and 64 KiB are sent: the answer must not wait for the other 200 MiB.
-    answer = raw_request(server.port, head + b"{" * 65536, wait=10.0)
+    answer = raw_request(server.port, head + b"{" * 65536, wait=10.0, until_answered=True)
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert b'"payload_too_large"' in answer
 
