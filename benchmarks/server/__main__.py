@@ -357,6 +357,15 @@ def end_to_end(seconds: float, tmp: Path) -> dict[str, Any]:
     return out
 
 
+def _commit() -> str:
+    """The measured commit (``+`` when the tree had changes)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                          capture_output=True).stdout.strip()  # fmt: skip
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           text=True, capture_output=True).stdout.strip()  # fmt: skip
+    return head + ("+" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.server",
@@ -391,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["load"] = [load, os.getloadavg()]
+    results["commit"] = _commit()
     results["minutes"] = (time.time() - started) / 60
     from benchmarks.server.report import write
 
