@@ -31,7 +31,6 @@ from scoring import (
     holds,
     pick_agent,
 )
-from scoring.models import running_count
 from scoring.server import db, tasks
 from scoring.server.heartbeats import PERSIST_EVERY_S
 from scoring.server.replicas import sync_fleet
@@ -374,7 +373,7 @@ class Dispatcher:
         state = self.state
         if agent_id not in state.fleet:
             return
-        count = running_count(state.reserved_in_db(agent_id), state.pending.get(agent_id, 0))
+        count = state.reserved(agent_id)
         at = state.fleet.get(agent_id).last_heartbeat
         state.fleet.heartbeat(agent_id, at, running_count=count)
 

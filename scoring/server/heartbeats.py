@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from sqlalchemy import update
 
 from scoring import Agent
-from scoring.models import running_count
 from scoring.server import db, tasks
 from scoring.server.auth import Principal
 from scoring.server.commits import Done, Work
@@ -72,7 +71,7 @@ def receive(state: ServerState, principal: Principal, body: Any) -> Work[tasks.A
     with state.sync:
         # Read under ``sync``: a placement is either still counted in ``pending`` or already in
         # the database, never neither (dispatch.py commits first, then clears ``pending``).
-        reserved = running_count(state.reserved_in_db(agent_id), state.pending.get(agent_id, 0))
+        reserved = state.reserved(agent_id)
         running = max(agent.running_count, reserved)
         if running != agent.running_count:
             agent = agent.model_copy(update={"running_count": running})

@@ -144,9 +144,14 @@ class ServerState:
                 for _ in range(n):
                     self.fleet.release(agent_id)
                 return
-            count = running_count(self.reserved_in_db(agent_id), self.pending.get(agent_id, 0))
+            count = self.reserved(agent_id)
             at = self.fleet.get(agent_id).last_heartbeat
             self.fleet.heartbeat(agent_id, at, running_count=count)
+
+    def reserved(self, agent_id: str) -> int:
+        """The agent's slots this process counts as taken (call under ``sync``): its committed
+        reservations plus this process's placements in flight."""
+        return running_count(self.reserved_in_db(agent_id), self.pending.get(agent_id, 0))
 
     def reserved_in_db(self, agent_id: str) -> int:
         """The agent's committed reservations."""

@@ -34,9 +34,6 @@ class Waiters:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    def __len__(self) -> int:
-        return sum(len(events) for events in self._waiting.values())
-
     def mark(self, agent_id: str) -> int:
         """The agent's generation (on the loop, before reading its tasks)."""
         self._loop = asyncio.get_running_loop()
