@@ -229,6 +229,34 @@ def eligible_agents(
         return [fleet.agent_id_at(row) for row in np.sort(rows[masks == 0]).tolist()]
 
 
+def only_excluded_fit(
+    fleet: Fleet,
+    request: DispatchRequest,
+    policy: ScoringPolicy | None = None,
+    now: float | Any = None,
+) -> bool:
+    """Whether the only agents that could take ``request``, free or busy, are ones it excludes.
+
+    True when at least one agent of the pool passes every hard filter but ``capacity`` and
+    ``excluded``, and each such agent is in ``exclude_agents``: nowhere else will ever take the
+    run while the fleet stays as it is. The server lifts a retried run's exclusions then (a run
+    that failed on every agent of a two-agent team is tried again on one of them, within its
+    attempts, rather than queued for ever). One scan of the pool; called only for a run that
+    could not be placed.
+    """
+    with checked_fleet(fleet).lock:
+        policy, now = _check(request, policy, now)
+        if not request.exclude_agents:
+            return False
+        q = build_query(fleet, request, policy, now, full_scan=True)
+        _, masks, _, _ = candidates(fleet, q)
+        masks = masks.astype(np.int64)
+        busy_or_excluded = (1 << REASONS.index("capacity")) | (1 << REASONS.index("excluded"))
+        could = (masks & ~busy_or_excluded) == 0
+        excluded = (masks >> REASONS.index("excluded")) & 1 == 1
+        return bool(could.any()) and not bool((could & ~excluded).any())
+
+
 def evaluate(
     fleet: Fleet,
     request: DispatchRequest,

@@ -17,7 +17,7 @@ from scoring import DispatchRequest, Fleet, pick_agent, rank_agents
 from scoring import _kernels as K
 from scoring import pick as pick_module
 from scoring import reference as R
-from scoring.pick import eligible_agents, evaluate
+from scoring.pick import eligible_agents, evaluate, only_excluded_fit
 from tests.strategies import FOREIGN_TEAM, NOW, policies, requests, scenarios, seeded_agent_lists
 
 # The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
@@ -183,6 +183,32 @@ def test_eligible_agents_equal_reference(scenario):
     by_id = {a.agent_id: a for a in agents}
     assert sorted(order) == sorted(by_id)
     assert got == [i for i in order if not R.reject_reasons(by_id[i], request, policy, NOW)]
+
+
+@given(scenarios(), st.data())
+def test_only_excluded_fit_equals_reference(scenario, data):
+    """True exactly when some agent of the pool fails no filter but ``capacity`` and
+    ``excluded``, and every such agent is one the request excludes. Half the requests exclude
+    every agent that fits them, or all but one (random exclusions almost never do)."""
+    agents, request, policy = scenario
+    fits = sorted(
+        a.agent_id
+        for a in agents
+        if not set(R.pool_reasons(a, request, policy, NOW)) - {"capacity", "excluded"}
+    )
+    if fits and data.draw(st.booleans()):
+        spared = data.draw(st.sampled_from([None, *fits]))
+        request = request.model_copy(
+            update={"exclude_agents": frozenset(i for i in fits if i != spared)}
+        )
+    got = only_excluded_fit(Fleet.from_agents(agents), request, policy, now=NOW)
+    could = [
+        a.agent_id
+        for a in agents
+        if set(R.pool_reasons(a, request, policy, NOW)) <= {"capacity", "excluded"}
+    ]
+    expected = bool(could) and all(i in request.exclude_agents for i in could)
+    assert got == expected
 
 
 def test_a_pool_of_more_rows_than_a_flush_counts_every_row():

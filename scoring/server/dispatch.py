@@ -31,6 +31,7 @@ from scoring import (
     holds,
     pick_agent,
 )
+from scoring.pick import only_excluded_fit
 from scoring.server import db, tasks
 from scoring.server.heartbeats import PERSIST_EVERY_S
 from scoring.server.replicas import sync_fleet
@@ -70,6 +71,34 @@ def place(
     or no free eligible agent); a placed one has already reserved its slot on the Fleet.
     """
     return assign(fleet, requests, policy, now)
+
+
+def lift_exclusions(
+    fleet: Fleet,
+    own: Sequence[DispatchRequest],
+    requests: Sequence[DispatchRequest],
+    decisions: list[Decision],
+    policy: ScoringPolicy,
+    now: float,
+) -> list[Decision]:
+    """Place again, without their own exclusions, the runs that only excluded agents could take.
+
+    A failed attempt excludes its agent from the run's next attempts (DESIGN section 10.1) so
+    that the run goes elsewhere; when there is nowhere else (every agent of the pool that could
+    take it, free or busy, failed it before: :func:`scoring.pick.only_excluded_fit`), the run is
+    tried again on one of those, within ``max_attempts``, rather than left queued for ever.
+    ``own`` are the runs' requests, ``requests`` the same as placed (slots held for others added
+    to their exclusions, :func:`scoring.holds.restrict`): only the run's own exclusions go.
+    """
+    out = list(decisions)
+    for n, (mine, request, d) in enumerate(zip(own, requests, decisions, strict=True)):
+        if d.agent_id is not None or d.deferred or d.eligible or not mine.exclude_agents:
+            continue
+        if only_excluded_fit(fleet, mine, policy, now):
+            held = request.exclude_agents - mine.exclude_agents
+            lifted = request.model_copy(update={"exclude_agents": held})
+            out[n] = fleet.dispatch(lifted, policy, now)
+    return out
 
 
 def warm_up(policy: ScoringPolicy) -> None:
@@ -239,7 +268,10 @@ class Dispatcher:
             t1 = time.perf_counter()
             held = self._held(len(ids), now)
             restricted = holds.restrict(state.fleet, batch, held)
-            decisions = place(state.fleet, restricted, state.policy, now)
+            decisions = lift_exclusions(
+                state.fleet, batch, restricted,
+                place(state.fleet, restricted, state.policy, now), state.policy, now,
+            )  # fmt: skip
             placed = [d.agent_id for d in decisions if d.agent_id is not None]
             state.pending.update(placed)
         self.stats["held_slots"] += len(held.fresh | held.foreign)

@@ -12,7 +12,9 @@ in the same transaction, so a slot is released exactly once however many paths r
 completion, a heartbeat that no longer lists the task, the lost-agent sweep, another replica).
 
 - ``failed`` (reported by the agent) and ``start_timeout`` (dispatched, never started) count
-  against ``max_attempts`` and exclude that agent from the task's next attempts;
+  against ``max_attempts`` and exclude that agent from the task's next attempts, while another
+  agent could take it (when only excluded agents could, the dispatcher lifts the exclusions:
+  :func:`scoring.server.dispatch.lift_exclusions`);
 - ``agent_lost`` (no heartbeat for the timeout) and ``not_listed`` (the agent's heartbeats stopped
   listing a running task) are the machine's fault, not the task's: the task is queued again
   without counting, up to ``max_lost_attempts`` such losses (a task that takes its agents down

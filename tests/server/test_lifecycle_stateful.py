@@ -338,3 +338,77 @@ def test_an_old_attempt_of_a_task_back_on_the_same_agent_is_stale() -> None:
         m.completed_once_by_its_attempt()
     finally:
         m.teardown()
+
+
+def test_a_run_that_failed_on_every_agent_is_tried_again_on_one_of_them() -> None:
+    """Worked example (found by the state machine): the team has two agents, a0 and a1. The run
+    fails on a1 (attempt 1, a1 excluded), then on a0 (attempt 2, a0 excluded too): no agent is
+    left that the run does not exclude, so it would stay queued for ever. Its exclusions are
+    lifted instead: attempt 3 (of max_attempts=3) goes to one of them and completes."""
+    m = Lifecycle()
+    try:
+        m.kill("a0")  # only a1 reports: attempt 1 goes to a1
+        m.heartbeat("a1", lists=True)
+        m.submit()
+        task_id = m.submitted[0]
+        m.heartbeat("a1", lists=True, diligent=True)
+        assert m.held["a1"] == {task_id: (1, True)}
+        m.finish("a1", ok=False, data=_Draw(task_id))  # attempt 1 failed: a1 excluded
+        m.revive("a0")
+        m.kill("a1")
+        m.heartbeat("a0", lists=True)  # a0 joins the fleet; the round places attempt 2 on it
+        m.heartbeat("a0", lists=True, diligent=True)
+        assert m.held["a0"] == {task_id: (2, True)}
+        m.finish("a0", ok=False, data=_Draw(task_id))  # attempt 2 failed: a0 excluded too
+        with m.state.database.read() as conn:
+            row = conn.execute(select(db.tasks).where(db.tasks.c.id == task_id)).one()
+        assert (row.status, row.attempts, sorted(row.excluded)) == ("queued", 2, ["a0", "a1"])
+        m.advance(HEARTBEAT_TIMEOUT + 1)  # a1 (killed) is lost; a0 reports on
+        m.heartbeat("a0", lists=True)  # the round: only a0 fits, and it is excluded: lifted
+        m.heartbeat("a0", lists=True, diligent=True)
+        assert m.held["a0"] == {task_id: (3, True)}
+        m.finish("a0", ok=True, data=_Draw(task_id))
+        assert m._current(task_id) == ("a0", 3, "completed")
+        m.slots_are_held_by_active_tasks()
+        m.completed_once_by_its_attempt()
+    finally:
+        m.teardown()
+
+
+def test_exclusions_stay_while_another_agent_could_take_the_run() -> None:
+    """The counterpart: the run X failed on a0, and a1 fits it but is busy with Y and Z. X waits
+    for a1 (its exclusion stands) although a0 is free, and goes to a1 once a1 frees a slot."""
+    m = Lifecycle()
+    try:
+        m.kill("a1")
+        m.heartbeat("a0", lists=True)
+        m.submit()  # X -> a0, the only agent
+        x = m.submitted[0]
+        m.revive("a1")
+        m.heartbeat("a1", lists=True)
+        m.submit()
+        m.submit()  # Y and Z -> a1 (a0's one slot is X's)
+        y, z = m.submitted[1:]
+        m.heartbeat("a1", lists=True, diligent=True)
+        assert set(m.held["a1"]) == {y, z}
+        m.heartbeat("a0", lists=True, diligent=True)
+        m.finish("a0", ok=False, data=_Draw(x))  # X's attempt 1 failed: a0 excluded
+        m.heartbeat("a0", lists=True, diligent=True)
+        assert m.held["a0"] == {} and m._current(x) == (None, 1, "queued")
+        m.finish("a1", ok=True, data=_Draw(y))
+        m.dispatch()  # the completion wakes the dispatcher: X -> a1's free slot
+        m.heartbeat("a1", lists=True, diligent=True)
+        assert m.held["a1"] == {z: (1, True), x: (2, True)}
+        m.slots_are_held_by_active_tasks()
+    finally:
+        m.teardown()
+
+
+class _Draw:
+    """A stand-in for Hypothesis's ``data`` that always draws ``value``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def draw(self, strategy: Any) -> Any:
+        return self.value
