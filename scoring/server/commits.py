@@ -25,7 +25,8 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -70,11 +71,24 @@ class _Item:
 
 
 class GroupCommit:
-    """The writer thread (:meth:`start`, :meth:`stop`) and the two ways to hand it a work."""
+    """The writer thread (:meth:`start`, :meth:`stop`) and the two ways to hand it a work.
 
-    def __init__(self, database: Database, max_batch: int = MAX_BATCH) -> None:
+    ``lock``, when given, is held from just before a batch with after steps commits until its
+    after steps ran, so that whoever reads the database and the memory the after steps update
+    under the same lock sees both before or both after (the server's ``sync``: a heartbeat that
+    sets an agent's running count from the database between the commit of a freed slot and
+    that slot's release in the Fleet would otherwise leave the count one low).
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        max_batch: int = MAX_BATCH,
+        lock: threading.RLock | None = None,
+    ) -> None:
         self.database = database
         self.max_batch = max_batch
+        self.lock = lock
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         #: Transactions committed and works they held (for the benchmark and the metrics).
@@ -115,12 +129,32 @@ class GroupCommit:
         return answer
 
     def _alone(self, work: Work[T]) -> T:
-        with self.database.begin() as conn:
-            done = work(conn)
-            _insert(conn, [done])
-        if done.after is not None:
-            done.after()
+        with self._locked() as hold:
+            with self.database.begin() as conn:
+                done = work(conn)
+                _insert(conn, [done])
+                if done.after is not None:
+                    hold()
+            if done.after is not None:
+                done.after()
         return done.answer
+
+    @contextmanager
+    def _locked(self) -> Iterator[Callable[[], None]]:
+        """A block in which calling the given function takes :attr:`lock` (once), held to the
+        block's end: around a commit and the after steps that follow it."""
+        held: list[bool] = []
+
+        def hold() -> None:
+            if self.lock is not None and not held:
+                self.lock.acquire()
+                held.append(True)
+
+        try:
+            yield hold
+        finally:
+            if held and self.lock is not None:
+                self.lock.release()
 
     def _loop(self) -> None:
         while True:
@@ -145,35 +179,42 @@ class GroupCommit:
     def _commit(self, batch: list[_Item]) -> None:
         afters: list[Callable[[], None]] = []
         dones: list[Done[Any]] = []
-        try:
-            with self.database.begin() as conn:
-                for item in batch:
+        with self._locked() as hold:
+            try:
+                with self.database.begin() as conn:
+                    for item in batch:
+                        try:
+                            done = item.work(conn)
+                        except ApiError as exc:  # refused before writing: answer it, go on
+                            item.outcome = (False, exc)
+                            continue
+                        item.outcome = (True, done.answer)
+                        dones.append(done)
+                        if done.after is not None:
+                            afters.append(done.after)
+                    _insert(conn, dones)
+                    if afters:
+                        hold()  # until the after steps ran (see the class)
+            except Exception as exc:
+                if len(batch) > 1:  # one transaction each: only the failing work fails
+                    log.debug("group of %d rolled back; committing one by one", len(batch))
+                    failed = True
+                else:
+                    batch[0].outcome = (False, exc)
+                    failed = False
+            else:
+                failed = False
+                self.batches += 1
+                self.works += len(batch)
+                for after in afters:
                     try:
-                        done = item.work(conn)
-                    except ApiError as exc:  # refused before writing: answer it, go on
-                        item.outcome = (False, exc)
-                        continue
-                    item.outcome = (True, done.answer)
-                    dones.append(done)
-                    if done.after is not None:
-                        afters.append(done.after)
-                _insert(conn, dones)
-        except Exception as exc:
-            if len(batch) == 1:
-                batch[0].outcome = (False, exc)
-            else:  # one transaction each: only the failing work fails
-                log.debug("group of %d rolled back; committing one by one", len(batch))
-                for item in batch:
-                    self._commit([item])
-                return
-        else:
-            self.batches += 1
-            self.works += len(batch)
-            for after in afters:
-                try:
-                    after()
-                except Exception:  # committed: the answer stands; the Fleet resyncs later
-                    log.exception("after-commit step failed")
+                        after()
+                    except Exception:  # committed: the answer stands; the Fleet resyncs later
+                        log.exception("after-commit step failed")
+        if failed:
+            for item in batch:
+                self._commit([item])
+            return
         self._answer(batch)
 
     def _answer(self, batch: list[_Item]) -> None:

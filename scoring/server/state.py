@@ -86,7 +86,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.workflows = WorkflowRepository(self.database)
-        self.commits = GroupCommit(self.database)
+        self.commits = GroupCommit(self.database, lock=self.sync)
         self.known_files = KnownFiles(self.files)
         self.started_at = self.started_at or self.clock()
 

@@ -412,3 +412,56 @@ class _Draw:
 
     def draw(self, strategy: Any) -> Any:
         return self.value
+
+
+@pytest.mark.parametrize("writer", [False, True], ids=["alone", "writer-thread"])
+def test_a_heartbeat_between_a_release_commit_and_its_fleet_release_leaves_the_count_right(
+    writer: bool,
+) -> None:
+    """Worked example of a race (two lost races in one process in CI): a1 (2 slots) runs A and
+    B, so 2 reserved. A's completion commits (the database says 1), and before its after step
+    gives the slot back in the Fleet, a heartbeat sets a1's count from the database: 1. The
+    after step then released again: 0 in the Fleet against 1 in the database, and the next
+    round would place two runs where one slot is free. The group commit holds ``sync`` from
+    the commit to the after steps, so the heartbeat reads either before (2, then 1) or after
+    (1): the Fleet ends at 1 either way."""
+    import threading
+    import time
+
+    m = Lifecycle()
+    try:
+        m.kill("a0")
+        m.heartbeat("a1", lists=True)
+        m.submit()
+        m.submit()
+        a, b = m.submitted
+        m.heartbeat("a1", lists=True, diligent=True)
+        assert m.held["a1"] == {a: (1, True), b: (1, True)}
+        if writer:  # as in the server: works committed by the group commit's thread
+            m.state.commits.start()
+        released, entered = m.state.released, threading.Event()
+
+        def slow_release(agent_id: str, n: int = 1) -> None:
+            entered.set()
+            time.sleep(0.3)  # the after step, late: the heartbeat below arrives meanwhile
+            released(agent_id, n)
+
+        m.state.released = slow_release  # type: ignore[method-assign]
+        done = threading.Thread(
+            target=tasks.complete, args=(m.state, m.principal("a1"), a, True, {}, 1)
+        )
+        done.start()
+        assert entered.wait(5)
+        body = {"status": "busy", "gpu_capacity": 2, "labels": ["gpu", "comfyui"],
+                "running_count": 1, "running": [b]}  # fmt: skip
+        heartbeats.heartbeat(m.state, m.principal("a1"), body)
+        done.join()
+        assert m._current(a)[2] == "completed"
+        with m.state.database.read() as conn:
+            in_db = conn.execute(
+                select(db.agents.c.running_count).where(db.agents.c.id == "a1")
+            ).scalar_one()
+        assert (in_db, m.state.fleet.get("a1").running_count) == (1, 1)
+    finally:
+        m.state.commits.stop()
+        m.teardown()
