@@ -57,6 +57,10 @@ class FakeAgent:
     max_running: int = 0
     over_capacity: int = 0  # heartbeats that handed out more tasks than free slots
     errors: int = 0
+    #: The call in progress (path, since when) and the last step's end, to tell a stalled
+    #: agent from a slow server in a failing test's message.
+    calling: tuple[str, float] | None = None
+    stepped_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.client = httpx.Client(
@@ -70,6 +74,13 @@ class FakeAgent:
         self.client.close()
 
     def _post(self, path: str, body: dict[str, Any], wait: float = 0.0) -> httpx.Response | None:
+        self.calling = (path, time.time())
+        try:
+            return self._call(path, body, wait)
+        finally:
+            self.calling = None
+
+    def _call(self, path: str, body: dict[str, Any], wait: float) -> httpx.Response | None:
         try:
             if wait > 0:  # a long poll: the answer may take ``wait`` seconds
                 response = self.client.post(
@@ -157,6 +168,7 @@ class FakeAgent:
                 self.running[task_id] = time.time() + self.task_seconds
             else:
                 self.attempt.pop(task_id, None)
+        self.stepped_at = time.time()
         return True
 
     def held(self) -> set[str]:

@@ -91,10 +91,14 @@ def lift_exclusions(
     to their exclusions, :func:`scoring.holds.restrict`): only the run's own exclusions go.
     """
     out = list(decisions)
+    fits: dict[int, bool] = {}  # by template: a backlog of retried runs costs a scan each kind
     for n, (mine, request, d) in enumerate(zip(own, requests, decisions, strict=True)):
         if d.agent_id is not None or d.deferred or d.eligible or not mine.exclude_agents:
             continue
-        if only_excluded_fit(fleet, mine, policy, now):
+        fit = fits.get(mine.template_id)
+        if fit is None:  # (placements in between change only capacity, which it ignores)
+            fit = fits[mine.template_id] = only_excluded_fit(fleet, mine, policy, now)
+        if fit:
             held = request.exclude_agents - mine.exclude_agents
             lifted = request.model_copy(update={"exclude_agents": held})
             out[n] = fleet.dispatch(lifted, policy, now)

@@ -212,13 +212,19 @@ def check(server: ServerProcess, result: LoadResult, capacity: int) -> dict[str,
 
 
 def _agents_view(result: LoadResult, task_ids: list[str]) -> dict[str, list[str]]:
-    """Where the agents hold these tasks (for a failure's message)."""
+    """Where the agents hold these tasks, and what those agents were doing (for a failure's
+    message: a stalled agent, or one waiting on a call, is told from a slow server)."""
     view: dict[str, list[str]] = {t: [] for t in task_ids}
+    now = time.time()
     for a in result.agents:
         for t in task_ids:
             for name in ("running", "to_report", "to_start", "attempt"):
                 if t in getattr(a, name):
                     view[t].append(f"{a.agent_id}.{name}")
+            if t in a.running:
+                calling = None if a.calling is None else (a.calling[0], now - a.calling[1])
+                view[t].append(f"(last step {now - a.stepped_at:.1f}s ago, errors {a.errors}, "
+                               f"calling {calling}, {a.client.base_url})")  # fmt: skip
             if t in a.completed:
                 view[t].append(f"{a.agent_id}.completed")
             if t in a.cancelled:
