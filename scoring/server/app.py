@@ -395,11 +395,11 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         assert agent is not None
         since = state.waiters.mark(agent)
         work = await run_in_threadpool(heartbeats.receive, state, who, body)
-        view = await state.commits.run(work)  # stored and reconciled in the next group commit
+        view = await state.commits.run(work, agent)  # stored, reconciled in the next commit
         if wait > 0 and not view.tasks and not view.cancel:
             seconds = min(wait, state.policy.heartbeat_timeout_s / 2)
             if await state.waiters.wait(agent, seconds, since):
-                view = await state.commits.run(tasks.reconciling(state, agent, None))
+                view = await state.commits.run(tasks.reconciling(state, agent, None), agent)
         return {"tasks": view.tasks, "cancel": view.cancel}
 
     @router.post(
@@ -412,7 +412,8 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         """The agent started its attempt of a task; 409 ``stale_attempt`` when that attempt is
         no longer current."""
         attempt = None if body is None else body.attempt
-        return await state.commits.run(tasks.starting(state, who, task_id, attempt))
+        work = tasks.starting(state, who, task_id, attempt)
+        return await state.commits.run(work, who.agent_id or "")
 
     @router.post(
         "/agents/tasks/{taskId}/complete",
@@ -427,9 +428,8 @@ def _routes(state: ServerState, settings: Settings) -> APIRouter:
         body = _parsed(CompleteBody, limits.decode(await request.body(), constants=True))
         limits.check_outputs(body.outputs)  # before anything is stored: 400 invalid_outputs
         ok = body.status == "completed"
-        return await state.commits.run(
-            tasks.completing(state, who, task_id, ok, body.outputs, body.attempt)
-        )
+        work = tasks.completing(state, who, task_id, ok, body.outputs, body.attempt)
+        return await state.commits.run(work, who.agent_id or "")
 
     return router
 

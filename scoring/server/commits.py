@@ -68,6 +68,7 @@ class _Item:
     loop: asyncio.AbstractEventLoop | None = None
     sync: concurrent.futures.Future[Any] | None = None
     outcome: tuple[bool, Any] = (False, None)  # (ok, answer or exception)
+    order: str = ""
 
 
 class GroupCommit:
@@ -107,22 +108,29 @@ class GroupCommit:
             self._thread.join(timeout=10)
             self._thread = None
 
-    async def run(self, work: Work[T]) -> T:
-        """Run ``work`` in the next batch; its answer once committed (its refusal raised)."""
+    async def run(self, work: Work[T], order: str = "") -> T:
+        """Run ``work`` in the next batch; its answer once committed (its refusal raised).
+
+        A batch runs its works sorted by ``order`` (then as they came): an agent's calls pass
+        the agent's id, so every batch, of every replica, locks agents' rows in the order of
+        their ids, as the dispatcher's reservations do (:func:`scoring.server.tasks.
+        commit_placements`), and two transactions never wait for each other in a cycle (on
+        PostgreSQL a deadlock costs a second, then one of them fails).
+        """
         if self._thread is None:  # not started (a test's bare state): one transaction
             return self._alone(work)
         loop = asyncio.get_running_loop()
-        item = _Item(work, future=loop.create_future(), loop=loop)
+        item = _Item(work, future=loop.create_future(), loop=loop, order=order)
         self._queue.put(item)
         assert item.future is not None
         answer: T = await item.future
         return answer
 
-    def run_sync(self, work: Work[T]) -> T:
+    def run_sync(self, work: Work[T], order: str = "") -> T:
         """:meth:`run` for a caller on a worker thread: blocks until committed."""
         if self._thread is None:
             return self._alone(work)
-        item = _Item(work, sync=concurrent.futures.Future())
+        item = _Item(work, sync=concurrent.futures.Future(), order=order)
         self._queue.put(item)
         assert item.sync is not None
         answer: T = item.sync.result()
@@ -172,6 +180,7 @@ class GroupCommit:
                     stop = True
                     break
                 batch.append(item)
+            batch.sort(key=_by_order)  # stable: one agent's calls keep their order
             self._commit(batch)
             if stop:
                 return
@@ -234,6 +243,10 @@ class GroupCommit:
                 loop.call_soon_threadsafe(_settle, items)
             except RuntimeError:  # the loop closed (shutdown): nobody is waiting any more
                 pass
+
+
+def _by_order(item: _Item) -> str:
+    return item.order
 
 
 def _settle(items: list[_Item]) -> None:

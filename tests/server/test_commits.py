@@ -128,3 +128,41 @@ def test_without_the_writer_thread_a_work_runs_in_its_own_transaction(
     seen: list[str] = []
     assert GroupCommit(database).run_sync(_put("k1", seen)) == "k1"
     assert _keys(database) == {"k1"} and seen == ["k1"]
+
+
+def test_a_batch_runs_its_works_in_the_order_of_their_keys(database: db.Database) -> None:
+    """Works queued while the writer is busy form one batch, run sorted by ``order`` (agents'
+    ids: every batch locks agents' rows in one order), equal keys in their arrival order."""
+    commits = GroupCommit(database)
+    ran: list[str] = []
+    gate, running = threading.Event(), threading.Event()
+
+    def blocker(conn: db.Connection) -> Done[str]:
+        running.set()
+        gate.wait(5)
+        return Done("first")
+
+    def noting(name: str):  # type: ignore[no-untyped-def]
+        def work(conn: db.Connection) -> Done[str]:
+            ran.append(name)
+            return Done(name)
+
+        return work
+
+    commits.start()
+    first = threading.Thread(target=commits.run_sync, args=(blocker,))
+    first.start()
+    assert running.wait(5)  # the writer is in its batch: the works below queue behind it
+    arrivals = [("b", "b-1"), ("", "submit"), ("a", "a-1"), ("b", "b-2"), ("a", "a-2")]
+    threads = []
+    for order, name in arrivals:
+        t = threading.Thread(target=commits.run_sync, args=(noting(name), order))
+        t.start()
+        threads.append(t)
+        while commits._queue.qsize() < len(threads):  # queued in this order
+            pass
+    gate.set()
+    for t in [first, *threads]:
+        t.join()
+    commits.stop()
+    assert ran == ["submit", "a-1", "a-2", "b-1", "b-2"]
