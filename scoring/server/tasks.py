@@ -344,11 +344,21 @@ def cancel(state: ServerState, principal: Principal, task_id: str) -> dict[str, 
     ApiError
         409 ``not_cancellable`` once the task completed or failed.
     """
-    row = _owned_task(state, principal, task_id)
-    now = state.clock()
-    freed: str | None = None
-    with state.database.begin() as conn:
-        row = conn.execute(select(db.tasks).where(db.tasks.c.id == row.id)).one()
+    owned = _owned_task(state, principal, task_id)
+    answer, agent_id = state.commits.run_sync(_cancelling(state, owned.id))
+    if agent_id is not None:  # a long-polling agent hears of it now (waiting.py)
+        state.waiters.wake([agent_id])
+    return answer
+
+
+def _cancelling(state: ServerState, task_id: str) -> Work[tuple[dict[str, Any], str | None]]:
+    """The group-commit work of :func:`cancel`: its answer and the task's agent; a freed slot
+    is given back to the Fleet once committed (under ``sync``, as every freed slot is)."""
+
+    def work(conn: db.Connection) -> Done[tuple[dict[str, Any], str | None]]:
+        now = state.clock()
+        freed: str | None = None
+        row = conn.execute(select(db.tasks).where(db.tasks.c.id == task_id)).one()
         if row.status in ("completed", "failed"):
             raise ApiError(409, "not_cancellable", f"the task is {row.status}")
         if row.status == "queued":
@@ -368,12 +378,24 @@ def cancel(state: ServerState, principal: Principal, task_id: str) -> dict[str, 
             )  # fmt: skip
             _event(conn, row.id, "running", row.agent_id, now, "cancel requested")
         current = conn.execute(select(db.tasks.c.status).where(db.tasks.c.id == row.id)).scalar()
-    if freed is not None:
-        state.released(freed)
+        answer = {"task_id": row.id, "task_status": current}
+        return Done(
+            (answer, row.agent_id), after=None if freed is None else _freeing(state, {freed: 1})
+        )
+
+    return work
+
+
+def _freeing(state: ServerState, freed: dict[str, int]) -> Callable[[], None]:
+    """The after step of a work that freed slots: give them back to the Fleet, wake the
+    dispatcher."""
+
+    def after() -> None:
+        for agent, n in freed.items():
+            state.released(agent, n)
         state.wake.set()
-    if row.agent_id is not None:  # a long-polling agent hears of it now (waiting.py)
-        state.waiters.wake([row.agent_id])
-    return {"task_id": row.id, "task_status": current}
+
+    return after
 
 
 # --- agents ------------------------------------------------------------------------------------
@@ -653,18 +675,17 @@ def end_attempts(state: ServerState, agent_id: str | None, outcome: Outcome,
     condition on the tasks table), in one transaction; returns how many ended. Their agents'
     slots are freed in the database and the Fleet."""
     t = db.tasks
-    now = state.clock()
-    freed: dict[str, int] = {}
-    with state.database.begin() as conn:
+
+    def work(conn: db.Connection) -> Done[int]:
+        now = state.clock()
+        freed: dict[str, int] = {}
         rows = conn.execute(select(t).where(t.c.status.in_(ACTIVE), where)).all()
         for r in rows:
             if _end_attempt(conn, state, r, outcome, now) is not None:
                 freed[r.agent_id] = freed.get(r.agent_id, 0) + 1
-    for agent, n in freed.items():
-        state.released(agent, n)
-    if freed:
-        state.wake.set()
-    return sum(freed.values())
+        return Done(sum(freed.values()), after=_freeing(state, freed) if freed else None)
+
+    return state.commits.run_sync(work, agent_id or "")
 
 
 # --- the dispatcher ------------------------------------------------------------------------------
