@@ -1,9 +1,13 @@
 """Agent heartbeats: the untrusted report validated as an ``Agent`` record, stored, mirrored.
 
-The agent's id and team come from its key, never from the body. The record is committed to the
-database, then written to the Fleet with a running count no lower than the slots this server
-has reserved on the agent (committed or being committed): an agent's report lags the tasks just
-dispatched to it, and trusting it would let the dispatcher over-fill the agent.
+The agent's id and team come from its key, never from the body. The record is written to the
+Fleet at once and committed to the database in the next group commit, with a running count no
+lower than the slots this server has reserved on the agent (committed or being committed): an
+agent's report lags the tasks just dispatched to it, and trusting it would let the dispatcher
+over-fill the agent. Until a larger capacity is committed (an agent's first report, or one
+that grew), the Fleet counts as free only the slots the database would grant: a reservation is
+checked against the committed capacity, and a placement on a slot it does not have yet would
+only be refused (a lost race in one process).
 """
 
 from __future__ import annotations
@@ -71,10 +75,13 @@ def receive(state: ServerState, principal: Principal, body: Any) -> Work[tasks.A
     with state.sync:
         # Read under ``sync``: a placement is either still counted in ``pending`` or already in
         # the database, never neither (dispatch.py commits first, then clears ``pending``).
-        reserved = state.reserved(agent_id)
-        running = max(agent.running_count, reserved)
-        if running != agent.running_count:
-            agent = agent.model_copy(update={"running_count": running})
+        reserved, stored = state.slots(agent_id)
+        report = agent.running_count
+        running = max(report, reserved)
+        # slots the committed capacity does not grant yet count as taken until it is committed
+        guarded = max(running, agent.gpu_capacity - max(0, stored - reserved))
+        if guarded != agent.running_count:
+            agent = agent.model_copy(update={"running_count": guarded})
         try:  # first, so that a report the Fleet refuses is never stored
             state.fleet.upsert(agent)
         except ValueError as exc:  # e.g. over its team's share of names (scoring.fleet)
@@ -91,10 +98,18 @@ def receive(state: ServerState, principal: Principal, body: Any) -> Work[tasks.A
     values = {"record": record, "gpu_capacity": agent.gpu_capacity, "last_heartbeat": now}
     free = running < agent.gpu_capacity
 
+    def unguard() -> None:  # committed (under sync): the Fleet gets the whole capacity
+        if agent_id in state.fleet and state.heard.get(agent_id) == now:  # no newer report
+            count = max(report, state.reserved(agent_id))
+            state.fleet.heartbeat(agent_id, now, running_count=count)
+            state.capacity_epoch += 1  # groups skipped as unplaceable are tried again
+
     def work(conn: db.Connection) -> Done[tasks.AgentView]:
         if due:
             conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(**values))
         done = reconcile(conn)
+        if guarded > running:
+            done.after = _both(done.after, unguard)
         if free:  # once the report is stored: a reservation reads its capacity
             done.after = _both(done.after, state.wake.set)
         return done

@@ -151,15 +151,19 @@ class ServerState:
     def reserved(self, agent_id: str) -> int:
         """The agent's slots this process counts as taken (call under ``sync``): its committed
         reservations plus this process's placements in flight."""
-        return running_count(self.reserved_in_db(agent_id), self.pending.get(agent_id, 0))
+        return self.slots(agent_id)[0]
 
-    def reserved_in_db(self, agent_id: str) -> int:
-        """The agent's committed reservations."""
+    def slots(self, agent_id: str) -> tuple[int, int]:
+        """:meth:`reserved`, and the agent's capacity as committed (the one its reservations
+        are checked against; 0 before its first heartbeat is stored). Call under ``sync``."""
         with self.database.read() as conn:
             row = conn.execute(
-                select(db.agents.c.running_count).where(db.agents.c.id == agent_id)
+                select(db.agents.c.running_count, db.agents.c.gpu_capacity).where(
+                    db.agents.c.id == agent_id
+                )
             ).first()
-        return 0 if row is None else int(row[0])
+        committed, capacity = (0, 0) if row is None else (int(row[0]), int(row[1]))
+        return running_count(committed, self.pending.get(agent_id, 0)), capacity
 
 
 def _steady_clock() -> Callable[[], float]:

@@ -465,3 +465,32 @@ def test_a_heartbeat_between_a_release_commit_and_its_fleet_release_leaves_the_c
     finally:
         m.state.commits.stop()
         m.teardown()
+
+
+def test_a_round_between_a_first_report_and_its_commit_places_nothing_it_would_lose() -> None:
+    """Worked example of a race (two lost races in one process, in CI): a1's first heartbeat
+    says 2 slots; the Fleet has it at once, the database's row (capacity 0, which reservations
+    are checked against) only at the next group commit. A dispatch round in between placed two
+    runs on a1 and the database refused both. Now, until the capacity is committed, the Fleet
+    counts as free only what the database would grant (2 - (0 - 0) = 2 slots taken: none free);
+    after the commit, both runs go to a1, and no race was lost."""
+    m = Lifecycle()
+    try:
+        m.kill("a0")
+        m.submit()
+        m.submit()  # no agent yet: both queued
+        body = {"status": "idle", "gpu_capacity": 2, "labels": ["gpu", "comfyui"],
+                "running_count": 0, "running": []}  # fmt: skip
+        work = heartbeats.receive(m.state, m.principal("a1"), body)  # in the Fleet, not stored
+        assert m.state.fleet.get("a1").running_count == 2  # 2 - (0 committed - 0 reserved)
+        m.dispatch()  # a round before the report's commit
+        assert m.dispatcher.stats["lost_races"] == 0
+        assert set(m._statuses().values()) == {"queued"}
+        m.state.commits.run_sync(work)  # committed: the whole capacity is free in the Fleet
+        assert m.state.fleet.get("a1").running_count == 0
+        m.dispatch()
+        assert m.dispatcher.stats["lost_races"] == 0
+        assert [m._current(t)[:2] for t in m.submitted] == [("a1", 1), ("a1", 1)]
+        m.slots_are_held_by_active_tasks()
+    finally:
+        m.teardown()
