@@ -23,6 +23,7 @@ from benchmarks.peers.polars_peer import PolarsPeer
 from scoring import _kernels as K
 from scoring import reference
 from scoring.fleet import Fleet
+from scoring.layout import PER_CALL
 from scoring.models import DEFAULT_POLICY, Agent, DispatchRequest, ScoringPolicy
 from scoring.pick import CHUNKS_PER_THREAD, pick_agent
 from scoring.query import build_query
@@ -71,7 +72,8 @@ class _Kernel:
             row = K._pick_parallel(c, found[3], self.chunks)[0]
         else:
             with self.fleet.lock:  # the fleet's scratch is used under its lock
-                row = K._pick_flat(*c, *self.fleet.scratch(), *found[2])[0]
+                q = found[2]
+                row = K._pick_records(c, *self.fleet.scratch(), q[:-PER_CALL], *q[-PER_CALL:])[0]
         return None if row < 0 else self.fleet.agent_id_at(row)
 
 
@@ -86,7 +88,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     for impl in (
         Implementation("engine", "engine", _engine, description="pick_agent(), end to end"),
         Implementation("engine-kernel", "engine", lambda f, a: _Kernel(f, parallel=False),
-                       description="_pick_flat alone, serial, query prebuilt (lock included)"),
+                       description="_pick_records alone, serial, query prebuilt (lock included)"),
         Implementation("engine-parallel", "engine", lambda f, a: _Kernel(f, parallel=True),
                        description="_pick_parallel alone, all numba threads, query prebuilt"),
         Implementation("memory-limit", "limit", lambda f, a: MemoryLimit(f),

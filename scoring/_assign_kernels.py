@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from scoring import _rules_generated as G
+from scoring import rules
 from scoring._jit import bit_count, jit_inline, jit_row
 from scoring._kernels import (
+    _NO_FACTORS,
     _NONE,
-    EXCLUDED,
-    LABEL_BIT,
-    N_FACTORS,
-    N_REASONS,
-    POOL_BIT,
+    EXCLUDED_BIT,
     _factors,
     _is_excluded,
     _mask,
@@ -38,12 +37,11 @@ from scoring._kernels import (
     _score,
     _tie_hash,
 )
-from scoring.layout import VRAM_UNKNOWN, Query
-from scoring.models import LAST_ELIGIBLE_STATUS, REASONS, STATUS_CODES, AgentStatus
+from scoring.layout import Query
+from scoring.rules import CAPACITY_BIT, LABEL_BIT, N_FACTORS, N_REASONS, POOL_BIT
 
-CAPACITY = REASONS.index("capacity")
-CAPACITY_BIT = np.uint8(1 << CAPACITY)
-_IDLE, _BUSY = STATUS_CODES[AgentStatus.IDLE], STATUS_CODES[AgentStatus.BUSY]
+CAPACITY = rules.REASONS.index("capacity")
+EXCLUDED = rules.REASONS.index("excluded")
 #: What happened to each request (``out_state``).
 NONE, PLACED, DEFERRED, LATER = 0, 1, 2, 3
 
@@ -53,11 +51,11 @@ def _group_query(g, common, groups, tie_key_hash, excluded):
     """Group ``g``'s Query, for a request with ``tie_key_hash`` that excludes the sorted rows
     ``excluded`` (a group holds requests of one kind: their exclusions are their own)."""
     now, timeout, weights, tie_band, shared, fleet_size = common
-    (team, community, labels, labels_unknown, min_vram, models, n_models, region_table,
-     gpu_table, rows_off, rows_flat) = groups  # fmt: skip
+    (team, community, labels, labels_unknown, min_vram, max_failures, models, n_models,
+     region_table, gpu_table, rows_off, rows_flat) = groups  # fmt: skip
     return Query(
         timeout, team[g], community[g], labels[g], labels_unknown[g], min_vram[g],
-        excluded, models[g], n_models[g], region_table[g],
+        max_failures[g], excluded, models[g], n_models[g], region_table[g],
         gpu_table[g], weights, tie_band, rows_flat[rows_off[g] : rows_off[g + 1]],
         shared if community[g] else shared[:0], True, fleet_size, now, tie_key_hash,
     )  # fmt: skip
@@ -100,7 +98,7 @@ def _pop(keys, rows, base, size):
 
 @jit_inline
 def _full(c, r):
-    return c.running_count[r] >= c.gpu_capacity[r]
+    return rules.capacity(c, None, r, False)
 
 
 @jit_inline
@@ -134,8 +132,7 @@ def _take(c, q, keys, rows, base, size, tie_rows, tie_scores, aside_rows, aside_
     if size == 0:
         for k in range(n_aside):
             size = _push(keys, rows, base, size, aside_keys[k], aside_rows[k])
-        nan = np.nan
-        return -1, nan, (nan, nan, nan, nan, nan, nan), size
+        return -1, np.nan, _NO_FACTORS, size
     best = keys[base]
     cut = best - q.tie_band if q.tie_band > 0.0 else best
     m = 0
@@ -170,9 +167,7 @@ def _take(c, q, keys, rows, base, size, tie_rows, tie_scores, aside_rows, aside_
         size = _push(keys, rows, base, size, aside_keys[k], aside_rows[k])
     r = tie_rows[j]
     factors = _factors(c, q, r)
-    c.running_count[r] += 1  # reserve: one more running, an idle agent turns busy
-    if c.status[r] == _IDLE:
-        c.status[r] = _BUSY
+    rules.reserve(c, r)
     if not _full(c, r):
         size = _push(keys, rows, base, size, _score(c, q, r), r)
     return r, tie_scores[j], factors, size
@@ -183,11 +178,9 @@ def _take(c, q, keys, rows, base, size, tie_rows, tie_scores, aside_rows, aside_
 
 @jit_inline
 def _warm(c, q, r):
-    """Whether row ``r`` caches every required model (the query knows all of them)."""
-    for w in range(q.models.shape[0]):
-        if (c.cached_models[r, w] & q.models[w]) != q.models[w]:
-            return False
-    return True
+    """Whether row ``r`` caches every required model (the query knows all of them): its warm
+    factor is 1 (a share of integers, exact)."""
+    return rules.warm(c, q, r) == 1.0
 
 
 @jit_row
@@ -213,7 +206,7 @@ def _init_group(c, q, g, heap, warm, warm_rows, counts, labels_and, considered):
             continue  # outside the pool, or read already among the team's rows
         considered[g] += 1
         if _is_excluded(q, r):
-            mask |= np.uint8(1 << EXCLUDED)
+            mask |= EXCLUDED_BIT
         for k in range(N_REASONS):
             counts[g, k] += (mask >> k) & 1
         if mask & LABEL_BIT:
@@ -246,27 +239,13 @@ def _busy_warm(c, q, g, warm, warm_rows):
 @jit_inline
 def _passes_but_capacity(c, common, groups, g, r):
     """Whether row ``r`` is in group ``g``'s pool and passes every filter but ``capacity`` (and
-    ``excluded``: a group's requests each exclude their own rows, see ``_own_exclusions``).
-
-    The same rules as ``_filters``, read straight from the packed groups: building a whole
-    Query for each group at each placement cost more than the rest of the placement (measured).
-    """
-    now, timeout = common[0], common[1]
-    (team, community, labels, labels_unknown, min_vram) = groups[:5]
-    if c.team[r] != team[g] and not (community[g] and c.opt_pos[r] >= 0):
-        return False, False  # outside the pool
-    if now - c.last_heartbeat[r] > timeout or c.status[r] > LAST_ELIGIBLE_STATUS:
-        return True, False
-    if labels_unknown[g]:
-        return True, False
-    for w in range(labels.shape[1]):
-        if (labels[g, w] & ~c.labels[r, w]) != _NONE:
-            return True, False
-    if min_vram[g] >= 0:
-        v = c.vram_gb[r]
-        if v == VRAM_UNKNOWN or v < min_vram[g]:
-            return True, False
-    return True, True
+    ``excluded``: a group's requests each exclude their own rows, see ``_own_exclusions``): the
+    filters of :data:`scoring.rules.ROW_FILTERS`, asked of the group's Query (inlined, only the
+    fields they read are built)."""
+    q = _group_query(g, common, groups, _NONE, groups[0][:0])  # no exclusions (int64, empty)
+    if rules.outside(c, q, r, True):
+        return False, False
+    return True, G.passes_but_capacity(c, q, r)
 
 
 @jit_inline

@@ -21,6 +21,7 @@ from numba import config, njit, typeof
 from numba.core import types
 from numba.core.extending import intrinsic
 from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.cpython.unsafe.tuple import tuple_setitem
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 _OPTIONS = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"}
@@ -36,7 +37,8 @@ def _fingerprint() -> str:
     """
     package = Path(__file__).parent
     digest = hashlib.blake2b(digest_size=8)
-    for name in ("_jit.py", "_kernels.py", "_simd.py", "layout.py", "models.py"):
+    for name in ("_jit.py", "_kernels.py", "_simd.py", "layout.py", "models.py", "rules.py",
+                 "_rules_generated.py"):  # fmt: skip
         digest.update((package / name).read_bytes())
     return digest.hexdigest()
 
@@ -95,8 +97,13 @@ if config.DISABLE_JIT:  # type: ignore[attr-defined]  # numba's intrinsics run o
         """The number of set bits of ``word`` (in compiled code one instruction, ``popcnt``)."""
         return int(word).bit_count()
 
+    def set_item(items: tuple[Any, ...], index: int, value: Any) -> tuple[Any, ...]:
+        """``items`` with ``items[index]`` replaced by ``value`` (numba's ``tuple_setitem``)."""
+        return (*items[:index], type(items[index])(value), *items[index + 1 :])
+
 else:
     fixed_tuple: Callable[..., Any] = to_fixed_tuple  # type: ignore[no-redef]
+    set_item: Callable[..., Any] = tuple_setitem  # type: ignore[no-redef]
     lowest_bit: Callable[..., Any] = trailing_zeros  # type: ignore[no-redef]
 
     @intrinsic

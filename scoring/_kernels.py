@@ -15,20 +15,20 @@ So an indexed pick never tests the pool: each part's scan is compiled for what i
 (:data:`FULL`, :data:`TEAM`, :data:`SHARED`), and reads ``opt_pos`` only to count an excluded
 agent (:func:`_count_excluded`).
 
-Numba's dispatcher types a namedtuple of arrays about four times slower than the same arrays passed
-flat (3.7 us against 1.0 us for a 13-column fleet, measured), and a pick over 100 agents must take
-about two microseconds end to end. So the hot entry point, :func:`_pick_flat`, takes flat
-arguments and rebuilds the two namedtuples inside compiled code, where that costs nothing; the
-parallel pick (large fleets) and the ranking are called with the namedtuples directly.
+Every filter and factor is read from :mod:`scoring.rules` (through the functions generated from its
+tables, :mod:`scoring._rules_generated`): nothing here restates a rule. The hot entry point,
+:func:`_pick_records`, takes the columns and the query as records; called through its compiled
+entry point (``_jit.NativeEntry``, no numba dispatch) it costs what 35 flat arguments did (1.0 us
+either way for a 100-agent pick, measured).
 """
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 from numba import prange
 
+from scoring import _rules_generated as G
+from scoring import rules
 from scoring._jit import (
     bit_count,
     fixed_tuple,
@@ -37,40 +37,38 @@ from scoring._jit import (
     jit_parallel,
     jit_row,
     lowest_bit,
+    set_item,
 )
-from scoring._simd import LANES, above, and_where, at_most, below, equal, lacking, not_below, older
-from scoring.layout import COLUMNS, FAILURE_STEPS, QUERY_FIELDS, VRAM_UNKNOWN, Columns, Query
-from scoring.models import FACTORS, LAST_ELIGIBLE_STATUS, REASONS
+from scoring._simd import LANES, and_where, at_most, equal
+from scoring.layout import Query, column_dtypes
+from scoring.rules import (
+    LABEL_BIT,
+    N_COUNTS,
+    N_FACTORS,
+    N_REASONS,
+    POOL_BIT,
+    POOL_FACTOR,
+    RELIABILITY,
+    ROW_INDEX,
+    SKIP_BIT,
+    SKIPPED,
+)
 
-#: Filters computed per row (``pool`` by :func:`_outside`, the others by :func:`_filters`;
-#: ``excluded`` is looked up separately: it names a handful of rows). Each reason's bit in a
-#: reject mask is its position in REASONS.
-FILTERS = ("stale", "status", "pool", "labels", "capacity", "vram")
-assert set(REASONS) == {*FILTERS, "excluded"}, "REASONS and the kernels' filters disagree"
-STALE_BIT, STATUS_BIT, _, LABELS_BIT, CAPACITY_BIT, VRAM_BIT = (
-    1 << REASONS.index(reason) for reason in FILTERS
-)
-N_REASONS = len(REASONS)
-N_FACTORS = len(FACTORS)
-POOL = REASONS.index("pool")
-LABELS = REASONS.index("labels")
-EXCLUDED = REASONS.index("excluded")
-STALE, STATUS, CAPACITY, VRAM = (REASONS.index(r) for r in ("stale", "status", "capacity", "vram"))
-SKIPPED = N_REASONS  # counts slot (and mask bit) of a community row of the submitting team
-assert max(STALE, STATUS, LABELS) < 4 <= min(CAPACITY, VRAM, SKIPPED), "see _chunk_words' lanes"
-POOL_BIT = np.uint8(1 << POOL)
-LABEL_BIT = np.uint8(1 << LABELS)
-_LABELS_SHIFT = np.uint64(16 * (LABELS % 4))
-SKIP_BIT = np.uint8(1 << SKIPPED)
-N_COUNTS = N_REASONS + 1
+_MASK = rules.MASK.type  # a reject mask: a bit per reason, and SKIP_BIT
+POOL = rules.REASONS.index("pool")
+LABELS = rules.REASONS.index("labels")
+EXCLUDED = rules.REASONS.index("excluded")
+EXCLUDED_BIT = rules.EXCLUDED_BIT
+#: Counts of a chunk's mask bits are kept four to a word, one to a 16-bit lane (see _lanes)
+N_LANE_WORDS = (N_COUNTS + 3) // 4
+_LABELS_WORD, _LABELS_SHIFT = LABELS // 4, np.uint64(16 * (LABELS % 4))
+N_ROW_FILTERS = len(ROW_INDEX)
+_LABELS_AT = ROW_INDEX.index(LABELS)  # the labels filter's word in _chunk_words
 SLACK = 1.0 - 2.0**-49  # see _floor
 _TINY = 1e-290
 BOUND_SLACK, BOUND_ABS = 1.0 + 2.0**-40, 1e-300  # see _reaches
-MOST_FAILURES = 65535  # the largest failure_rate code (a uint16 column)
-_BOUNDED = ("region", "load", "pool", "warm", "gpu", "reliability")
-REGION, LOAD, POOL_FACTOR, WARM, GPU, RELIABILITY = (FACTORS.index(f) for f in _BOUNDED)
-assert sorted(FACTORS) == sorted(_BOUNDED), "a factor needs its term in _reaches or _bound_rest"
-CHUNK = 64  # rows filtered together (a word's bits), before the rows that passed are ranked
+MOST_FAILURES = int(np.iinfo(column_dtypes()["failure_rate"]).max)  # the largest code
+CHUNK = rules.CHUNK  # rows filtered together, before the rows that passed are ranked
 #: The least rows left in a part for which the bound's failure limits are worked out when the
 #: floor rises: the search (two binary searches of 16 steps) costs about as much as scoring
 #: some thirty rows, more than it can save near a part's end.
@@ -87,7 +85,8 @@ _LOW4, _FOUR, _LANE = np.uint64(15), np.uint64(4), np.uint64(0xFFFF)
 _BYTE = np.uint64(0xFF)
 assert CHUNK <= 64, "_chunk marks a chunk's passing rows in one word"
 assert FLUSH * CHUNK < 1 << 16, "_scan_part sums lane counts of FLUSH chunks in 16 bits"
-assert N_COUNTS <= 8, "_chunk counts a mask's bits in two words of four 16-bit lanes"
+_NO_LANES = (_NONE,) * N_LANE_WORDS
+_NO_FACTORS = (np.nan,) * N_FACTORS
 _MAX_HASH = _ALL
 #: What a part of the candidate rows is (:func:`_part_mask`): any rows, each tested for the pool
 #: (the full scan); the submitting team's rows (``q.rows`` of an indexed pick: all in the pool);
@@ -128,73 +127,23 @@ def _lanes(x):
 # --- one row: filters and factors ----------------------------------------------------------------
 
 
-@jit_row
+@jit_inline
 def _filters(c, q, i, wide):
-    """Row ``i``'s failed filters but ``pool`` (:func:`_outside`) as a bitmask, each filter on its
-    own line under its name.
-
-    A label bitset has at least one word. ``wide`` False: the fleet's has exactly one, and the
-    word loop is compiled out; a loop over rows with a loop inside measured 2.5 ns a row slower,
-    and 3.4 ns in a loop that vectorises without it.
-    """
-    labels = q.labels_unknown | ((q.labels[0] & ~c.labels[i, 0]) != _NONE)
-    if wide:
-        for w in range(1, q.labels.shape[0]):
-            labels |= (q.labels[w] & ~c.labels[i, w]) != _NONE
-    # unknown vram_gb fails a minimum; no minimum (-1) fails nobody (see layout.vram_floor)
-    vram = c.vram_gb[i]
-    return (
-        STALE_BIT * (q.now - c.last_heartbeat[i] > q.heartbeat_timeout_s)
-        | STATUS_BIT * (c.status[i] > LAST_ELIGIBLE_STATUS)
-        | LABELS_BIT * labels
-        | CAPACITY_BIT * (c.running_count[i] >= c.gpu_capacity[i])
-        | VRAM_BIT * ((q.min_vram >= 0) & ((vram == VRAM_UNKNOWN) | (vram < q.min_vram)))
-    )
+    """Row ``i``'s failed filters but ``pool`` (:func:`_outside`) and ``excluded`` as a bitmask
+    (:data:`scoring.rules.ROW_FILTERS`). ``wide``: the label bitsets have more than one word."""
+    return G.row_mask(c, q, i, wide)
 
 
-@jit_row
+@jit_inline
 def _outside(c, q, i):
-    """Whether row ``i`` is outside the request's pool: not the team's, and not opted in to a
-    community request's pool (no short-circuit: the scan's loop stays a straight line)."""
-    return (c.team[i] != q.team) & (not (q.community & (c.opt_pos[i] >= 0)))
-
-
-#: ``b / a`` at ``a * SMALL + b`` for ``0 < a < SMALL`` and ``0 <= b < SMALL`` (0 for ``a`` = 0,
-#: never read): a row's ``running_count / gpu_capacity`` and a request's share of warm models by
-#: a lookup instead of a division (the same float: the table is made by the same division), for
-#: the small numbers nearly every fleet and request has. Three divisions a scored row took 8% of
-#: a busy team's pick (measured).
-SMALL = 16
-_RATIOS = np.array([b / a if a else 0.0 for a in range(SMALL) for b in range(SMALL)])
-
-
-@jit_row
-def _ratio(b, a):
-    """``b / a`` for integers ``0 <= b`` and ``0 < a`` (by :data:`_RATIOS` when both are small)."""
-    if a < SMALL and b < SMALL:
-        return _RATIOS[np.uint64(a) * np.uint64(SMALL) + np.uint64(b)]
-    return b / a
+    """Whether row ``i`` is outside the request's pool (:func:`scoring.rules.outside`)."""
+    return rules.outside(c, q, i, False)
 
 
 @jit_row
 def _factors(c, q, i):
-    """Row ``i``'s factors, each in [0, 1], in FACTORS order."""
-    # codes and rows as unsigned numbers: no wraparound of a negative index (see _chunk)
-    region = q.region_table[np.uint64(c.region[i])]
-    load = max(0.0, 1.0 - _ratio(c.running_count[i], c.gpu_capacity[i]))
-    pool = 1.0 if c.team[i] == q.team else 0.0
-    if q.n_models == 0:
-        warm = 0.5
-    else:
-        # a bitset has a word at least; the first outside the loop, which then runs only for
-        # wider bitsets (the loop alone: a vectorised loop's checks on every row)
-        hits = bit_count(c.cached_models[i, 0] & q.models[0])
-        for w in range(1, q.models.shape[0]):
-            hits += bit_count(c.cached_models[i, w] & q.models[w])
-        warm = _ratio(hits, q.n_models)
-    gpu = q.gpu_table[np.uint64(c.gpu_model[i])]
-    reliability = 1.0 - c.failure_rate[i] / FAILURE_STEPS
-    return region, load, pool, warm, gpu, reliability
+    """Row ``i``'s factors, each in [0, 1], in FACTORS order (``rules.FACTOR_TABLE``)."""
+    return G.factors(c, q, i)
 
 
 @jit_row
@@ -230,7 +179,7 @@ def _part_mask(c, q, i, part, wide):
     :data:`SHARED`), testing only what can fail there: the pool only in a :data:`FULL` part,
     the team (to skip its rows) only in the :data:`SHARED` one. A team's pick over 1,000,000
     agents took 9% less time without the pool's test (measured)."""
-    mask = np.uint8(_filters(c, q, i, wide))
+    mask = _MASK(_filters(c, q, i, wide))
     if part == FULL and _outside(c, q, i):
         mask = POOL_BIT
     if part == SHARED and c.team[i] == q.team:
@@ -248,11 +197,8 @@ def _row_at(q, p, n_rows):
 
 @jit_row
 def _is_excluded(q, i):
-    excluded = q.excluded
-    if excluded.shape[0] == 0:
-        return False
-    k = np.searchsorted(excluded, i)
-    return k < excluded.shape[0] and excluded[k] == i
+    """Whether row ``i`` is in ``q.excluded`` (:func:`scoring.rules.excluded`)."""
+    return rules.excluded(None, q, i, False)
 
 
 @jit_row
@@ -265,33 +211,33 @@ def _in_pool(c, q, i):
 
 @jit_inline
 def _chunk(c, q, block, first, ranged, part, wide, limit_team, limit_other):
-    """The candidate rows ``block`` (at most :data:`CHUNK`) in one pass: ``(passed, clean, low,
-    high, labels)``.
+    """The candidate rows ``block`` (at most :data:`CHUNK`) in one pass: ``(passed, clean, lanes,
+    labels)``.
 
     ``clean`` has bit ``j`` set when ``block[j]`` passed every filter, ``passed`` when it also
     may reach the floor: its failure_rate code is at most ``limit_team`` for a row of the
     submitting team, ``limit_other`` for another (:func:`_most_failures`). Only those need
-    scoring. ``low`` and ``high`` hold the counts of the masks' bits 0-3 and 4-7, one to a
-    16-bit lane (see :func:`_lanes`; a lane cannot overflow); ``labels`` is the AND of the first
-    label word of the label-rejected rows (``required & ~labels`` is then the OR over those rows
-    of ``required & ~label``: the labels some of them lack). ``ranged``: the rows are ``first,
-    first + 1, ...`` and are read as a range, which vectorises. ``part``: what the rows are
-    (:func:`_part_mask`; rows of the submitting team in the community index are skipped).
-    ``wide``: see :func:`_filters`.
+    scoring. ``lanes`` holds the counts of the masks' bits, bits ``4w`` to ``4w + 3`` in word
+    ``w``, one to a 16-bit lane (see :func:`_lanes`; a lane cannot overflow); ``labels`` is the
+    AND of the first label word of the label-rejected rows (``required & ~labels`` is then the
+    OR over those rows of ``required & ~label``: the labels some of them lack). ``ranged``: the
+    rows are ``first, first + 1, ...`` and are read as a range, which vectorises. ``part``: what
+    the rows are (:func:`_part_mask`; rows of the submitting team in the community index are
+    skipped). ``wide``: see :func:`_filters`.
 
     One loop computes everything a row's mask gives, so the mask never goes to memory and the
     rows are read once: a pass for the masks, then one each for the counts, the label AND and the
     passing rows took 1.4-1.6 ns a row (100,000 and 1,000,000 agents), this loop 0.6-0.9 in a
     probe.
     """
-    passed, clean, low, high, labels = _NONE, _NONE, _NONE, _NONE, _ALL
+    passed, clean, lanes, labels = _NONE, _NONE, _NO_LANES, _ALL
     for j in range(block.shape[0]):
         # Rows as unsigned numbers: a signed index makes numba wrap negative ones around, and that
         # branch kept the loop from vectorising (5.3 -> 3.6 ns a row gathered, measured).
         i = np.uint64(first) + np.uint64(j) if ranged else np.uint64(block[j])
         mask = np.uint64(_part_mask(c, q, i, part, wide))
-        low += _lanes(mask & _LOW4)
-        high += _lanes(mask >> _FOUR)
+        for w in range(N_LANE_WORDS):
+            lanes = set_item(lanes, w, lanes[w] + _lanes((mask >> np.uint64(4 * w)) & _LOW4))
         labels &= c.labels[i, 0] | (_NONE if mask & LABEL_BIT else _ALL)
         ok = np.uint64(mask == 0) << np.uint64(j)
         clean |= ok
@@ -302,74 +248,60 @@ def _chunk(c, q, block, first, ranged, part, wide, limit_team, limit_other):
         else:
             limit = limit_team if c.team[i] == q.team else limit_other
         passed |= ok & (_ALL if np.int64(c.failure_rate[i]) <= limit else _NONE)
-    return passed, clean, low, high, labels
+    return passed, clean, lanes, labels
 
 
 @jit_inline
 def _chunk_words(c, q, first, part, limit):
     """:func:`_chunk` of the :data:`CHUNK` consecutive rows from ``first`` in a :data:`TEAM` or
-    :data:`SHARED` part with one label word, eight rows at a time (:mod:`scoring._simd`): one
-    word of rows for each filter, each filter counted by its word's popcount. ``limit``: the
-    part's failure limit (:func:`_most_failures`).
+    :data:`SHARED` part with one label word, eight rows at a time (the filters' eight-row
+    predicates of :data:`scoring.rules.ROW_FILTERS`): one word of rows for each filter, each
+    filter counted by its word's popcount. ``limit``: the part's failure limit
+    (:func:`_most_failures`).
 
     :func:`_chunk`'s loop vectorises too, but builds each row's mask and then moves its bits
     into the words and lanes with vector shifts: this way the filter loop of a community pick
     over 1,000,000 agents went from 1.33 to 0.89 ns a candidate, a busy team's from 1.44 to
     1.03 (measured).
     """
-    stale, status, labels, capacity = _NONE, _NONE, _NONE, _NONE
-    vram, own, fit = _NONE, _NONE, _NONE
-    minimum = q.min_vram >= 0
-    for b in range(CHUNK // LANES):
-        start, at = np.uint64(first) + np.uint64(b * LANES), np.uint64(b * LANES)
-        stale |= older(c.last_heartbeat, start, q.now, q.heartbeat_timeout_s) << at
-        status |= above(c.status, start, LAST_ELIGIBLE_STATUS) << at
-        labels |= lacking(c.labels, start, q.labels[0]) << at
-        capacity |= not_below(c.running_count, c.gpu_capacity, start) << at
-        if minimum:  # unknown vram_gb fails a minimum (see _filters)
-            short = equal(c.vram_gb, start, VRAM_UNKNOWN) | below(c.vram_gb, start, q.min_vram)
-            vram |= short << at
-        if part == SHARED:
-            own |= equal(c.team, start, q.team) << at
-        if limit >= 0:
-            fit |= at_most(c.failure_rate, start, limit) << at
-    if q.labels_unknown:
-        labels = _ALL
+    own, fit = _NONE, _NONE
+    if part == SHARED or limit >= 0:
+        for b in range(CHUNK // LANES):
+            start, at = np.uint64(first) + np.uint64(b * LANES), np.uint64(b * LANES)
+            if part == SHARED:
+                own |= equal(c.team, start, q.team) << at
+            if limit >= 0:
+                fit |= at_most(c.failure_rate, start, limit) << at
     # the team's rows in the community index count as skipped and nothing else
-    stale, status, labels = stale & ~own, status & ~own, labels & ~own
-    capacity, vram = capacity & ~own, vram & ~own
-    clean = ~(stale | status | labels | capacity | vram | own)
-    low = _tally(_tally(_tally(_NONE, STALE, stale), STATUS, status), LABELS, labels)
-    high = _tally(_tally(_tally(_NONE, CAPACITY - 4, capacity), VRAM - 4, vram), SKIPPED - 4, own)
+    words = G.chunk_words(c, q, first)
+    failed, lanes = own, _tally(_NO_LANES, SKIPPED, own)
+    for k in range(N_ROW_FILTERS):
+        word = words[k] & ~own
+        failed |= word
+        lanes = _tally(lanes, ROW_INDEX[k], word)
+    labels = words[_LABELS_AT] & ~own
+    clean = ~failed
     labels_and = _ALL
     for b in range(CHUNK // LANES):
         start, at = np.uint64(first) + np.uint64(b * LANES), np.uint64(b * LANES)
         labels_and &= and_where(c.labels, start, (labels >> at) & _BYTE)
-    return clean & fit, clean, low, high, labels_and
+    return clean & fit, clean, lanes, labels_and
 
 
 @jit_row
-def _tally(lanes, lane, word):
-    """``lanes`` with the count of ``word``'s set bits added to 16-bit lane ``lane``."""
-    return lanes + (np.uint64(bit_count(word)) << np.uint64(16 * lane))
+def _tally(lanes, k, word):
+    """``lanes`` (see :func:`_chunk`) with the count of ``word``'s set bits added to mask bit
+    ``k``'s lane."""
+    w = k // 4
+    return set_item(lanes, w, lanes[w] + (np.uint64(bit_count(word)) << np.uint64(16 * (k % 4))))
 
 
-@jit_row
-def _bound_rest(w, n_models, region_table, gpu_table):
+@jit_inline
+def _bound_rest(q):
     """The most the factors :func:`_reaches` does not take can add to a row's weighted sum:
-    each weight times the factor's largest value for the request (load: 1, an idle agent)."""
-    warm = 0.5 if n_models == 0 else 1.0
-    return (w[REGION] * _largest(region_table) + w[LOAD] + w[WARM] * warm
-            + w[GPU] * _largest(gpu_table))  # fmt: skip
-
-
-@jit_row
-def _largest(factors):
-    """The largest of some factors (each in [0, 1]); 0 for none."""
-    top = 0.0
-    for k in range(factors.shape[0]):
-        top = max(top, factors[k])
-    return top
+    each weight times the factor's largest value for the request
+    (:data:`scoring.rules.FACTOR_TABLE`), in FACTORS order."""
+    return G.largest_rest(q)
 
 
 @jit_row
@@ -385,21 +317,18 @@ def _reaches(w, rest, pool, failures, floor):
     :data:`BOUND_ABS` cover both many times over. Each operation rounds monotonically, so the
     computed bound never rises with ``failures`` (see :func:`_most_failures`).
     """
-    reliability = 1.0 - failures / FAILURE_STEPS
-    most = rest + w[POOL_FACTOR] * pool + w[RELIABILITY] * reliability
+    most = rest + w[POOL_FACTOR] * pool + w[RELIABILITY] * rules.reliability_of(failures)
     return most * BOUND_SLACK + BOUND_ABS >= floor
 
 
 @jit_row
-def _limits(w, n_models, region_table, gpu_table, rest, floor):
-    """``(rest, limit_team, limit_other)`` for ``floor``: the bound's constant part
-    (:func:`_bound_rest`, worked out if ``rest`` is NaN) and the failure limits of rows of the
-    submitting team and of others (:func:`_most_failures`). One call taking a few arrays, not
-    the Query: with the searches inlined in the scan, a pick over 100 agents (which never
-    searches) took 0.15 us longer, this way 0.05 (measured)."""
-    if np.isnan(rest):
-        rest = _bound_rest(w, n_models, region_table, gpu_table)
-    return rest, _most_failures(w, rest, 1.0, floor), _most_failures(w, rest, 0.0, floor)
+def _limits(w, rest, floor):
+    """``(limit_team, limit_other)`` for ``floor``: the failure limits of rows of the submitting
+    team and of others (:func:`_most_failures`) for the bound's constant part ``rest``
+    (:func:`_bound_rest`). One call taking the weights, not the Query: with the searches inlined
+    in the scan, a pick over 100 agents (which never searches) took 0.15 us longer, this way
+    0.05 (measured)."""
+    return _most_failures(w, rest, 1.0, floor), _most_failures(w, rest, 0.0, floor)
 
 
 @jit_row
@@ -434,21 +363,27 @@ def _consecutive(block, first):
 
 
 @jit_inline
-def _flush(low, high, counts):
-    """Add the lane counts ``low`` and ``high`` (see :func:`_chunk`) to ``counts``."""
-    for k in range(4):
-        counts[k] += np.int64((low >> np.uint64(16 * k)) & _LANE)
-        counts[4 + k] += np.int64((high >> np.uint64(16 * k)) & _LANE)
+def _flush(lanes, counts):
+    """Add the lane counts ``lanes`` (see :func:`_chunk`) to ``counts``."""
+    for k in range(N_COUNTS):
+        counts[k] += np.int64((lanes[k // 4] >> np.uint64(16 * (k % 4))) & _LANE)
 
 
 @jit_inline
-def _wide_labels(c, q, block, part, low, high, all_labels):
+def _add_lanes(a, b):
+    for w in range(N_LANE_WORDS):
+        a = set_item(a, w, a[w] + b[w])
+    return a
+
+
+@jit_inline
+def _wide_labels(c, q, block, part, lanes, all_labels):
     """AND the label words after the first of a chunk's label-rejected rows into
     ``all_labels`` (read again, only when the labels are wide and some row was rejected on
     them; the first word comes from :func:`_chunk`). A chunk with wide labels is never read as a
     range."""
     words = q.labels.shape[0]
-    if words > 1 and ((low if LABELS < 4 else high) >> _LABELS_SHIFT) & _LANE:
+    if words > 1 and (lanes[_LABELS_WORD] >> _LABELS_SHIFT) & _LANE:
         for j in range(block.shape[0]):
             i = np.uint64(block[j])
             if _part_mask(c, q, i, part, True) & LABEL_BIT:
@@ -500,7 +435,7 @@ def _scan_part(c, q, rows, part, lo, hi, cut, counts, all_labels, best):
     best_row, best_rank, best_score, best_hash, eligible = best
     # the chunks' lane counts and first label words, summed in registers and added to the
     # scratch every FLUSH chunks (a 16-bit lane then holds at most FLUSH * CHUNK) and at the end
-    low_sum, high_sum, labels_and, chunks = _NONE, _NONE, _ALL, 0
+    lane_sum, labels_and, chunks = _NO_LANES, _ALL, 0
     weight = q.weights[N_FACTORS]
     floor = _floor(cut if banded else best_score, weight)
     narrow = q.labels.shape[0] == 1
@@ -516,34 +451,34 @@ def _scan_part(c, q, rows, part, lo, hi, cut, counts, all_labels, best):
         ranged = narrow and first + block.shape[0] <= n and _consecutive(block, first)
         least = floor if bounded else -np.inf
         if least > limits_floor and hi - start >= BOUND_ROWS:  # the floor rose
-            rest, limit_team, limit_other = _limits(q.weights, q.n_models, q.region_table,
-                                                    q.gpu_table, rest, least)  # fmt: skip
+            if np.isnan(rest):
+                rest = _bound_rest(q)
+            limit_team, limit_other = _limits(q.weights, rest, least)
             limits_floor = least
         if part == FULL:  # the reference path: one general loop
-            passed, clean, low, high, labels = _chunk(c, q, block, first, False, FULL, True,
-                                                      limit_team, limit_other)  # fmt: skip
+            passed, clean, lanes, labels = _chunk(c, q, block, first, False, FULL, True,
+                                                   limit_team, limit_other)  # fmt: skip
         elif ranged and block.shape[0] == CHUNK:
-            passed, clean, low, high, labels = _chunk_words(
+            passed, clean, lanes, labels = _chunk_words(
                 c, q, first, part, limit_team if part == TEAM else limit_other
             )
         elif ranged:
-            passed, clean, low, high, labels = _chunk(c, q, block, first, True, part, False,
-                                                      limit_team, limit_other)  # fmt: skip
+            passed, clean, lanes, labels = _chunk(c, q, block, first, True, part, False,
+                                                   limit_team, limit_other)  # fmt: skip
         elif narrow:  # no inner loop then: the loop stays a straight line
-            passed, clean, low, high, labels = _chunk(c, q, block, first, False, part, False,
-                                                      limit_team, limit_other)  # fmt: skip
+            passed, clean, lanes, labels = _chunk(c, q, block, first, False, part, False,
+                                                   limit_team, limit_other)  # fmt: skip
         else:
-            passed, clean, low, high, labels = _chunk(c, q, block, first, False, part, True,
-                                                      limit_team, limit_other)  # fmt: skip
+            passed, clean, lanes, labels = _chunk(c, q, block, first, False, part, True,
+                                                   limit_team, limit_other)  # fmt: skip
         eligible += bit_count(clean)
-        _wide_labels(c, q, block, part, low, high, all_labels)
-        low_sum += low
-        high_sum += high
+        _wide_labels(c, q, block, part, lanes, all_labels)
+        lane_sum = _add_lanes(lane_sum, lanes)
         labels_and &= labels
         chunks += 1
         if chunks == FLUSH:
-            _flush(low_sum, high_sum, counts)
-            low_sum, high_sum, chunks = _NONE, _NONE, 0
+            _flush(lane_sum, counts)
+            lane_sum, chunks = _NO_LANES, 0
         while passed:
             j = lowest_bit(passed)
             passed &= passed - _ONE
@@ -564,7 +499,7 @@ def _scan_part(c, q, rows, part, lo, hi, cut, counts, all_labels, best):
                     best_row, best_rank, best_score, best_hash = np.int64(i), rank, s, h
                     if not banded:
                         floor = _floor(s, weight)
-    _flush(low_sum, high_sum, counts)
+    _flush(lane_sum, counts)
     all_labels[0] &= labels_and
     return best_row, best_rank, best_score, best_hash, eligible
 
@@ -718,7 +653,7 @@ def _scores(c, q, out_rows, out_scores, out_hashes, out_masks):
         i, skip = _row_at(q, p, n_rows)
         mask = _mask(c, q, i, skip)
         if (mask & (POOL_BIT | SKIP_BIT)) == 0 and _is_excluded(q, i):
-            mask |= np.uint8(1 << EXCLUDED)
+            mask |= EXCLUDED_BIT
         out_rows[p] = i
         out_masks[p] = mask
         out_scores[p] = -np.inf if mask else _score(c, q, i)
@@ -749,52 +684,21 @@ def _factor_rows(c, q, rows, out):
             out[k, x] = f[x]
 
 
-# --- the flat entry point (see the module docstring for why it is flat) ------------------------
+# --- the entry point ----------------------------------------------------------------------------
 
 
 @jit_row  # borrows its arguments, allocates nothing: no reference counting
-def _pick_flat(
-    team, status, opt_pos, team_pos, region, gpu_model, last_heartbeat, gpu_capacity,
-    running_count, vram_gb, failure_rate, id_hash, labels, cached_models,
-    counts, labels_and,
-    q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown, q_min_vram,
-    q_excluded, q_models, q_n_models, q_region_table, q_gpu_table, q_weights, q_tie_band,
-    q_rows, q_shared, q_team_rows, q_fleet_size, q_now, q_tie_key_hash,
-):  # fmt: skip
-    """Serial pick over flat arguments: the columns, the scratch, the query (``q_`` + field).
+def _pick_records(c, counts, labels_and, fixed, now, tie_key_hash):
+    """Serial pick over the columns ``c``, the scratch (``counts``, ``labels_and``) and the
+    query: its fields but the per-call ones (``fixed``, a tuple in :data:`QUERY_FIELDS` order),
+    then those (``now``, the tie key's hash), so that a caller can keep everything before them.
 
-    The query comes last, its per-call fields (``now``, the tie key) at the very end, so that a
-    caller can keep everything before them in one tuple. Returns ``(row, score, eligible,
-    factors, rejected, considered)`` (see :func:`_rejected`): no array, so nothing is allocated;
-    the tuples are boxed in 0.17 us less than Python takes to read the counts from the scratch
-    (measured). The required labels that label-rejected rows lack are
-    ``q_labels & ~labels_and[:words]``.
+    Returns ``(row, score, eligible, factors, rejected, considered)`` (see :func:`_rejected`): no
+    array, so nothing is allocated; the tuples are boxed in 0.17 us less than Python takes to
+    read the counts from the scratch (measured). The required labels that label-rejected rows
+    lack are ``q.labels & ~labels_and[:words]``.
     """
-    c = Columns(team, status, opt_pos, team_pos, region, gpu_model, last_heartbeat, gpu_capacity,
-                running_count, vram_gb, failure_rate, id_hash, labels, cached_models)  # fmt: skip
-    q = Query(q_heartbeat_timeout_s, q_team, q_community, q_labels, q_labels_unknown,
-              q_min_vram, q_excluded, q_models, q_n_models, q_region_table, q_gpu_table,
-              q_weights, q_tie_band, q_rows, q_shared, q_team_rows, q_fleet_size, q_now,
-              q_tie_key_hash)  # fmt: skip
+    q = Query(*fixed, now, tie_key_hash)
     best, best_score, eligible, factors = _pick_rows(c, q, counts, labels_and)
     rejected, considered = _rejected(counts, q.rows.shape[0] + q.shared.shape[0], q.fleet_size)
     return best, best_score, eligible, factors, rejected, considered
-
-
-def _check_flat_signature() -> None:
-    """The flat entry point's parameters are the declared columns, the scratch, then the query's
-    fields; and it builds its two namedtuples from them in declared order."""
-    func = getattr(_pick_flat, "py_func", _pick_flat)
-    names = list(inspect.signature(func).parameters)
-    columns = [c.name for c in COLUMNS]
-    fields = [f"q_{f.name}" for f in QUERY_FIELDS]
-    source = " ".join(inspect.getsource(func).split())
-    if (
-        names != [*columns, "counts", "labels_and", *fields]
-        or f"Columns({', '.join(columns)})" not in source
-        or f"Query({', '.join(fields)})" not in source
-    ):
-        raise ImportError("_pick_flat's parameters disagree with scoring.layout")
-
-
-_check_flat_signature()

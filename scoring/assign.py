@@ -50,7 +50,7 @@ import numpy as np
 
 from scoring import _assign_kernels as A
 from scoring import _kernels as K
-from scoring.decision import Decision, decided, ending
+from scoring.decision import Decision, decided
 from scoring.fleet import Fleet
 from scoring.layout import Query
 from scoring.models import QUEUE_ENTRY, DispatchRequest, ScoringPolicy
@@ -215,6 +215,7 @@ class _Batch:
             np.stack([q.labels for q in qs]),
             np.array([q.labels_unknown for q in qs], bool),
             np.array([q.min_vram for q in qs], np.int64),
+            np.array([q.max_failures for q in qs], np.int64),
             np.stack([q.models for q in qs]),
             np.array([q.n_models for q in qs], np.int64),
             np.stack([q.region_table for q in qs]),
@@ -285,27 +286,27 @@ class _Batch:
         Requests left waiting with the same outcome share one Decision object (a snapshot, never
         changed: equal values need not be separate objects). Their outcome is their state and
         the version of their group's counts when they were considered (``_assign`` numbers every
-        change of a group's counts and eligible uniquely), one integer to sort.
+        change of a group's counts and eligible uniquely), one integer to sort; a deferred
+        request's also its stamp (its ``deferred_until``).
         """
         state, version = self.out[0], self.out[6]
         out = np.empty(len(state), object)
         placed = np.flatnonzero(state == A.PLACED)
         if placed.size:
-            out[placed] = self._placed(placed)
+            out[placed] = _objects(self._placed(placed))
         rest = np.flatnonzero(state != A.PLACED)
         if rest.size:
             outcome = version * 4 + state
             # a request's own exclusions make its outcome its own (negative: no version is)
             outcome[self.excluding] = -1 - self.excluding
             outcome = outcome[rest]
+            deferred = state[rest] == A.DEFERRED
+            if deferred.any():  # a deferred Decision says when it ends: the stamp splits it too
+                stamp = np.unique(np.where(deferred, self.submitted[rest], 0.0),
+                                  return_inverse=True)[1]  # fmt: skip
+                outcome = outcome * (int(stamp.max()) + 1) + stamp
             _, first, inverse = np.unique(outcome, return_index=True, return_inverse=True)
-            made = np.empty(first.size, object)
-            made[:] = self._waiting(rest[first])
-            out[rest] = made[inverse]
-            deferred = rest[state[rest] == A.DEFERRED]
-            wait = self.policy.locality_wait_s
-            for p, at in zip(deferred.tolist(), self.submitted[deferred].tolist(), strict=True):
-                out[p] = ending(out[p], deferral_ends(at, wait))  # shared but for when it ends
+            out[rest] = _objects(self._waiting(rest[first]))[inverse]
         if order is not None:
             out[order] = out.copy()
         return out.tolist()
@@ -330,17 +331,20 @@ class _Batch:
         state, _, _, _, eligible, counts, _ = self.out
         considered, missing = self.considered.tolist(), self.missing
         made = []
+        wait = self.policy.locality_wait_s
         outcomes = (self.req_group[at].tolist(), state[at].tolist(), eligible[at].tolist(),
-                    counts[at].tolist())  # fmt: skip
-        for i, g, s, e, rejected in zip(at.tolist(), *outcomes, strict=True):
+                    counts[at].tolist(), self.submitted[at].tolist())  # fmt: skip
+        for i, g, s, e, rejected, at_i in zip(at.tolist(), *outcomes, strict=True):
             deferred = s == A.DEFERRED  # the same at the end of the call as when deferred:
             if deferred and g not in self.busy:  # no slot frees during a call
                 self.busy[g] = self._busy_warm(g)
             waiting = self.busy[g] if deferred else ()
             if deferred and self.queue[i].exclude_agents:
                 waiting = [a for a in waiting if a not in self.queue[i].exclude_agents]
+            ends = deferral_ends(at_i, wait) if deferred else None
             made.append(Decision(None, None, (), e, rejected, considered[g], missing[g],
-                                 deferred=deferred, waiting_for=waiting))  # fmt: skip
+                                 deferred=deferred, waiting_for=waiting,
+                                 deferred_until=ends))  # fmt: skip
         return made
 
     def _busy_warm(self, g: int) -> list[str]:
@@ -380,6 +384,13 @@ def _csr_rows(
     # entry k's j-th row is at offsets[positions[k]] + j; in the result at out[k] + j
     take = np.repeat(offsets[positions] - out[:-1], lengths) + np.arange(out[-1])
     return out, rows[take]
+
+
+def _objects(items: list[Any]) -> np.ndarray:
+    """``items`` as an object array. ``fromiter`` takes each item as it is, where assigning a
+    list into an object array first asks every item whether it is a sequence: 0.6 ms for the
+    4,000 Decisions of the benchmark's queue against 0.08 ms (measured)."""
+    return np.fromiter(items, object, len(items))
 
 
 def _packed(rows: np.ndarray) -> list[bytes]:

@@ -61,6 +61,7 @@ QUERY_FIELDS: tuple[Field, ...] = (
     Field("labels", "uint64 (label_words,): required labels, tool type included"),
     Field("labels_unknown", "bool: a required label no agent of the fleet has"),
     Field("min_vram", "int64: the least vram_gb code that passes; -1: no minimum (see vram_floor)"),
+    Field("max_failures", "int64: the largest failure_rate code that passes; -1: no maximum"),
     Field("excluded", "int64 (k,): sorted rows of exclude_agents"),
     Field("models", "uint64 (model_words,): required models known to the fleet"),
     Field("n_models", "int64: number of required models (known or not)"),

@@ -38,11 +38,11 @@ from pydantic import (
 
 from scoring.hashing import stable_hash64
 from scoring.layout import FAILURE_STEPS, VRAM_STEPS_PER_GB, VRAM_UNKNOWN
+from scoring.rules import ELIGIBLE_STATUSES, FACTORS, LAST_ELIGIBLE_STATUS
+from scoring.rules import REASONS as REASONS  # re-exported: the reason names live with the rules
 
-#: Scoring factors, in the order the kernels store them.
-FACTORS: tuple[str, ...] = ("region", "load", "pool", "warm", "gpu", "reliability")
-#: Hard-filter reason codes, in the order of their bits in the reject mask (bit i = REASONS[i]).
-REASONS: tuple[str, ...] = ("stale", "status", "pool", "labels", "capacity", "vram", "excluded")
+# FACTORS (scoring factors, in the order the kernels store them) and REASONS (hard-filter reason
+# codes, in the order of their bits in the reject mask) are declared with their rules.
 
 MAX_NAME_LEN = 64  # regions and labels
 MAX_ID_LEN = 256  # agent ids, tie keys, GPU names
@@ -84,8 +84,8 @@ class AgentStatus(StrEnum):
 
 #: Kernel code of each status (the fleet's ``status`` column holds these).
 STATUS_CODES: dict[AgentStatus, int] = {s: i for i, s in enumerate(AgentStatus)}
-#: Statuses whose code is at most this are eligible (``idle`` and ``busy``).
-LAST_ELIGIBLE_STATUS = STATUS_CODES[AgentStatus.BUSY]
+# Statuses whose code is at most LAST_ELIGIBLE_STATUS are eligible (scoring.rules): they come first
+assert [s.value for s in AgentStatus][: LAST_ELIGIBLE_STATUS + 1] == list(ELIGIBLE_STATUSES)
 
 
 # --- primitives shared with scoring.checks -------------------------------------------------------
@@ -504,6 +504,8 @@ class DispatchRequest(_Record):
     tool_type: Literal["comfyui", "nerfstudio"] = "comfyui"
     required_labels: Labels = frozenset()
     min_vram_gb: Gigabytes | None = None
+    #: agents whose failure_rate is above this are not eligible (``failures``); None: any
+    max_failure_rate: Fraction | None = None
     preferred_gpu: Annotated[str | None, BeforeValidator(_preferred_gpu)] = None
     required_models: Names = frozenset()
     exclude_agents: AgentIds = frozenset()
@@ -522,8 +524,8 @@ class DispatchRequest(_Record):
         alike and differ at most in a few agents they exclude (retried tasks), so
         :func:`scoring.assign` serves them from one heap and bounds their deferrals together."""
         # the team as its int: a tuple's hash is not kept, and a UUID hashes in Python
-        return (self.team_id.int, self.target_pool, self.labels_needed, self.min_vram_gb,
-                self.required_models, self.submitter_region, self.preferred_gpu)  # fmt: skip
+        return (self.team_id.int, self.labels_needed,
+                *(getattr(self, name) for name in _KIND_FIELDS))  # fmt: skip
 
     @cached
     def kind_id(self) -> int:
@@ -598,6 +600,17 @@ class DispatchRequest(_Record):
         object.__setattr__(copy, "__pydantic_fields_set__", set(fields))
         self.__dict__["_excluding"] = (agents, copy)
         return copy
+
+
+#: What decides which agents a request may use and how they score, besides its team (as an int),
+#: its labels (:attr:`DispatchRequest.labels_needed`) and its exclusions: every other field but
+#: the tie key and the submission time (a new field is part of a request's kind by itself).
+_KIND_FIELDS = tuple(
+    name
+    for name in DispatchRequest.model_fields
+    if name
+    not in ("team_id", "required_labels", "tool_type", "exclude_agents", "tie_key", "submitted_at")
+)
 
 
 class Weights(_Record):

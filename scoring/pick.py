@@ -28,13 +28,14 @@ from scoring.models import (
     ScoringPolicy,
 )
 from scoring.query import Parts, assemble, build_query, translation
+from scoring.rules import MASK
 
 #: Fleets at least this large are scanned by the parallel kernel, when numba has more than one
 #: thread and the machine has idle cores (:func:`cores_idle`). Measured on 2 idle cores (OpenMP
 #: layer, community-pool request): speed-up 1.12x at 100,000 agents, 1.51x at 300,000, 1.89x at
 #: 1,000,000; below about 250,000 starting the threads costs what they save.
 PARALLEL_THRESHOLD = 250_000
-_pick_entry = NativeEntry(K._pick_flat)
+_pick_entry = NativeEntry(K._pick_records)
 #: Chunks per thread in the parallel kernel, so an unlucky slow chunk does not idle the others.
 CHUNKS_PER_THREAD = 4
 #: Templates whose prebuilt pick arguments a fleet keeps (``fleet.pick_cache``) before it
@@ -100,8 +101,8 @@ def decide(
         picked = python_values((row, score, eligible, factors, rejected, considered))
         return tally(fleet, parts, picked, labels_and)
     counts, labels_and = fleet.scratch()
-    return tally(fleet, parts, _pick_entry(*fleet.columns, counts, labels_and, *q),
-                 labels_and)  # fmt: skip
+    picked = _pick_entry(fleet.columns, counts, labels_and, q[:-PER_CALL], *q[-PER_CALL:])
+    return tally(fleet, parts, picked, labels_and)
 
 
 class Bound(NamedTuple):
@@ -126,7 +127,7 @@ def _bind(fleet: Fleet, request: DispatchRequest, policy: ScoringPolicy) -> Boun
     scratch = fleet.scratch()
     serial = None
     if n < PARALLEL_THRESHOLD:
-        args = (*fleet.columns, *scratch, *q[:-PER_CALL])
+        args = (fleet.columns, *scratch, q[:-PER_CALL])
         serial = partial(_pick_entry.direct((*args, *q[-PER_CALL:])), *args)
     bound = Bound(policy, parts, serial, scratch[1])
     cache = fleet.pick_cache  # emptied by the fleet when its version moves (Fleet._changed)
@@ -282,7 +283,7 @@ def evaluate(
 def candidates(fleet: Fleet, q: Query) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every candidate's row, mask, score and tie hash (community rows of the team dropped)."""
     n = q.rows.shape[0] + q.shared.shape[0]
-    rows, masks = np.empty(n, np.int64), np.empty(n, np.uint8)
+    rows, masks = np.empty(n, np.int64), np.empty(n, MASK)
     scores, hashes = np.empty(n), np.empty(n, np.uint64)
     K._scores(fleet.columns, q, rows, scores, hashes, masks)
     keep = (masks & K.SKIP_BIT) == 0

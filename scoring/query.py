@@ -16,6 +16,7 @@ from scoring.decision import missing_label_names
 from scoring.fleet import Fleet
 from scoring.layout import Query, vram_floor
 from scoring.models import DispatchRequest, ScoringPolicy, gpu_tokens
+from scoring.rules import failure_ceiling
 
 _NO_ROWS = np.zeros(0, np.int64)
 _NO_SHARED = np.zeros(0, np.int32)
@@ -73,6 +74,7 @@ def assemble(
         parts.labels,
         parts.labels_unknown,
         vram_floor(request.min_vram_gb),
+        failure_ceiling(request.max_failure_rate),
         fleet.rows_of(request.exclude_agents) if request.exclude_agents else _NO_ROWS,
         parts.models,
         len(request.required_models),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from scoring.models import Agent, DispatchRequest, ScoringPolicy
 
 FACTOR_NAMES = ("region", "load", "pool", "warm", "gpu", "reliability")
-REASON_NAMES = ("stale", "status", "pool", "labels", "capacity", "vram", "excluded")
+REASON_NAMES = ("stale", "status", "pool", "labels", "capacity", "vram", "excluded", "failures")
 MASK64 = (1 << 64) - 1
 MASK32 = (1 << 32) - 1
 
@@ -57,6 +57,8 @@ def reject_reasons(
             reasons.append("vram")
     if agent.agent_id in request.exclude_agents:
         reasons.append("excluded")
+    if request.max_failure_rate is not None and agent.failure_rate > request.max_failure_rate:
+        reasons.append("failures")
     return reasons
 
 

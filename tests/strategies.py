@@ -127,6 +127,7 @@ def requests(draw, agent_ids: list[str] | None = None) -> DispatchRequest:
         tool_type=draw(st.sampled_from(["comfyui", "nerfstudio"])),
         required_labels=draw(st.sets(st.sampled_from(REQUIRED_LABELS), max_size=2)),
         min_vram_gb=draw(st.sampled_from([None, None, 16.0, 24.0, 24.25])),
+        max_failure_rate=draw(st.sampled_from([None, None, None, 0.0, 0.1, 0.5, 1.0])),
         preferred_gpu=draw(st.one_of(st.none(), st.sampled_from(PREFERRED_GPUS))),
         required_models=draw(st.sets(st.sampled_from(REQUIRED_MODELS), max_size=3)),
         exclude_agents=excluded,

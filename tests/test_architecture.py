@@ -6,11 +6,12 @@ import ast
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import scoring
 from scoring import _kernels as K
-from scoring.layout import COLUMNS, QUERY_FIELDS, Columns, Query
+from scoring.layout import COLUMNS, PER_CALL, QUERY_FIELDS, Columns, Query
 
 PACKAGE = Path(scoring.__file__).parent
 
@@ -78,10 +79,40 @@ def test_the_fleet_never_imports_the_pick():
     assert not reached & {"scoring.pick", "scoring.assign", "scoring.query", "scoring"}
 
 
-def test_kernel_tuples_and_flat_entry_follow_the_declared_layout():
+def test_kernel_tuples_follow_the_declared_layout():
     assert Columns._fields == tuple(c.name for c in COLUMNS)
     assert Query._fields == tuple(f.name for f in QUERY_FIELDS)
-    flat = inspect.signature(getattr(K._pick_flat, "py_func", K._pick_flat)).parameters
-    columns = [c.name for c in COLUMNS]
-    scratch = ["counts", "labels_and"]
-    assert list(flat) == [*columns, *scratch, *(f"q_{f.name}" for f in QUERY_FIELDS)]
+    entry = inspect.signature(getattr(K._pick_records, "py_func", K._pick_records)).parameters
+    assert list(entry) == ["c", "counts", "labels_and", "fixed", "now", "tie_key_hash"]
+    assert [f.name for f in QUERY_FIELDS[-PER_CALL:]] == ["now", "tie_key_hash"]
+
+
+# --- every rule in one place (DESIGN section 5) ---------------------------------------------------
+
+#: Columns that only a filter or a factor reads: a kernel that names one restates a rule.
+RULE_COLUMNS = ("status", "last_heartbeat", "gpu_capacity", "vram_gb", "region", "gpu_model",
+                "cached_models", "opt_pos")  # fmt: skip
+
+
+def test_the_generated_combinations_are_those_of_the_tables():
+    from scoring import rules
+
+    assert rules.GENERATED.read_text() == rules.generated_source()
+
+
+@pytest.mark.parametrize("module", ["_kernels", "_assign_kernels"])
+def test_no_kernel_restates_a_filter_or_a_factor(module):
+    # the kernels read the columns of the rules only through scoring.rules (and the functions
+    # generated from its tables); running_count and failure_rate they read for reservations and
+    # for the scan's bound, team for the pool's parts, labels for the explanation's label AND
+    source = (PACKAGE / f"{module}.py").read_text()
+    named = {c for c in RULE_COLUMNS if f"c.{c}" in source}
+    assert not named, f"{module} reads {sorted(named)} itself"
+
+
+def test_reason_counts_are_sized_from_the_reasons():
+    from scoring import rules
+
+    assert K.N_COUNTS == len(rules.REASONS) + 1 and K.SKIPPED == len(rules.REASONS)
+    assert np.dtype(rules.MASK).itemsize * 8 >= K.N_COUNTS
+    assert K.N_LANE_WORDS * 4 >= K.N_COUNTS  # four 16-bit lanes a word

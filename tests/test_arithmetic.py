@@ -2,7 +2,7 @@
 
 A pick must score bit for bit as the plain-Python reference does, so each shortcut is checked
 against the operation it stands for: quotients looked up in a table instead of divided
-(``_kernels._ratio``), the score's division skipped for a weighted sum that cannot reach the best
+(``rules.ratio``), the score's division skipped for a weighted sum that cannot reach the best
 score (``_kernels._floor``), a row left unscored because a bound of its weighted sum is below
 that floor (``_kernels._reaches``, ``_kernels._most_failures``), and a request's minimum VRAM
 compared as the fleet's integer codes (``layout.vram_floor``).
@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scoring import _kernels as K
+from scoring import rules
 from scoring.layout import (
     FAILURE_STEPS,
     VRAM_STEPS_PER_GB,
@@ -35,23 +36,23 @@ SLOTS = st.integers(0, 65535)  # running_count and gpu_capacity are uint16 colum
 
 
 def test_the_table_holds_each_small_quotient():
-    for a in range(1, K.SMALL):
-        for b in range(K.SMALL):
-            assert K._ratio(np.uint16(b), np.uint16(a)) == b / a
+    for a in range(1, rules.SMALL):
+        for b in range(rules.SMALL):
+            assert rules.ratio(np.uint16(b), np.uint16(a)) == b / a
 
 
 def test_worked_example_of_table_and_division():
     # 1 of 3 slots in use: the table's entry 3 * 16 + 1 = 49 is 1/3, the float division makes
-    assert K._RATIOS[49] == 1 / 3 and K._ratio(np.uint16(1), np.uint16(3)) == 1 / 3
+    assert rules._RATIOS[49] == 1 / 3 and rules.ratio(np.uint16(1), np.uint16(3)) == 1 / 3
     # 5 of 40 slots: 40 is not below SMALL (16), so the kernel divides: 0.125
-    assert K._ratio(np.uint16(5), np.uint16(40)) == 0.125
+    assert rules.ratio(np.uint16(5), np.uint16(40)) == 0.125
     # more in use than slots (a full agent's load is never a table miss): 20 / 4 = 5.0
-    assert K._ratio(np.uint16(20), np.uint16(4)) == 5.0
+    assert rules.ratio(np.uint16(20), np.uint16(4)) == 5.0
 
 
 @given(SLOTS, SLOTS.filter(lambda a: a > 0))
 def test_ratio_equals_the_division(b, a):
-    assert K._ratio(np.uint16(b), np.uint16(a)) == b / a
+    assert rules.ratio(np.uint16(b), np.uint16(a)) == b / a
 
 
 def test_worked_example_of_the_floor():
@@ -116,7 +117,8 @@ def _query(weights, region_table, gpu_table, models, n_models, team=0):
     none = np.zeros(0, np.int64)
     return Query(
         heartbeat_timeout_s=30.0, team=team, community=True, labels=np.zeros(1, np.uint64),
-        labels_unknown=False, min_vram=-1, excluded=none, models=np.array([models], np.uint64),
+        labels_unknown=False, min_vram=-1, max_failures=-1, excluded=none,
+        models=np.array([models], np.uint64),
         n_models=n_models, region_table=np.array(region_table), gpu_table=np.array(gpu_table),
         weights=w, tie_band=0.0, rows=np.zeros(1, np.int32), shared=np.zeros(0, np.int32),
         team_rows=True, fleet_size=1, now=0.0, tie_key_hash=np.uint64(0),
@@ -156,7 +158,7 @@ def test_a_row_whose_sum_reaches_the_floor_is_never_left_unscored(
 
 
 def _rest(q):
-    return K._bound_rest(q.weights, q.n_models, q.region_table, q.gpu_table)
+    return K._bound_rest(q)
 
 
 def _kept(q, c, floor):

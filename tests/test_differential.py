@@ -17,6 +17,7 @@ from scoring import DispatchRequest, Fleet, pick_agent, rank_agents
 from scoring import _kernels as K
 from scoring import pick as pick_module
 from scoring import reference as R
+from scoring.layout import PER_CALL
 from scoring.pick import eligible_agents, evaluate, only_excluded_fit
 from tests.strategies import FOREIGN_TEAM, NOW, policies, requests, scenarios, seeded_agent_lists
 
@@ -131,7 +132,7 @@ def test_parallel_kernel_equals_serial(scenario, n_chunks, full_scan):
         q = pick_module.build_query(fleet, request, policy, NOW, full_scan)
         serial = K._pick(fleet.columns, q)
         scratch = fleet.scratch()
-        flat = K._pick_flat(*fleet.columns, *scratch, *q)
+        flat = K._pick_records(fleet.columns, *scratch, q[:-PER_CALL], *q[-PER_CALL:])
         parallel = K._pick_parallel(fleet.columns, q, n_chunks)
     np.testing.assert_equal(flat[:4], serial[:4])  # the flat entry point with the fleet's scratch
     row, score, eligible, factors, counts, labels_and = serial

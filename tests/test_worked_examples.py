@@ -12,6 +12,7 @@ import pytest
 from scoring import Agent, DispatchRequest, Fleet, ScoringPolicy, pick_agent
 from scoring import reference as R
 from scoring.decision import COUNT_BYTES, FACTOR_BYTES, Decision, decided
+from scoring.models import REASONS
 
 # The kernels' bodies run here: `make test-nojit` runs these again as plain Python.
 pytestmark = pytest.mark.kernels
@@ -43,6 +44,11 @@ def request(**fields):
 
 def pick(agents, req, policy=EQUAL):
     return pick_agent(Fleet.from_agents(agents), req, policy, now=NOW)
+
+
+def rejected_counts(**nonzero):
+    """``Decision.rejected`` with every reason 0 but those given."""
+    return {reason: nonzero.get(reason, 0) for reason in REASONS}
 
 
 FACTOR_CASES = [
@@ -151,10 +157,15 @@ FILTER_CASES = [
     ("vram", {"vram_gb": 16}, {"min_vram_gb": 24}),
     ("vram", {"vram_gb": None}, {"min_vram_gb": 8}),  # unknown VRAM fails a minimum
     ("excluded", {}, {"exclude_agents": {"a"}}),
+    # failure_rate 0.25 (code 8192 of 32768) above max_failure_rate 0.125 (code 4096): failures
+    ("failures", {"failure_rate": 0.25}, {"max_failure_rate": 0.125}),
+    # one step (1/32768) above the maximum is above it
+    ("failures", {"failure_rate": 0.125 + 1 / 32768}, {"max_failure_rate": 0.125}),
 ]
 FILTER_IDS = [
     "stale", "status", "pool-team", "pool-community-no-opt-in", "labels-tool-type",
     "labels-missing", "capacity", "vram-too-small", "vram-unknown", "excluded",
+    "failures", "failures-one-step-above",
 ]  # fmt: skip
 
 
@@ -164,6 +175,21 @@ def test_each_filter_rejects(reason, agent_fields, request_fields):
     decision = pick([agent(**agent_fields)], request(**request_fields))
     assert decision.agent_id is None and decision.eligible == 0
     assert decision.rejected == {r: int(r == reason) for r in decision.rejected}
+
+
+@pytest.mark.parametrize(
+    ("failure_rate", "max_failure_rate"),
+    [(0.125, 0.125), (0.0, 0.0), (1.0, 1.0), (0.125, 0.125 + 1 / 65536), (0.5, None)],
+    ids=["at-the-maximum", "zero-at-zero", "one-at-one", "between-steps", "no-maximum"],
+)
+def test_a_failure_rate_not_above_the_maximum_passes(failure_rate, max_failure_rate):
+    # failures rejects only failure_rate > max_failure_rate: 0.125 (code 4096) at a maximum of
+    # 0.125 passes; a maximum between two steps passes the step below it (its code is floor(m *
+    # 32768) = 4096); the reference agrees
+    agents, req = [agent(failure_rate=failure_rate)], request(max_failure_rate=max_failure_rate)
+    decision = pick(agents, req)
+    assert decision.agent_id == "a" and decision.rejected["failures"] == 0
+    assert R.pick_agent(agents, req, EQUAL, NOW).agent_id == "a"
 
 
 def test_heartbeat_exactly_at_the_timeout_is_not_stale():
@@ -176,8 +202,7 @@ def test_every_failed_filter_is_counted():
     failing = agent(last_heartbeat=NOW - 60, status="tunnel", labels={"gpu"})
     decision = pick([failing, agent("b", team_id=OTHER)], request(required_labels={"gpu-h100"}))
     # "b" is another team's: outside the pool, counted once under pool and nowhere else
-    assert decision.rejected == {"stale": 1, "status": 1, "pool": 1, "labels": 1,
-                                 "capacity": 0, "vram": 0, "excluded": 0}  # fmt: skip
+    assert decision.rejected == rejected_counts(stale=1, status=1, pool=1, labels=1)
     assert decision.considered == 1
     assert decision.explain() == (
         "0/1 agents eligible: 1 stale, 1 status, 1 labels (missing comfyui, gpu-h100)"
@@ -242,8 +267,7 @@ def test_a_foreign_stale_agent_counts_once_under_pool_and_nowhere_else():
     foreign = agent("foreign", team_id=OTHER, last_heartbeat=NOW - 60, status="tunnel",
                     labels=set(), running_count=4)  # fmt: skip
     decision = pick([agent("own"), foreign], request())
-    assert decision.rejected == {"stale": 0, "status": 0, "pool": 1, "labels": 0,
-                                 "capacity": 0, "vram": 0, "excluded": 0}  # fmt: skip
+    assert decision.rejected == rejected_counts(pool=1)
     assert decision.considered == 1 and decision.eligible == 1
 
 
@@ -266,7 +290,8 @@ def test_explain_of_a_team_request_never_mentions_agents_outside_its_pool():
 def test_a_picks_decision_is_the_decision_its_constructor_makes():
     # the pick builds its Decision without __init__ (scoring.decision.decided): every attribute,
     # equality, the factors and counts by name and the explanation are those of Decision(...)
-    factors, rejected = (1.0, 0.5, 1.0, 0.5, 0.5, 1.0), (0, 1, 2, 3, 0, 0, 1)
+    factors = (1.0, 0.5, 1.0, 0.5, 0.5, 1.0)
+    rejected = tuple(rejected_counts(status=1, pool=2, labels=3, excluded=1).values())
     for args in (("a", 0.75, factors, 4, rejected, 11, ("gpu-h100",), 7),
                  (None, None, (), 0, rejected, 11, (), -1)):  # fmt: skip
         fast, made = decided(*args), Decision(*args)
@@ -275,8 +300,7 @@ def test_a_picks_decision_is_the_decision_its_constructor_makes():
                      "missing_labels", "row", "deferred", "waiting_for"):  # fmt: skip
             assert getattr(fast, name) == getattr(made, name), name
         assert fast.explain() == made.explain()
-    assert decided(*args).rejected == {"stale": 0, "status": 1, "pool": 2, "labels": 3,
-                                       "capacity": 0, "vram": 0, "excluded": 1}  # fmt: skip
+    assert decided(*args).rejected == rejected_counts(status=1, pool=2, labels=3, excluded=1)
     # assign's Decisions keep the factors and counts packed as bytes: the same Decision
     packed = ("a", 0.75, FACTOR_BYTES.pack(*factors), 4, COUNT_BYTES.pack(*rejected), 11,
               ("gpu-h100",), 7)  # fmt: skip

@@ -8,10 +8,11 @@ pick that reads the same bytes of the same rows cannot beat this pass; the bench
 engine's time over it.
 
 Which columns a pick reads is taken from the kernels' own source (every ``c.<column>[...]`` in
-:mod:`scoring._kernels`), so a column the layout adds or a kernel starts reading is counted here
-without an edit; ``team_pos`` (index bookkeeping) is never read, and ``opt_pos`` only by the full
-scan and the pool test of an excluded agent (:data:`INDEXED_UNREAD`; an indexed pick knows its
-rows are in the pool: ``tests/test_peers.py`` checks that scrambling the column changes nothing).
+:mod:`scoring._kernels` and in the rules they read, :mod:`scoring.rules`), so a column the layout
+adds or a kernel starts reading is counted here without an edit; ``team_pos`` (index
+bookkeeping) is never read, and ``opt_pos`` only by the full scan and the pool test of an
+excluded agent (:data:`INDEXED_UNREAD`; an indexed pick knows its rows are in the pool:
+``tests/test_peers.py`` checks that scrambling the column changes nothing).
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from scoring import _kernels
+from scoring import _kernels, rules
 from scoring.fleet import Fleet
 from scoring.layout import COLUMNS
 from scoring.query import build_query
 
-_READ = set(re.findall(r"\bc\.(\w+)\[", inspect.getsource(_kernels)))  # c.<column>[row]
+_READ = {  # c.<column>[row]
+    name
+    for module in (_kernels, rules)
+    for name in re.findall(r"\bc\.(\w+)\[", inspect.getsource(module))
+}
 assert _READ <= {c.name for c in COLUMNS}, "a kernel reads a column the layout does not declare"
 #: Columns the kernels read that an indexed pick (its rows in the pool) never does.
 INDEXED_UNREAD = ("opt_pos",)

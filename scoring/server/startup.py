@@ -29,7 +29,7 @@ log = logging.getLogger("scoring.server.startup")
 #: them. ``tests/server/test_startup.py`` checks this list against a warm-up.
 KERNELS = (
     "scoring._kernels._scratch",
-    "scoring._kernels._pick_flat",
+    "scoring._kernels._pick_records",
     "scoring._kernels._scores",
     "scoring._assign_kernels._init_groups",
     "scoring._assign_kernels._assign",
