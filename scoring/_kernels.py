@@ -594,6 +594,21 @@ def _pick(c, q):
     return best, best_score, eligible, factors, counts[:N_COUNTS], labels[: q.labels.shape[0]]
 
 
+@jit
+def _scan_slab(c, q, lo, hi, cut, counts, all_labels):
+    """:func:`_scan`, not inlined: numba's parfor array analysis fails (an IndexError in its
+    shape inference) on the inlined scan's tuple updates in a ``prange`` body, so the parallel
+    kernel calls the scan, once a slab, through this."""
+    return _scan(c, q, lo, hi, cut, counts, all_labels)
+
+
+@jit
+def _parallel_tail(c, q, best, total):
+    """:func:`_count_excluded` and :func:`_winner_factors`, not inlined (as :func:`_scan_slab`)."""
+    _count_excluded(c, q, total)
+    return _winner_factors(c, q, best)
+
+
 @jit_parallel
 def _pick_parallel(c, q, n_chunks):
     """The same pick as :func:`_pick`, over ``n_chunks`` slabs of candidates scanned in parallel."""
@@ -609,7 +624,7 @@ def _pick_parallel(c, q, n_chunks):
     eligible = np.zeros(n_chunks, np.int64)
     for k in prange(n_chunks):
         lo, hi = min(n, k * step), min(n, (k + 1) * step)
-        rows[k], scores[k], hashes[k], eligible[k] = _scan(
+        rows[k], scores[k], hashes[k], eligible[k] = _scan_slab(
             c, q, lo, hi, np.nan, counts[k], all_labels[k]
         )
     k = _best_chunk(rows, scores, hashes)
@@ -619,7 +634,7 @@ def _pick_parallel(c, q, n_chunks):
         band_labels = np.full((n_chunks, words), _ALL)
         for j in prange(n_chunks):
             lo, hi = min(n, j * step), min(n, (j + 1) * step)
-            rows[j], scores[j], hashes[j], _ = _scan(
+            rows[j], scores[j], hashes[j], _ = _scan_slab(
                 c, q, lo, hi, cut, band_counts[j], band_labels[j]
             )
         k = _best_chunk(rows, np.zeros(n_chunks), hashes)  # every candidate is in the band
@@ -628,8 +643,8 @@ def _pick_parallel(c, q, n_chunks):
     for j in range(n_chunks):
         combined &= all_labels[j]
     total = counts.sum(axis=0)
-    _count_excluded(c, q, total)
-    return best, best_score, eligible.sum(), _winner_factors(c, q, best), total, combined
+    factors = _parallel_tail(c, q, best, total)
+    return best, best_score, eligible.sum(), factors, total, combined
 
 
 @jit
