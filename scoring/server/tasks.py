@@ -457,11 +457,8 @@ def reconciling(state: ServerState, agent_id: str, listed: Iterable[str] | None)
             for r in rows if r.status == "dispatched" and r.id not in ended
         ]  # fmt: skip
 
-        def released() -> None:
-            state.released(agent_id, freed)
-            state.wake.set()
-
-        return Done(AgentView(to_start, cancel), after=released if freed else None)
+        after = _freeing(state, {agent_id: freed}) if freed else None
+        return Done(AgentView(to_start, cancel), after=after)
 
     return work
 
@@ -589,9 +586,7 @@ def completing(
     agent = principal.agent_id
     assert agent is not None
 
-    def freed() -> None:
-        state.released(agent)
-        state.wake.set()
+    freed = _freeing(state, {agent: 1})
 
     def work(conn: db.Connection) -> Done[dict[str, Any]]:
         now = state.clock()
